@@ -1,0 +1,196 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from loading import LoadError
+from lorad import (ADAPTERS, DoRALinear, LoRALinear, LoRaDLinear, add_adapters, adapter_state_dict,
+                   count_trainable, load_adapters, merge_adapters, rotate_pairs, save_adapters)
+from unet import UNet
+from tests.test_unet import small_config
+
+
+def lorad(out_f=6, in_f=8, rank=3, dtype=torch.float64, scale=1.0, seed=0):
+    """A LoRaD layer with random non-zero angles of about `scale` radians."""
+    torch.manual_seed(seed)
+    layer = LoRaDLinear(nn.Linear(in_f, out_f).to(dtype), rank).to(dtype)
+    with torch.no_grad():
+        layer.theta_a.normal_(0, scale)
+    return layer
+
+
+def test_gradcheck_float64():
+    layer = lorad()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(theta_a, theta_b, x):
+        return torch.func.functional_call(layer, {"theta_a": theta_a, "theta_b": theta_b}, (x,))
+
+    inputs = (layer.theta_a.detach().clone().requires_grad_(), layer.theta_b.detach().clone().requires_grad_(), x)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_identity_at_init_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 10)
+    x = torch.randn(4, 16)
+    for kind in ("lorad", "lora", "dora", "full"):
+        layer = ADAPTERS[kind](base, 4)
+        assert torch.allclose(layer.merged_weight(), base.weight, atol=1e-6, rtol=0), kind
+        assert torch.allclose(layer(x), base(x), atol=1e-6, rtol=0), kind
+    layer = LoRaDLinear(base, 4)
+    assert (layer.theta_a == 0).all() and layer.theta_b.abs().sum() > 0  # zeros / Xavier-uniform
+    bound = math.sqrt(6 / (4 + 8))  # Xavier-uniform on (r, in/2)
+    assert layer.theta_b.abs().max() <= bound
+    assert torch.equal(layer.merged_weight(), base.weight)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_implied_rotations_are_orthogonal_with_det_one():
+    layer = lorad(out_f=7, in_f=10, scale=5.0)
+    theta = (layer.theta_a @ layer.theta_b).detach()
+    # each pair's rotation R_ij: its columns are the images of the unit pairs (1, 0) and (0, 1)
+    e1 = torch.tensor([1.0, 0.0], dtype=torch.float64).repeat(7, 5)
+    e2 = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(7, 5)
+    c1, c2 = (rotate_pairs(e, theta).unflatten(1, (-1, 2)) for e in (e1, e2))  # (out, in/2, 2)
+    R = torch.stack([c1, c2], dim=-1)  # (out, in/2, 2, 2)
+    eye = torch.eye(2, dtype=torch.float64).expand_as(R)
+    assert torch.allclose(R.transpose(-1, -2) @ R, eye, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(R), torch.ones(7, 5, dtype=torch.float64), atol=1e-12)
+    assert theta.abs().max() > math.pi  # large angles were exercised
+
+
+def test_row_norms_preserved_for_large_angles():
+    layer = lorad(out_f=32, in_f=64, rank=8, scale=10.0)
+    W, W2 = layer.base.weight, layer.merged_weight()
+    assert torch.allclose(W2.norm(dim=1), W.norm(dim=1), rtol=1e-12)
+    assert (W2 - W).abs().max() > 0.1  # the directions did turn
+
+
+def test_matches_paper_norm_direction_form():
+    layer = lorad(scale=2.0)
+    W = layer.base.weight
+    m = W.norm(dim=1, keepdim=True)
+    V = W / m
+    theta = layer.theta_a @ layer.theta_b
+    V_rot = torch.empty_like(V)
+    V_rot[:, 0::2] = V[:, 0::2] * theta.cos() - V[:, 1::2] * theta.sin()
+    V_rot[:, 1::2] = V[:, 0::2] * theta.sin() + V[:, 1::2] * theta.cos()
+    assert torch.allclose(layer.merged_weight(), m * V_rot, atol=1e-14)
+
+
+def test_sign_convention_hand_example():
+    base = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    layer = LoRaDLinear(base, 1)
+    with torch.no_grad():
+        layer.theta_a.fill_(1.0)
+        layer.theta_b.copy_(torch.tensor([[math.pi / 2, math.pi]]))
+    # pair (1, 2) by +90 degrees: (1 cos - 2 sin, 1 sin + 2 cos) = (-2, 1); pair (3, 4) by 180: (-3, -4)
+    assert torch.allclose(layer.merged_weight(), torch.tensor([[-2.0, 1.0, -3.0, -4.0]]), atol=1e-6)
+
+
+def test_bias_untouched_and_fp32_adapter_on_bf16_base():
+    base = nn.Linear(8, 4).to(torch.bfloat16)
+    layer = LoRaDLinear(base, 2)
+    assert layer.theta_a.dtype == layer.theta_b.dtype == torch.float32
+    with torch.no_grad():
+        layer.theta_a.normal_(0, 1e-3)  # a small rotation survives: computed in fp32, then cast
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    assert layer.theta_a.grad.dtype == torch.float32 and layer.theta_a.grad.abs().sum() > 0
+    assert base.weight.grad is None and base.bias.grad is None and not base.weight.requires_grad
+    assert (layer.merged_weight() - base.weight.float()).abs().max() > 0
+    assert layer.merged().bias is base.bias
+
+
+def test_odd_width_error_names_layer():
+    model = nn.Module()
+    model.down_blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5), nn.Linear(5, 2))])
+    with pytest.raises(ValueError, match=r"down_blocks\.0\.2.*in_features=5"):
+        add_adapters(model, "unet_student", 2)
+
+
+@pytest.mark.parametrize("kind", ["lorad", "lora", "dora", "full"])
+def test_merged_model_equals_adapted_model(kind):
+    torch.manual_seed(0)
+    unet = UNet.from_config(small_config()).eval()
+    add_adapters(unet, "unet_student", 4, kind)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        adapted = unet(x, 500, c)
+        merged = merge_adapters(unet)(x, 500, c)
+    assert count_trainable(unet) == 0
+    assert not any(k for k in unet.state_dict() if ".base." in k)  # the original keys again
+    assert (adapted - merged).abs().max() / adapted.abs().max() < 1e-5
+
+
+def test_lora_and_dora_formulas():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    lora, dora = LoRALinear(base, 2), DoRALinear(base, 2)
+    for layer in (lora, dora):
+        with torch.no_grad():
+            layer.lora_b.normal_()
+    W = base.weight + lora.lora_b @ lora.lora_a
+    assert torch.allclose(lora.merged_weight(), W, atol=1e-6)
+    V = base.weight + dora.lora_b @ dora.lora_a
+    assert torch.allclose(dora.merged_weight().norm(dim=1), base.weight.norm(dim=1), atol=1e-5)  # magnitude kept
+    assert torch.allclose(dora.merged_weight(), base.weight.norm(dim=1, keepdim=True) * V / V.norm(dim=1, keepdim=True),
+                          atol=1e-6)
+
+
+SD_COUNTS = [("sd15", "unet_student", 64, 20_948_992), ("sd15", "unet_student", 128, 41_897_984),
+             ("sd15", "unet_student", 256, 83_795_968), ("sd15", "unet_student", 512, 167_591_936),
+             ("sd15", "unet_fake", 16, 4_689_408), ("sd15", "unet_fake", 32, 9_378_816),
+             ("sd15", "unet_fake", 64, 18_757_632), ("sd21", "unet_student", 256, 94_429_184)]
+
+
+@pytest.mark.parametrize("backbone,target,rank,expected", SD_COUNTS)
+def test_trainable_counts_match_paper(backbone, target, rank, expected):
+    with open(f"configs/{backbone}/unet/config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        unet = add_adapters(UNet.from_config(cfg), target, rank)
+    assert count_trainable(unet) == expected
+    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+
+
+def test_fake_rule_skips_projections_and_time():
+    with torch.device("meta"):
+        unet = add_adapters(UNet.from_config(small_config(use_linear_projection=True)), "unet_fake", 2)
+    names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(unet)}
+    assert names and not any(s in n for n in names for s in ("proj_in", "proj_out", "time_emb_proj"))
+    assert any("attn2.to_k" in n for n in names) and any("ff.net.2" in n for n in names)
+    assert not any(n.startswith("time_embedding") for n in names)
+
+
+def test_adapter_files_roundtrip_and_official_pth(tmp_path):
+    torch.manual_seed(0)
+    unet = add_adapters(UNet.from_config(small_config()), "unet_student", 4)
+    with torch.no_grad():
+        for p in adapter_state_dict(unet).values():
+            p.normal_()
+    state = {k: v.detach().clone() for k, v in adapter_state_dict(unet).items()}
+    assert any(k.endswith("attn1.to_q.theta_a") for k in state)
+    save_adapters(unet, str(tmp_path / "a.safetensors"), {"rank": 4})
+    torch.save(state, tmp_path / "kduv.pth")  # the official release's format and naming
+
+    for path in ("a.safetensors", "kduv.pth"):
+        other = add_adapters(UNet.from_config(small_config()), "unet_student", 4)
+        load_adapters(other, str(tmp_path / path))
+        assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(other).items())
+
+    other = add_adapters(UNet.from_config(small_config()), "unet_student", 8)
+    with pytest.raises(LoadError, match="wrong shapes"):
+        load_adapters(other, str(tmp_path / "a.safetensors"))
+    fake = add_adapters(UNet.from_config(small_config()), "unet_fake", 4)
+    with pytest.raises(LoadError, match="unexpected.*time_emb_proj"):
+        load_adapters(fake, state)

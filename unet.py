@@ -1,0 +1,238 @@
+"""The Stable Diffusion U-Net (Rombach et al. 2022): the denoiser that WaDi distills and adapts.
+
+Built from a diffusers `unet/config.json` dict (SD1.5 and SD2.1 are covered: per-block head counts,
+linear or 1x1-conv projections, attention upcasting, any cross-attention width) with `state_dict()` keys
+identical to diffusers' `UNet2DConditionModel`, so official weight files, the released WaDi one-step
+files included, load with strict=True. The blocks come from layers.py.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, \
+    timestep_embedding
+
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# config keys whose value must be the one given here: what SD1.5 / SD2.1 use, and all this U-Net implements
+FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "num_class_embeds": None,
+         "addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
+         "dual_cross_attention": False, "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
+         "conv_out_kernel": 3, "mid_block_scale_factor": 1, "attention_type": "default",
+         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
+         "timestep_post_act": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+         "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
+         "projection_class_embeddings_input_dim": None, "addition_time_embed_dim": None}
+
+
+def _per_block(value, n):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple
+    down_block_types: tuple
+    up_block_types: tuple
+    layers_per_block: int
+    heads: tuple               # attention heads per down block (diffusers' `attention_head_dim` for SD)
+    transformer_layers: tuple  # transformer blocks per attention, per down block
+    cross_attention_dim: int
+    use_linear_projection: bool
+    upcast_attention: bool
+    norm_num_groups: int
+    norm_eps: float
+    flip_sin_to_cos: bool
+    freq_shift: int
+    downsample_padding: int
+    sample_size: int
+
+    @classmethod
+    def from_dict(cls, cfg):
+        for key, supported in FIXED.items():
+            value = cfg.get(key, supported)
+            if isinstance(value, list) and len(set(value)) == 1:
+                value = value[0]
+            if value != supported:
+                raise ValueError(f"unsupported UNet config: {key}={value!r} (supported: {supported!r})")
+        for key, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
+            bad = [b for b in cfg[key] if b not in allowed]
+            if bad:
+                raise ValueError(f"unsupported UNet config: {key} contains {bad} (supported: {allowed})")
+        n = len(cfg["block_out_channels"])
+        # diffusers names the head *count* `attention_head_dim` in the SD configs; num_attention_heads wins if set
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        cross = cfg.get("cross_attention_dim", 1280)
+        if isinstance(cross, (list, tuple)):
+            raise ValueError("unsupported UNet config: per-block cross_attention_dim")
+        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                   block_out_channels=tuple(cfg["block_out_channels"]),
+                   down_block_types=tuple(cfg["down_block_types"]), up_block_types=tuple(cfg["up_block_types"]),
+                   layers_per_block=cfg.get("layers_per_block", 2), heads=_per_block(heads, n),
+                   transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n),
+                   cross_attention_dim=cross, use_linear_projection=cfg.get("use_linear_projection", False),
+                   upcast_attention=cfg.get("upcast_attention", False),
+                   norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
+                   flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
+                   downsample_padding=cfg.get("downsample_padding", 1), sample_size=cfg.get("sample_size", 64))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention onto the text, GEGLU feed-forward; pre-LayerNorm residuals."""
+
+    def __init__(self, dim, heads, context_dim, upcast=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, activation="geglu")
+
+    def forward(self, x, context):  # x: (B, HW, C), context: (B, L, D)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """The spatial transformer: GroupNorm, project in (1x1 conv, or linear on SD2.1), transformer blocks
+    over the H*W tokens, project out, residual."""
+
+    def __init__(self, ch, heads, context_dim, layers, linear, groups, upcast):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(ch, heads, context_dim, upcast) for _ in range(layers)])
+        self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, context):  # x: (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class UNetBlock(nn.Module):
+    """One down or up level: `resnets` (each followed by an attention in the CrossAttn variants), then
+    an optional `downsamplers` / `upsamplers`. Up blocks concatenate a skip tensor before each resnet."""
+
+    def __init__(self, resnets, attentions, sampler, down):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        if sampler is not None:
+            setattr(self, "downsamplers" if down else "upsamplers", nn.ModuleList([sampler]))
+
+
+class UNet(nn.Module):
+    """`forward(sample, timestep, encoder_hidden_states)`: the noise (or v) prediction, (B, C, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        temb = 4 * ch[0]
+        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+
+        def resnet(c_in, c_out):
+            return ResnetBlock2D(c_in, c_out, temb, **norm)
+
+        def attn(c, level):
+            return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
+                                      cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            c_in, c_out, last = ch[max(i - 1, 0)], ch[i], i == n - 1
+            resnets = [resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
+            attns = [attn(c_out, i) for _ in resnets] if kind.startswith("CrossAttn") else None
+            sampler = None if last else Downsample2D(c_out, padding=cfg.downsample_padding)
+            self.down_blocks.append(UNetBlock(resnets, attns, sampler, down=True))
+
+        self.mid_block = UNetBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attn(ch[-1], n - 1)], None,
+                                   down=False)
+
+        self.up_blocks = nn.ModuleList()
+        rev, rev_heads = ch[::-1], n - 1
+        for i, kind in enumerate(cfg.up_block_types):
+            c_out, c_prev, c_skip_in, last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)], i == n - 1
+            level = rev_heads - i  # the down level this up level mirrors: same heads and transformer depth
+            resnets = []
+            for j in range(cfg.layers_per_block + 1):
+                c_skip = c_skip_in if j == cfg.layers_per_block else c_out
+                resnets.append(resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
+            attns = [attn(c_out, level) for _ in resnets] if kind.startswith("CrossAttn") else None
+            sampler = None if last else Upsample2D(c_out)
+            self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        return cls(UNetConfig.from_dict(cfg))
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        # sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D)
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                   self.config.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
+        context = encoder_hidden_states
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            for j, res in enumerate(block.resnets):
+                h = self._run(res, h, emb)
+                if block.attentions is not None:
+                    h = self._run(block.attentions[j], h, context)
+                skips.append(h)
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
+                skips.append(h)
+
+        mid = self.mid_block
+        h = self._run(mid.resnets[0], h, emb)
+        h = self._run(mid.attentions[0], h, context)
+        h = self._run(mid.resnets[1], h, emb)
+
+        for block in self.up_blocks:
+            for j, res in enumerate(block.resnets):
+                h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
+                if block.attentions is not None:
+                    h = self._run(block.attentions[j], h, context)
+            if hasattr(block, "upsamplers"):
+                h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, H, W)
