@@ -1,16 +1,24 @@
-"""Checkpoint loading in one place: safetensors files in, key and shape checks that say exactly what
-differs, weights assigned into modules built on the meta device (so no second copy is ever held).
+"""Checkpoint loading in one place: files from a Hugging Face repo or a local directory in the same
+layout (`unet/`, `vae/`, `text_encoder/`, ...), safetensors only, key and shape checks that say exactly
+what differs, and weights assigned into modules built on the meta device, cast tensor by tensor, so a
+second copy of a network is never held.
 """
 import json
 import os
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError)
+from safetensors import SafetensorError, safe_open
 
 
 class LoadError(Exception):
     """A weight or config file that cannot be used; the message is one line meant for the user."""
+
+
+class MissingFile(LoadError):
+    """The repo or directory is there but has no such file."""
 
 
 def _listing(keys, most=5):
@@ -46,14 +54,74 @@ def load_weights(model, state, what="checkpoint", dtype=None):
     return model
 
 
-def read_safetensors(path, device="cpu"):
-    """The tensors of one safetensors file, or a LoadError naming the file."""
+def read_safetensors(path, dtype=None):
+    """The tensors of one safetensors file (floating ones cast to `dtype` one at a time), or a
+    LoadError naming the file."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if dtype is None else {
+                k: t.to(dtype) if t.is_floating_point() else t for k in f.keys() for t in [f.get_tensor(k)]}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
+    return tensors
+
+
+def fetch(model, path):
+    """The local path of `path` inside `model`: a directory in the Hugging Face repo layout, or a Hub
+    repo id (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only)."""
+    if os.path.isdir(model):
+        full = os.path.join(model, path)
+        if not os.path.isfile(full):
+            raise MissingFile(f"{full} not found (a local --model directory needs the Hugging Face repo layout)")
+        return full
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise LoadError(f"model directory {model} not found")
+    try:
+        return hf_hub_download(model, path)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: not in the local cache and the "
+                        f"Hub is unreachable{offline}; download the repo elsewhere and pass its directory "
+                        f"with --model DIR") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"Hugging Face repo {model} not found (a gated or private repo needs `hf auth login`)") from None
+    except EntryNotFoundError:
+        raise MissingFile(f"the Hugging Face repo {model} has no file {path}") from None
+    except HfHubHTTPError as e:
+        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: {e}") from None
+
+
+def read_weights(model, component, dtype=None, variant=None):
+    """The state dict of one component (`unet`, `vae`, `text_encoder`, ...) of a repo, from
+    safetensors only (never pickles): diffusers' or transformers' file name, optionally the `variant`
+    (e.g. fp16) first, single-file or sharded with an index."""
+    stems = ("diffusion_pytorch_model", "model")
+    names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
+    names += [n + ".index.json" for n in names]
+    for name in names:
+        try:
+            path = fetch(model, f"{component}/{name}")
+        except MissingFile:
+            continue
+        if not name.endswith(".json"):
+            return read_safetensors(path, dtype)
+        shards = sorted(set(read_json(path)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(fetch(model, f"{component}/{shard}"),
+                                                                          dtype).items()}
+    raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
+
+
+def load_component(cls, model, component, dtype=None, device="cpu", rename=None):
+    """Build `cls.from_config(<component>/config.json)` on the meta device and load its weights
+    (optionally passed through `rename` first); frozen, in eval mode, on `device`."""
+    cfg = read_json(fetch(model, f"{component}/config.json"))
+    with torch.device("meta"):
+        net = cls.from_config(cfg)
+    state = read_weights(model, component, dtype)
+    load_weights(net, rename(state) if rename else state, what=f"{model}/{component}")
+    return net.to(device).eval().requires_grad_(False)
 
 
 def read_json(path):
