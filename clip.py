@@ -1,0 +1,289 @@
+"""CLIP's text side (Radford et al. 2021), written from scratch: the text transformer that conditions
+Stable Diffusion and the byte-level BPE tokenizer that feeds it.
+
+- `CLIPTextModel`: token + position embeddings, a stack of pre-norm transformer layers with causal
+  self-attention, a final LayerNorm; `forward(input_ids)` returns the last hidden state (B, L, D).
+  It reads a transformers `text_encoder/config.json` (SD1.5: ViT-L/14 text, quick_gelu; SD2.1:
+  OpenCLIP-H text, gelu, 23 layers) and its state dict has the keys of the text-encoder files on the
+  Hugging Face Hub (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...);
+  `convert_text_state_dict` brings other transformers layouts to it.
+- `CLIPTokenizer`: byte-level BPE with CLIP's pre-tokenizer, reading a `tokenizer/` directory
+  (`vocab.json`, `merges.txt`, the special-token files); ids equal those of transformers 5's
+  `CLIPTokenizer` with `padding="max_length", truncation=True`, as diffusers calls it.
+
+The encoder layers are generic (width, activation, causal or not) so the CLIP vision tower can reuse
+them.
+"""
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import attention
+
+
+def quick_gelu(x):
+    """The sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+@dataclass
+class CLIPTextConfig:
+    """The fields of a transformers `CLIPTextConfig` that shape the network (defaults as there)."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """From a transformers `config.json` dict; unknown keys are ignored, unsupported values raise."""
+        if cfg.get("model_type", "clip_text_model") != "clip_text_model":
+            raise ValueError(f"not a CLIP text-encoder config: model_type is {cfg['model_type']!r}, "
+                             "expected 'clip_text_model'")
+        config = cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r} in CLIP text config "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"CLIP text config: hidden_size {config.hidden_size} is not divisible by "
+                             f"num_attention_heads {config.num_attention_heads}")
+        return config
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, causal=False):  # x: (B, L, D)
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=causal)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Module):
+    """fc1, activation, fc2."""
+
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, dim, heads, mlp_hidden, act, eps):
+        super().__init__()
+        self.self_attn = CLIPAttention(dim, heads)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, mlp_hidden, act)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, causal=False):  # x: (B, L, D)
+        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    """A stack of `depth` encoder layers (key `layers.{i}`)."""
+
+    def __init__(self, depth, dim, heads, mlp_hidden, act, eps):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(dim, heads, mlp_hidden, act, eps) for _ in range(depth)])
+
+    def forward(self, x, causal=False):
+        for layer in self.layers:
+            x = layer(x, causal=causal)
+        return x
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Learned token and absolute position embeddings, summed."""
+
+    def __init__(self, vocab_size, max_positions, dim):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Embedding(max_positions, dim)
+
+    def forward(self, input_ids):  # (B, L) -> (B, L, D)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class CLIPTextTransformer(nn.Module):
+    """Embeddings, causal encoder, final LayerNorm."""
+
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(c.vocab_size, c.max_position_embeddings, c.hidden_size)
+        self.encoder = CLIPEncoder(c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+                                   c.intermediate_size, c.hidden_act, c.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, input_ids):  # (B, L) -> (B, L, D)
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), causal=True))
+
+
+class CLIPTextModel(nn.Module):
+    """The CLIP text encoder as Stable Diffusion uses it: token ids in, last hidden state out."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """From a transformers `text_encoder/config.json` dict."""
+        return cls(CLIPTextConfig.from_dict(cfg))
+
+    def forward(self, input_ids):  # (B, L) token ids, L <= max_position_embeddings
+        return self.text_model(input_ids)  # (B, L, D)
+
+
+def convert_text_state_dict(state):
+    """A transformers CLIP text-encoder state dict in our key layout. Files saved by transformers 5
+    lack the `text_model.` prefix (it strips it when loading); files saved before transformers 4.31
+    carry the buffer `text_model.embeddings.position_ids`, which is just arange(77) and is dropped."""
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+    state.pop("text_model.embeddings.position_ids", None)
+    return state
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable characters: the printable
+    Latin-1 bytes map to themselves, the others to chr(256 + n), so no token holds a space or a
+    control character. The order is that of the first 256 vocabulary entries."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    return table
+
+
+# CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of anything else; whitespace
+# only separates. (The reference also lists `<|startoftext|>` and `<|endoftext|>` here, but its
+# byte-level step splits such a piece again into `<|`, the word, `|>`, which this pattern does in one
+# go; the special tokens proper are split out before, see `CLIPTokenizer.encode`.)
+PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
+
+
+def _special_token(value):
+    """A special token as written in `special_tokens_map.json` / `tokenizer_config.json`."""
+    return value["content"] if isinstance(value, dict) else value
+
+
+def _splitter(tokens):
+    """A pattern whose `split` puts each of `tokens` in a piece of its own, at the odd positions
+    (leftmost-longest match; a pattern that never matches when there are no tokens)."""
+    alternatives = "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    return regex.compile(f"({alternatives or '(?!)'})")
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer, from a Hugging Face `tokenizer/` directory.
+
+    `tokenizer(prompts)` -> LongTensor (B, model_max_length): BOS, the prompt's tokens (cut to fit),
+    EOS, then the pad token (SD1.5 pads with `<|endoftext|>`, SD2.1 with `!`).
+
+    Text handling is that of transformers 5 (its `tokenizers` pipeline): the special tokens (BOS,
+    EOS, UNK, PAD) are cut out of the text first, each becoming its own id (so with SD2.1's special
+    `!`, every "!" in a prompt is the bare `!` token, never part of a punctuation run); the rest goes
+    through NFC normalization, per-character lower-casing, the pre-tokenizer above, and BPE merges by
+    rank on the UTF-8 bytes, with `</w>` marking the end of each word. There is no ftfy and no HTML
+    unescaping (transformers 4's Python tokenizer used ftfy when installed; open_clip always does).
+    """
+
+    def __init__(self, path):
+        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+            self.vocab = json.load(f)
+        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+        self.ranks = {tuple(line.split()): rank for rank, line in enumerate(lines)}
+        settings = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "model_max_length": 77}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    settings.update({k: v for k, v in json.load(f).items() if k in settings})
+        keys = ("bos_token", "eos_token", "unk_token", "pad_token")
+        specials = [_special_token(settings[k]) for k in keys]
+        self.bos_id, self.eos_id, _, self.pad_id = (self.vocab[t] for t in specials)
+        self.max_length = settings["model_max_length"]
+        # A special token declared `"normalized": true` is matched in the normalized text, otherwise
+        # in the raw text; a plain string is not normalized, and a later declaration of the same
+        # token overrides an earlier one (as transformers adds them: bos, eos, unk, pad).
+        normalized = {t: isinstance(settings[k], dict) and settings[k].get("normalized", False)
+                      for t, k in zip(specials, keys)}
+        self.raw_specials = _splitter([t for t in normalized if not normalized[t]])
+        self.normalized_specials = _splitter([t for t in normalized if normalized[t]])
+        self.byte_encoder = bytes_to_unicode()
+        self.bpe = lru_cache(maxsize=1 << 16)(self._bpe)
+
+    def _bpe(self, word):
+        """Ids of one pre-token (already mapped to byte characters): merge the lowest-ranked
+        adjacent pair, all of its occurrences, until no pair has a rank."""
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(self.vocab[p] for p in parts)
+
+    def encode(self, text):
+        """The token ids of one prompt, without BOS/EOS, truncation or padding. Special tokens are
+        cut out first (the odd pieces of each split), from the raw or from the normalized text."""
+        ids = []
+        for i, raw in enumerate(self.raw_specials.split(text)):
+            if i % 2:
+                ids.append(self.vocab[raw])
+                continue
+            normal = "".join(c.lower() for c in unicodedata.normalize("NFC", raw))  # "Σ" -> "σ" even word-final
+            for j, piece in enumerate(self.normalized_specials.split(normal)):
+                if j % 2:
+                    ids.append(self.vocab[piece])
+                    continue
+                for word in PRETOKENIZE.findall(piece):
+                    ids.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+        return ids
+
+    def __call__(self, prompts):
+        """A list of prompts -> LongTensor (B, model_max_length)."""
+        rows = []
+        for prompt in prompts:
+            ids = [self.bos_id, *self.encode(prompt)[:self.max_length - 2], self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)  # (B, max_length)

@@ -1,0 +1,179 @@
+"""clip.py against transformers (a test-only reference): the text encoder on random weights at small
+configs and at the real configs' shapes, the tokenizer on the real CLIP vocabulary (the BPE merges
+that open_clip_torch ships) with the real SD1.5 and SD2.1 special-token files."""
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from clip import CLIPTextModel, CLIPTokenizer, bytes_to_unicode, convert_text_state_dict
+from loading import load_weights, read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+             max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+
+
+def real_config(backbone):
+    with open(os.path.join(ROOT, "configs", backbone, "text_encoder", "config.json")) as f:
+        return json.load(f)
+
+
+def reference_model(hidden_act):
+    """transformers' CLIPTextModel at a small config, every weight (LayerNorms too) randomised."""
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act=hidden_act, **SMALL)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ref
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])  # SD1.5 style, SD2.1 style
+def test_text_model_matches_transformers(hidden_act, tmp_path):
+    ref = reference_model(hidden_act)
+    ref.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        ours = CLIPTextModel.from_config(cfg)
+    load_weights(ours, convert_text_state_dict(read_safetensors(str(tmp_path / "model.safetensors"))))
+    ours.eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 77), generator=torch.Generator().manual_seed(1))
+    for length in (77, 9):
+        with torch.no_grad():
+            want = ref(ids[:, :length]).last_hidden_state
+            got = ours(ids[:, :length])
+        assert got.shape == want.shape == (3, length, 64)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_convert_text_state_dict_layouts():
+    with torch.device("meta"):
+        model = CLIPTextModel.from_config(dict(SMALL, hidden_act="gelu"))
+    ours = model.state_dict()
+    assert "text_model.encoder.layers.2.self_attn.q_proj.weight" in ours and len(ours) == 4 + 3 * 16
+    legacy = dict(ours, **{"text_model.embeddings.position_ids": torch.arange(77)[None]})  # transformers < 4.31
+    stripped = {k.removeprefix("text_model."): v for k, v in ours.items()}  # transformers 5
+    for state in (ours, legacy, stripped):
+        assert convert_text_state_dict(state).keys() == ours.keys()
+
+
+@pytest.mark.parametrize("backbone,count", [("sd15", 123_060_480), ("sd21", 340_387_840)])
+def test_real_configs_build_on_meta(backbone, count):
+    cfg = real_config(backbone)
+    with torch.device("meta"):
+        ours = CLIPTextModel.from_config(cfg)
+        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(cfg))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == count
+    want = {k: v.shape for k, v in convert_text_state_dict(ref.state_dict()).items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == want
+
+
+@pytest.mark.parametrize("change,message", [({"hidden_act": "relu6"}, "hidden_act 'relu6'"),
+                                            ({"num_attention_heads": 7}, "not divisible"),
+                                            ({"model_type": "t5"}, "model_type")])
+def test_bad_config_is_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        CLIPTextModel.from_config(dict(real_config("sd15"), **change))
+
+
+def write_clip_vocab(directory):
+    """vocab.json and merges.txt of the real CLIP BPE in the Hugging Face layout: the 256 byte
+    characters, the same with `</w>`, the merges joined, then the two special tokens. Built from the
+    merges file in open_clip_torch's package directory, found without importing open_clip (that
+    would pull in torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.fail("open_clip_torch is not installed (requirements-dev.txt): its bpe_simple_vocab_16e6.txt.gz "
+                    "is the real CLIP vocabulary the tokenizer tests need")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """{"sd15": dir, "sd21": dir}: the real vocabulary with each backbone's special-token files."""
+    vocab_dir = tmp_path_factory.mktemp("clip_vocab")
+    vocab = write_clip_vocab(vocab_dir)
+    assert len(vocab) == 49408 and vocab[0] == "!" and vocab[320] == "a</w>" and vocab[49407] == "<|endoftext|>"
+    dirs = {}
+    for backbone in ("sd15", "sd21"):
+        dirs[backbone] = tmp_path_factory.mktemp(backbone)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(vocab_dir / name, dirs[backbone])
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(ROOT, "configs", backbone, "tokenizer", name), dirs[backbone])
+    return dirs
+
+
+PROMPTS = [
+    "a photo of a cat",
+    "",
+    "A Majestic LION, standing on a ROCK at sunset; 4k, ultra-detailed, trending on ArtStation!!!",
+    "portrait of a woman, oil painting by John Singer Sargent (1890), highly detailed --ar 16:9 --v 5",
+    "it's a dog's life, isn't it? we're here, they've gone, I'm ok, you'll see, he'd go",
+    "IT'S THE 'SUN' 'S 'sun ''s",
+    "café naïve Ångström crème brûlée",
+    "cafe\u0301 e\u0301le\u0301phant q\u0303",  # decomposed accents: NFC composes the first two only
+    "emoji 🐱🚀👍🏽 ❤️ 🇯🇵",
+    "東京タワーの夜景, 北京的天安门",
+    "한국어 텍스트 and русский текст, مرحبا שלום नमस्ते สวัสดี",
+    "ΟΔΟΣ Σ σς İstanbul ẞ straße",  # final sigma, dotted capital I, capital sharp s
+    "tabs\tand\nnewlines\r\n  many    spaces   ",
+    "\x1c\x1d\x1e\x1f odd \x85 \xa0 \u2028 \u3000 \u200b \ufeff \u180e whitespace",
+    "\x00\x07 control characters \x7f",
+    "numbers 1234 3.14159 1,000,000 2nd 21st 007",
+    "&amp; &lt;b&gt;bold&lt;/b&gt; &#39;quoted&#39; &quot;x&quot; &nbsp;",
+    "it’s “curly” ‘quotes’ — and – dashes…",
+    "ﬁne ﬂow ligatures, ＦＵＬＬＷＩＤＴＨ letters",
+    "hello!!!world??! wow! ?! !? a!b",
+    "x!<|startoftext|>y a<|endoftext|>b <|endoftext|>",
+    "<|ENDOFTEXT|> <|StartOfText|>",
+    "snake_case-and-kebab-case/with\\slashes@and#hash$dollar%percent^caret*star",
+    "(parentheses) [brackets] {braces} <angles> \"double\" 'single'",
+    "masterpiece, best quality, (extremely detailed:1.2), [[blurry]], ((sharp focus))",
+    "https://example.com/path?query=1&x=2 user@mail.com",
+    "DALL·E, Midjourney v5.2 & Stable-Diffusion 2.1 © 2023 ™ °C ½",
+    " ".join(["long"] * 100),
+    "a " * 80,
+    "the quick brown fox jumps over the lazy dog " * 10,
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis antidisestablishmentarianism",
+]
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "sd21"])
+def test_tokenizer_matches_transformers(backbone, tokenizer_dirs):
+    ref = transformers.CLIPTokenizer.from_pretrained(tokenizer_dirs[backbone])
+    want = ref(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = CLIPTokenizer(tokenizer_dirs[backbone])(PROMPTS)
+    assert got.dtype == torch.long and got.shape == want.shape == (len(PROMPTS), 77)
+    for prompt, g, w in zip(PROMPTS, got, want):
+        assert g.tolist() == w.tolist(), prompt
+
+
+def test_tokenizer_layout(tokenizer_dirs):
+    sd15, sd21 = CLIPTokenizer(tokenizer_dirs["sd15"]), CLIPTokenizer(tokenizer_dirs["sd21"])
+    cat = [49406, 320, 1125, 539, 320, 2368, 49407]  # <|startoftext|> a photo of a cat <|endoftext|>
+    assert sd15(["a photo of a cat"])[0].tolist() == cat + [49407] * 70
+    assert sd21(["a photo of a cat"])[0].tolist() == cat + [0] * 70  # SD2.1 pads with "!" (id 0)
+    assert sd15([""])[0, :3].tolist() == [49406, 49407, 49407]
+    long = sd15([" ".join(["long"] * 100)])[0]
+    assert long[0] == 49406 and long[76] == 49407 and (long[1:76] == long[1]).all()  # cut to 75, EOS kept
+    assert sd15.encode("wow!!!") == [2781, 995]  # "wow</w>", "!!!</w>"
+    assert sd21.encode("wow!!!") == [2781, 0, 0, 0]  # "!" is SD2.1's pad, a special token of its own
