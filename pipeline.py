@@ -1,0 +1,147 @@
+"""A backbone assembled from its repo (SPEC 1.4): the denoiser, the VAE (absent for the pixel-space toy),
+the text encoder with its tokenizer and the noise schedule, plus what every command does with them:
+encode prompts, decode latents to images, save images and grids.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
+from diffusion import A_T, NoiseSchedule
+from loading import LoadError, fetch, load_component, load_weights, read_json, read_safetensors
+from unet import UNet
+from vae import AutoencoderKL, rename_legacy_keys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    repo: str          # default weights: a Hugging Face repo id, or a directory shipped with the project
+    resolution: int    # native image resolution in pixels
+    configs: str       # built-in copies of the repo's configs: models build with no download
+
+
+BACKBONES = {
+    "sd15": Backbone("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, os.path.join(HERE, "configs", "sd15")),
+    "sd21": Backbone("stabilityai/stable-diffusion-2-1-base", 512, os.path.join(HERE, "configs", "sd21")),
+}
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
+@dataclass
+class Pipeline:
+    unet: torch.nn.Module
+    vae: torch.nn.Module          # None in pixel space
+    text_encoder: torch.nn.Module
+    tokenizer: CLIPTokenizer
+    schedule: NoiseSchedule
+    resolution: int               # native image resolution in pixels
+
+    def latent_shape(self, resolution=None):
+        """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        size = (resolution or self.resolution) // down
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """Text embeddings (B, L, D) of a list of prompts."""
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(self.tokenizer(prompts).to(device))
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Denoiser-space samples (B, C, h, w) -> uint8 images (B, H, W, 3) as a numpy array."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
+        images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def has_vae(model):
+    """Whether a repo has a `vae/` (the toy backbone works in pixel space and has none)."""
+    try:
+        fetch(model, "vae/config.json")
+        return True
+    except LoadError:
+        return False
+
+
+def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, device="cpu", vae=True):
+    """Load a backbone's parts from `model` (repo id or directory; default: the backbone's repo).
+    `unet_file` replaces the repo's denoiser weights (a one-step student in diffusers keys)."""
+    model = model or BACKBONES[backbone].repo
+    if unet_file is None:
+        unet = load_component(UNet, model, "unet", dtype, device)
+    else:
+        unet = load_unet_file(unet_file, read_json(fetch(model, "unet/config.json")), dtype, device)
+    text_encoder = load_component(CLIPTextModel, model, "text_encoder", dtype, device, rename=convert_text_state_dict)
+    tokenizer = CLIPTokenizer(os.path.dirname([fetch(model, f"tokenizer/{f}") for f in TOKENIZER_FILES][0]))
+    schedule = NoiseSchedule.from_config(read_json(fetch(model, "scheduler/scheduler_config.json")))
+    autoencoder = None
+    if vae and has_vae(model):
+        autoencoder = load_component(AutoencoderKL, model, "vae", torch.float32, device, rename=rename_legacy_keys)
+    return Pipeline(unet, autoencoder, text_encoder, tokenizer, schedule, BACKBONES[backbone].resolution)
+
+
+def load_unet_file(path, cfg, dtype=torch.float32, device="cpu"):
+    """A full U-Net state dict in diffusers keys (our exports, the official `rotated_unet-*.safetensors`)."""
+    with torch.device("meta"):
+        unet = UNet.from_config(cfg)
+    load_weights(unet, read_safetensors(path, dtype), what=path)
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def file_metadata(path):
+    """The string metadata of a safetensors file ({} if none)."""
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def student_a_T(path):
+    """The one-step noise level stored with an exported student, else the official constant."""
+    return float(file_metadata(path).get("a_T", A_T)) if path else A_T
+
+
+def image_grid(images, cols=None):
+    """uint8 images (N, H, W, 3) -> one PIL image, `cols` per row (default: about square)."""
+    n, h, w, _ = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    return Image.fromarray(grid)
+
+
+def read_prompts(path):
+    """Prompts from a file: plain text (one per line), a JSON list of strings, or the JourneyDB `.jsonl`
+    annotations (the caption under "Task2"; de-duplicated and sorted, as the official loader does)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"cannot read the prompt file {path}: {e}") from None
+    try:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            prompts = sorted({next(iter(r["Task2"].values())) if "Task2" in r else r["prompt"] for r in rows} - {""})
+        elif path.endswith(".json"):
+            prompts = json.loads(text)
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("expected a JSON list of strings")
+        else:
+            prompts = text.splitlines()
+    except (ValueError, KeyError, StopIteration, AttributeError) as e:
+        raise LoadError(f"cannot parse the prompt file {path}: {type(e).__name__}: {e}") from None
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise LoadError(f"the prompt file {path} has no prompts")
+    return prompts

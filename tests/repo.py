@@ -1,0 +1,66 @@
+"""Writes a complete tiny Stable Diffusion repository on disk, in the real Hugging Face layout, with
+random weights saved by the reference libraries themselves (diffusers / transformers), so our loader
+is tested on genuine files. The VAE attention keys are renamed to the legacy names (`query`, `key`,
+`value`, `proj_attn`) that the real SD1.5 / SD2.1 VAE files still carry."""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clip import bytes_to_unicode
+from tests.test_unet import small_config
+
+TEXT_DIM = 32
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def write_byte_tokenizer(directory, pad="<|endoftext|>", max_length=16):
+    """A CLIP tokenizer with no merges: every byte is a token (514 ids in all)."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    write_json(os.path.join(directory, "vocab.json"), vocab)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    write_json(os.path.join(directory, "special_tokens_map.json"),
+               {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad})
+    write_json(os.path.join(directory, "tokenizer_config.json"), {"model_max_length": max_length})
+    return len(vocab)
+
+
+def write_tiny_sd_repo(root, seed=0, prediction_type="epsilon"):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**small_config(cross_attention_dim=TEXT_DIM, sample_size=8))
+    unet.save_pretrained(os.path.join(root, "unet"))
+
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
+                        sample_size=16)
+    vae.save_pretrained(os.path.join(root, "vae"))
+    path = os.path.join(root, "vae", "diffusion_pytorch_model.safetensors")
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in load_file(path).items():
+        for new, old in legacy.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        state[k] = v
+    save_file(state, path)
+
+    vocab = write_byte_tokenizer(os.path.join(root, "tokenizer"))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=TEXT_DIM, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    text.save_pretrained(os.path.join(root, "text_encoder"))
+
+    with open("configs/sd15/scheduler/scheduler_config.json") as f:
+        write_json(os.path.join(root, "scheduler", "scheduler_config.json"),
+                   {**json.load(f), "prediction_type": prediction_type})
+    return root

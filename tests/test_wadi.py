@@ -1,0 +1,122 @@
+"""End to end through the command line on a tiny SD repository written in the real layout."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import wadi
+from diffusion import A_T
+from pipeline import load_pipeline, read_prompts
+from tests.repo import write_tiny_sd_repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write_tiny_sd_repo(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "wadi.py", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_pipeline_parts_equal_the_references(repo):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+    pipe = load_pipeline("sd15", repo)
+    ids = pipe.tokenizer(["a red cat", ""])
+    with torch.no_grad():
+        ref_text = CLIPTextModel.from_pretrained(os.path.join(repo, "text_encoder"))(ids).last_hidden_state
+        ref_vae = AutoencoderKL.from_pretrained(os.path.join(repo, "vae"))  # reads the legacy keys too
+        z = torch.randn(1, 4, 4, 4)
+        ref_image = ref_vae.decode(z / ref_vae.config.scaling_factor).sample
+        assert (pipe.encode_prompts(["a red cat", ""]) - ref_text).abs().max() < 1e-5
+        assert (pipe.vae.decode(z) - ref_image).abs().max() / ref_image.abs().max() < 1e-5
+    assert pipe.latent_shape(32) == (4, 16, 16) and pipe.latent_shape() == (4, 256, 256)  # VAE: x2 down
+
+
+def test_one_step_file_loads_strictly_and_matches_diffusers(repo, tmp_path):
+    from diffusers import UNet2DConditionModel
+    ref = UNet2DConditionModel.from_pretrained(os.path.join(repo, "unet"))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # a "student": same keys, other weights
+    student = str(tmp_path / "student.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, student, metadata={"a_T": "0.005"})
+    out = str(tmp_path / "one.png")
+    assert wadi.main(["sample", "--model", repo, "--unet", student, "--prompt", "a red cat", "--out", out,
+                      "--resolution", "32", "--seed", "3"]) == 0
+    got = np.asarray(Image.open(out))
+    assert got.shape == (32, 32, 3)
+
+    pipe = load_pipeline("sd15", repo)
+    z = torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(3))[None]
+    with torch.no_grad():
+        eps = ref(z, 999, pipe.encode_prompts(["a red cat"])).sample
+        x0 = (z - (1 - 0.005) ** 0.5 * eps) / 0.005 ** 0.5  # a_T read from the file's metadata
+        expected = pipe.decode(x0)[0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_sample_multi_step_directory_and_grid(repo, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\na blue dog\n")
+    out = str(tmp_path / "ddim")
+    assert wadi.main(["sample", "--model", repo, "--prompts", str(prompts), "--out", out, "--steps", "4",
+                      "--guidance", "3", "--resolution", "32", "--num-per-prompt", "2", "--batch-size", "3",
+                      "--grid"]) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
+    assert Image.open(os.path.join(out, "grid.png")).size == (64, 64)
+    first, second = (np.asarray(Image.open(os.path.join(out, f))) for f in files[:2])
+    assert np.abs(first.astype(int) - second.astype(int)).max() > 0  # two seeds, two images
+
+
+def test_read_prompts_formats(tmp_path):
+    (tmp_path / "a.txt").write_text(" one \n\ntwo\n")
+    (tmp_path / "b.json").write_text(json.dumps(["x", "y", ""]))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"Task2": {k: v}}) for k, v in
+                                                [("Caption", "zeta"), ("caption", "alpha"), ("Caption:", "zeta"),
+                                                 ("Caption", "")]))
+    assert read_prompts(str(tmp_path / "a.txt")) == ["one", "two"]
+    assert read_prompts(str(tmp_path / "b.json")) == ["x", "y"]
+    assert read_prompts(str(tmp_path / "c.jsonl")) == ["alpha", "zeta"]  # de-duplicated, sorted
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return lines[-1]
+
+
+def test_errors_are_one_line(repo, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    line = one_line_error(run_cli("sample", "--model", repo, "--prompts", str(empty), "--out", "x.png"))
+    assert line == f"error: the prompt file {empty} has no prompts"
+
+    line = one_line_error(run_cli("sample", "--model", "nobody/no-such-repo", "--prompt", "a", "--out", "x.png",
+                                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}))
+    assert "nobody/no-such-repo" in line and "HF_HUB_OFFLINE" in line and "--model DIR" in line
+
+    unet = os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(unet, "rb").read()[:5000])
+    line = one_line_error(run_cli("sample", "--model", repo, "--unet", str(truncated), "--prompt", "a",
+                                  "--out", "x.png"))
+    assert "corrupt or truncated" in line and str(truncated) in line
+
+    from safetensors.torch import load_file
+    state = load_file(unet)
+    del state["conv_out.bias"]
+    missing = tmp_path / "missing.safetensors"
+    save_file(state, str(missing))
+    line = one_line_error(run_cli("sample", "--model", repo, "--unet", str(missing), "--prompt", "a",
+                                  "--out", "x.png"))
+    assert "1 missing keys: conv_out.bias" in line
