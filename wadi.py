@@ -1,13 +1,20 @@
 """WaDi's command line.
 
+    python wadi.py train --backbone sd15 --prompts journeydb.jsonl --out runs/sd15      (VSD, SPEC 1.3)
+    python wadi.py train --backbone sd15 --dry-run                  (counts and memory, no download)
+    python wadi.py export --run runs/sd15 --out wadi-sd15.safetensors
     python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
 
-`sample` draws one-step images from a student U-Net (the x0 formula of SPEC 1.3) or multi-step DDIM
-images with classifier-free guidance from the teacher. Every failure the user can fix (missing or
-unreachable weights, a corrupt file, a bad prompt file) is one line on stderr and exit code 2.
+`train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
+processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
+one-step images from a student (the x0 formula of SPEC 1.3) or DDIM images with classifier-free
+guidance from the teacher. Every failure the user can fix (missing or unreachable weights, a corrupt
+checkpoint, a bad prompt file, a non-finite loss) is one line on stderr and exit code 2.
 """
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -15,9 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clip import CLIPTextModel
 from diffusion import ddim_sample, one_step
-from loading import LoadError
+from loading import LoadError, read_json
+from lorad import ADAPTERS, add_adapters, count_trainable
 from pipeline import BACKBONES, image_grid, load_pipeline, read_prompts, student_a_T
+from unet import UNet
+from vae import AutoencoderKL
+from vsd import TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
+    load_checkpoint, find_checkpoint, train
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,6 +96,73 @@ def cmd_sample(args):
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
 
+def dry_run(args):
+    """Build the three networks, the text encoder and the VAE on the meta device from the built-in
+    configs; print parameter counts and a memory estimate."""
+    configs = BACKBONES[args.backbone].configs
+    with torch.device("meta"):
+        teacher = UNet.from_config(read_json(os.path.join(configs, "unet", "config.json")))
+        student, fake = build_networks(teacher, args.rank, args.rank_fake, args.adapter)
+        text = CLIPTextModel.from_config(read_json(os.path.join(configs, "text_encoder", "config.json")))
+        vae = AutoencoderKL.from_config(read_json(os.path.join(configs, "vae", "config.json")))
+    total = sum(p.numel() for p in teacher.parameters())
+    nbytes = {"no": 4, "fp16": 2, "bf16": 2}[args.mixed_precision]
+    trainable = count_trainable(student) + count_trainable(fake)
+    print(f"backbone {args.backbone}: adapter {args.adapter}, ranks {args.rank} / {args.rank_fake}")
+    for name, net in (("teacher", teacher), ("student", student), ("fake score", fake)):
+        print(f"  {name:<10} total {sum(p.numel() for p in net.parameters()) / 1e6:8.2f}M   "
+              f"trainable {count_trainable(net) / 1e6:.2f}M")
+    text_n, vae_n = sum(p.numel() for p in text.parameters()), sum(p.numel() for p in vae.parameters())
+    gib = 2 ** 30
+    weights = (total + text_n) * nbytes + vae_n * 4
+    states = trainable * 16 + (count_trainable(student) * 4 if args.ema else 0)  # fp32 param, grad, 2 AdamW
+    print(f"  text encoder {text_n / 1e6:.2f}M, VAE {vae_n / 1e6:.2f}M")
+    print(f"memory per GPU: frozen weights {weights / gib:.2f} GiB (one U-Net copy shared by the three "
+          f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} GiB "
+          f"before activations (batch {args.batch_size} at {args.resolution or BACKBONES[args.backbone].resolution}px; "
+          f"--grad-checkpointing trades compute for most of them)")
+
+
+def cmd_train(args):
+    if args.dry_run:
+        return dry_run(args)
+    if not args.prompts:
+        raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
+    prompts = read_prompts(args.prompts)
+    rank, world, local_rank = distributed()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    model = args.model or BACKBONES[args.backbone].repo
+    pipe = load_pipeline(args.backbone, model, dtype=dtype, device=device, vae=rank == 0)
+    tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     max_steps=args.max_steps, epochs=args.epochs,
+                     resolution=args.resolution or BACKBONES[args.backbone].resolution, lr=args.lr,
+                     lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
+                     mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
+                     ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                     validate_every=args.validate_every, resume=args.resume)
+    meta = {"backbone": args.backbone, "base_model": model}
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump({**meta, **dataclasses.asdict(tc), "guidance": args.guidance}, f, indent=2)
+    train(pipe, prompts, tc, VSDConfig(guidance=args.guidance), device, meta)
+
+
+def cmd_export(args):
+    run = read_json(os.path.join(args.run, "run.json"))
+    checkpoint = find_checkpoint(args.run, args.checkpoint or "latest")
+    pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
+    student, fake = build_networks(pipe.unet, run["rank"], run["rank_fake"], run["adapter"])
+    load_checkpoint(checkpoint, student, fake, {}, None)
+    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "a_T": VSDConfig().a_T,
+            "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
+    export_student(student, args.out, meta)
+    print(f"wrote {args.out} (merged one-step U-Net from {checkpoint})")
+
+
 def add_common(p):
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="sd15")
     p.add_argument("--model", help="Hugging Face repo id or local directory in the same layout "
@@ -109,15 +189,49 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
     p.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
-    p.set_defaults(run=cmd_sample)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)")
+    add_common(p)
+    p.add_argument("--prompts", help="training prompts: text (one per line), JSON list, or JourneyDB .jsonl")
+    p.add_argument("--out", default="runs/wadi", help="run directory: log, checkpoints, samples, student")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
+    p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
+    p.add_argument("--lr-fake", type=float, default=1e-2, help="fake score network learning rate")
+    p.add_argument("--rank", type=int, default=256, help="student adapter rank")
+    p.add_argument("--rank-fake", type=int, default=32, help="fake score adapter rank")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale of teacher and fake score")
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="frozen weights and activations in half precision; adapters stay fp32")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ema", type=float, nargs="?", const=0.999, default=0.0,
+                   help="EMA of the student adapter (decay, default 0.999 when given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the networks on the meta device from the built-in configs: counts and memory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key U-Net file")
+    p.add_argument("--run", required=True, help="the run directory of `train`")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the latest in --run)")
+    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (LoadError, UsageError) as e:
+        args.func(args)
+    except (LoadError, UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

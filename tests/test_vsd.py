@@ -1,0 +1,232 @@
+"""The distillation step and loop (vsd.py) and `wadi.py train / export` on a tiny SD repository."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vsd
+import wadi
+from lorad import adapter_state_dict
+from pipeline import load_pipeline
+from tests.repo import write_tiny_sd_repo
+from vsd import VSDConfig, build_networks, draw, vsd_losses
+
+TRAIN = ["train", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
+         "--validate-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny-sd"))
+    write_tiny_sd_repo(root)
+    with open(os.path.join(root, "prompts.txt"), "w") as f:
+        f.write("a red cat\na blue dog\na green tree\nthe sea at night\na small house\n")
+    return root
+
+
+def train_cli(repo, out, *extra):
+    return wadi.main([*TRAIN, "--model", repo, "--prompts", os.path.join(repo, "prompts.txt"), "--out", str(out),
+                      *extra])
+
+
+def networks(repo):
+    pipe = load_pipeline("sd15", repo)
+    torch.manual_seed(0)
+    student, fake = build_networks(pipe.unet, 4, 2)
+    with torch.no_grad():  # non-trivial adapters, so that fake != teacher and g != 0
+        for p in [*adapter_state_dict(student).values(), *adapter_state_dict(fake).values()]:
+            p.normal_(0, 0.3)
+    return pipe, student, fake
+
+
+def test_three_networks_share_one_copy_of_the_weights(repo):
+    pipe, student, fake = networks(repo)
+    teacher = pipe.unet
+    for key in ("conv_in.weight", "mid_block.resnets.0.conv1.weight"):
+        ptr = teacher.state_dict()[key].data_ptr()
+        assert student.state_dict()[key].data_ptr() == ptr == fake.state_dict()[key].data_ptr()
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert student.get_submodule(q).base.weight is teacher.get_submodule(q).weight is fake.get_submodule(q).base.weight
+    shared = sum(p.numel() for p in teacher.parameters())
+    every = {p.data_ptr(): p.numel() for net in (teacher, student, fake) for p in net.parameters()}
+    assert sum(every.values()) == shared + sum(p.numel() for net in (student, fake) for p in net.parameters()
+                                               if p.requires_grad)
+
+
+def test_step_matches_hand_written_reference(repo):
+    pipe, student, fake = networks(repo)
+    teacher, ac = pipe.unet, pipe.schedule.alphas_cumprod
+    c = pipe.encode_prompts(["a red cat", "the sea"])
+    c0 = pipe.encode_prompts([""]).expand(2, -1, -1)
+    cfg = VSDConfig()
+    d = draw(torch.Generator().manual_seed(1), 2, (4, 8, 8), cfg)
+    d["drop"] = torch.tensor([True, False])
+    loss_g, loss_fake = vsd_losses(student, teacher, fake, pipe.schedule, c, c0, d, cfg)
+    grads_g = torch.autograd.grad(loss_g, [p for p in student.parameters() if p.requires_grad])
+    grads_f = torch.autograd.grad(loss_fake, [p for p in fake.parameters() if p.requires_grad])
+
+    # the same step, written out from SPEC 1.3
+    z, t, eps = d["z"], d["t"], d["eps"]
+    x0 = (z - (1 - 0.0047) ** 0.5 * student(z, 999, c)) / 0.0047 ** 0.5
+    a = ac[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0.detach() + (1 - a).sqrt() * eps
+
+    def cfg_pred(net):
+        return net(xt, t, c0) + 1.5 * (net(xt, t, c) - net(xt, t, c0))
+
+    with torch.no_grad():
+        g = (1 - a) * (cfg_pred(teacher) - cfg_pred(fake))
+    assert g.abs().max() > 1e-3
+    assert torch.allclose(loss_g, 0.5 * (g ** 2).mean(), rtol=1e-5)
+    # the VSD gradient: d loss_G / d theta = mean(g * d x0 / d theta)
+    ref_g = torch.autograd.grad((g * x0).sum() / g.numel(), [p for p in student.parameters() if p.requires_grad])
+    for mine, ref in zip(grads_g, ref_g):
+        assert torch.allclose(mine, ref, atol=1e-7, rtol=1e-4)
+
+    a2 = ac[d["t_fake"]].view(-1, 1, 1, 1)
+    xt2 = a2.sqrt() * x0.detach() + (1 - a2).sqrt() * d["eps_fake"]
+    c_drop = torch.stack([c0[0], c[1]])  # the first prompt dropped to ""
+    loss_ref = ((a2.sqrt() * fake(xt2, d["t_fake"], c_drop) - a2.sqrt() * d["eps_fake"]) ** 2).mean()
+    assert torch.allclose(loss_fake, loss_ref, rtol=1e-5)
+    ref_f = torch.autograd.grad(loss_ref, [p for p in fake.parameters() if p.requires_grad])
+    for mine, ref in zip(grads_f, ref_f):
+        assert torch.allclose(mine, ref, atol=1e-7, rtol=1e-4)
+
+
+def test_training_steps_change_adapters_not_base(repo, tmp_path):
+    base = load_file(os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors"))
+    assert train_cli(repo, tmp_path / "run", "--max-steps", "3", "--checkpoint-every", "2") == 0
+    files = sorted(os.listdir(tmp_path / "run"))
+    assert files == ["checkpoint-0000002.safetensors", "checkpoint-0000003.safetensors", "run.json", "samples",
+                     "student.safetensors", "train.log"]
+    log = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert len(log) == 3 and all("loss_G" in line and "images/s" in line for line in log)
+    losses = [float(line.split()[3]) for line in log] + [float(line.split()[5]) for line in log]
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert os.listdir(tmp_path / "run" / "samples") == ["step-0000003.png"]
+    ckpt = load_file(str(tmp_path / "run" / "checkpoint-0000003.safetensors"))
+    theta_a = [v for k, v in ckpt.items() if k.startswith("student.") and k.endswith("theta_a")]
+    assert theta_a and max(v.abs().max().item() for v in theta_a) > 0  # moved away from zero
+    student = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert student.keys() == base.keys()  # merged: plain diffusers keys
+    assert any(not torch.equal(student[k], base[k]) for k in base if "attn1.to_q" in k)
+    assert all(torch.equal(student[k], base[k]) for k in base if "conv" in k or "norm" in k)  # untouched
+    assert load_file(os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors")).keys() == base.keys()
+
+
+def test_resume_continues_exactly(repo, tmp_path):
+    assert train_cli(repo, tmp_path / "straight", "--max-steps", "4", "--checkpoint-every", "2") == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "2", "--checkpoint-every", "2") == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "4", "--checkpoint-every", "2",
+                     "--resume", "latest") == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint-0000004.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint-0000004.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("opt_fake.") for k in a)
+    for k in a:
+        if not k.startswith("rng."):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(repo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "1", "--checkpoint-every", "1") == 0
+    good = load_file(str(out / "checkpoint-0000001.safetensors"))
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(vsd, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "1", "--resume", "latest")
+    monkeypatch.undo()
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint-")) == \
+        ["checkpoint-0000001.safetensors", "checkpoint-0000002.safetensors.tmp"]
+    assert all(torch.equal(v, good[k]) for k, v in load_file(str(out / "checkpoint-0000001.safetensors")).items())
+    assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "1", "--resume", "latest") == 0
+
+
+def test_non_finite_loss_stops_with_message(repo, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real = vsd.vsd_losses
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss_g, loss_fake = real(*args, **kwargs)
+        calls.append(1)
+        return (loss_g * float("nan"), loss_fake) if len(calls) == 3 else (loss_g, loss_fake)
+
+    monkeypatch.setattr(vsd, "vsd_losses", poisoned)
+    assert train_cli(repo, out, "--max-steps", "5", "--checkpoint-every", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss at step 3") and "checkpoint-0000002.safetensors" in err
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == \
+        ["checkpoint-0000001.safetensors", "checkpoint-0000002.safetensors"]
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint-0000002.safetensors")).values()
+               if v.is_floating_point())
+
+
+def test_bad_train_inputs(repo, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert wadi.main([*TRAIN, "--model", repo, "--prompts", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert train_cli(repo, tmp_path / "r", "--resume", str(tmp_path / "nope.safetensors")) == 2
+    assert f"--resume: no checkpoint file {tmp_path / 'nope.safetensors'}" in capsys.readouterr().err
+    assert train_cli(repo, tmp_path / "r2", "--resume", "latest") == 2
+    assert "no checkpoint-*.safetensors" in capsys.readouterr().err
+
+
+def test_export_loads_in_diffusers_and_matches_adapted_student(repo, tmp_path):
+    from diffusers import UNet2DConditionModel
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "2", "--lr", "1e-2") == 0
+    exported = str(tmp_path / "student.safetensors")
+    assert wadi.main(["export", "--run", str(out), "--out", exported]) == 0
+
+    ref = UNet2DConditionModel.from_pretrained(os.path.join(repo, "unet"))
+    missing, unexpected = ref.load_state_dict(load_file(exported), strict=True)
+    pipe = load_pipeline("sd15", repo)
+    student, fake = build_networks(pipe.unet, 4, 2)
+    vsd.load_checkpoint(str(out / "checkpoint-0000002.safetensors"), student, fake, {}, None)
+    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"])
+    with torch.no_grad():
+        expected, got = student(x, 999, c), ref(x, 999, c).sample
+        teacher = pipe.unet(x, 999, c)
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+    assert (teacher - expected).abs().max() > 1e-4  # the student is not the teacher
+    from pipeline import file_metadata
+    meta = file_metadata(exported)
+    assert meta["a_T"] == "0.0047" and meta["backbone"] == "sd15" and meta["base_model"] == repo
+
+
+@pytest.mark.parametrize("backbone,expected", [("sd15", ["83.80M", "9.38M"]), ("sd21", ["94.43M"])])
+def test_dry_run_prints_paper_counts(backbone, expected, capsys):
+    assert wadi.main(["train", "--backbone", backbone, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"trainable {e}" in out for e in expected) and "GiB" in out
+
+
+def test_bf16_mixed_precision_step(repo, tmp_path):
+    assert train_cli(repo, tmp_path / "run", "--max-steps", "1", "--mixed-precision", "bf16") == 0
+    ckpt = load_file(str(tmp_path / "run" / "checkpoint-0000001.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in ckpt.items() if k.startswith(("student.", "fake.")))
+
+
+def test_two_process_ddp_with_gloo(repo, tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "tests/ddp_worker.py", repo, out], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (load_file(os.path.join(out, f"adapters-rank{r}.safetensors")) for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # DDP kept the ranks in step
+    assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("theta_a"))
+    noise = [float(open(os.path.join(out, f"loss-rank{r}.txt")).read()) for r in (0, 1)]
+    assert noise[0] != noise[1]  # each rank drew its own noise and prompts
+    assert os.path.isfile(os.path.join(out, "student.safetensors"))

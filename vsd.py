@@ -1,0 +1,363 @@
+"""Variational score distillation (SPEC 1.3; SwiftBrush, Nguyen & Tran 2024; WaDi Sec. 3.3): the
+distillation step and the training loop around it.
+
+Three networks share ONE copy of the frozen denoiser weights: the teacher (no adapter), the one-step
+student (LoRaD, rank 256 for SD) and the fake score network (LoRaD, rank 32). One step:
+
+    x0        = (z - sqrt(1 - a_T) eps_student(z, T, c)) / sqrt(a_T)             T = 999
+    xt        = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  t ~ U{20..980}
+    g         = (1 - a_t) (cfg(teacher, xt, t) - cfg(fake, xt, t))               no grad, CFG s = 1.5
+    loss_G    = 0.5 |x0 - sg(x0 - g)|^2                      -> student  (its gradient is g dx0/dtheta)
+    loss_fake = |sqrt(a_t') (eps_fake(xt', t', c') - eps')|^2,  t' ~ U{0..999}, xt' from sg(x0), c' = ""
+                with probability 0.1 per sample                  -> fake score network
+
+Randomness and data order are pure functions of (seed, rank, step), so a resumed run draws exactly what
+an uninterrupted one would.
+"""
+import copy
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from diffusion import A_T, guided, one_step, to_eps
+from loading import LoadError, read_safetensors
+from lorad import add_adapters, adapter_state_dict, count_trainable, merge_adapters
+from pipeline import file_metadata, image_grid
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss); the message says where and what was kept."""
+
+
+@dataclass
+class VSDConfig:
+    guidance: float = 1.5     # CFG scale of the teacher and of the fake score network
+    t_min: int = 20           # the generator loss draws t ~ U{t_min, ..., t_max - 1}
+    t_max: int = 981
+    drop_prob: float = 0.1    # empty prompt for the fake score network's own loss
+    max_grad_norm: float = 1.0
+    a_T: float = A_T
+
+
+def shared_copy(net):
+    """A new module tree over the same parameter and buffer tensors (nothing is copied): the student
+    and the fake score network are adapters on the teacher's one frozen set of weights."""
+    memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
+    return copy.deepcopy(net, memo)
+
+
+def build_networks(teacher, rank=256, rank_fake=32, adapter="lorad"):
+    """The student and the fake score network on top of `teacher` (frozen, shared)."""
+    teacher.requires_grad_(False)
+    student = add_adapters(shared_copy(teacher), "unet_student", rank, adapter)
+    fake = add_adapters(shared_copy(teacher), "unet_fake", rank_fake, adapter)
+    return student, fake
+
+
+def draw(generator, batch, shape, cfg: VSDConfig, n_timesteps=1000):
+    """Every random quantity of one step, in a fixed order, from one generator."""
+    dev = generator.device
+    return dict(z=torch.randn((batch, *shape), generator=generator, device=dev),
+                t=torch.randint(cfg.t_min, cfg.t_max, (batch,), generator=generator, device=dev),
+                eps=torch.randn((batch, *shape), generator=generator, device=dev),
+                t_fake=torch.randint(0, n_timesteps, (batch,), generator=generator, device=dev),
+                eps_fake=torch.randn((batch, *shape), generator=generator, device=dev),
+                drop=torch.rand((batch,), generator=generator, device=dev) < cfg.drop_prob)
+
+
+def vsd_losses(student, teacher, fake, schedule, c, c_null, d, cfg: VSDConfig, fake_train=None):
+    """(loss_G, loss_fake) of one step on the draws `d`. `fake` is used without gradient for the
+    score difference; `fake_train` (default `fake`; the DDP wrapper in multi-GPU runs) for its loss."""
+    dtype = c.dtype
+    pt = schedule.prediction_type
+    x0 = one_step(student, d["z"].to(dtype), c, pt, cfg.a_T)  # (B, C, h, w) fp32, carries the gradient
+    with torch.no_grad():
+        xt = schedule.add_noise(x0.detach(), d["eps"], d["t"])
+        a = schedule.alpha(d["t"], xt)
+        eps_real = to_eps(guided(teacher, xt.to(dtype), d["t"], c, c_null, cfg.guidance).float(), xt, a, pt)
+        eps_fake = to_eps(guided(fake, xt.to(dtype), d["t"], c, c_null, cfg.guidance).float(), xt, a, pt)
+        g = torch.nan_to_num((1 - a) * (eps_real - eps_fake))
+    loss_g = 0.5 * F.mse_loss(x0, (x0 - g).detach())
+
+    xt = schedule.add_noise(x0.detach(), d["eps_fake"], d["t_fake"])
+    a = schedule.alpha(d["t_fake"], xt)
+    c_fake = torch.where(d["drop"][:, None, None], c_null, c)
+    pred = to_eps((fake_train or fake)(xt.to(dtype), d["t_fake"], c_fake).float(), xt, a, pt)
+    loss_fake = F.mse_loss(a.sqrt() * pred, a.sqrt() * d["eps_fake"])
+    return loss_g, loss_fake
+
+
+def step_seed(seed, rank, step, micro=0):
+    """The seed of one micro-step's generator: distinct per rank, reproducible per step."""
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n_prompts, seed, epoch):
+    return torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def batch_indices(n_prompts, seed, position, size):
+    """Prompt indices [position, position + size) of the endless stream of per-epoch permutations."""
+    return [epoch_permutation(n_prompts, seed, i // n_prompts)[i % n_prompts] for i in range(position, position + size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints: one safetensors file (adapters, EMA, optimizer moments, RNG states) with JSON metadata
+# (step, options, optimizer hyper-parameters), written atomically.
+
+def optimizer_tensors(opt, prefix):
+    state = opt.state_dict()
+    tensors = {f"{prefix}.{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
+               for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(opt, tensors, groups, prefix):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(path, step, student, fake, opts, ema, meta):
+    tensors = {f"student.{k}": v for k, v in adapter_state_dict(student).items()}
+    tensors.update({f"fake.{k}": v for k, v in adapter_state_dict(fake).items()})
+    tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
+    groups = {}
+    for name, opt in opts.items():
+        t, groups[name] = optimizer_tensors(opt, f"opt_{name}")
+        tensors.update(t)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"step": str(step), "meta": json.dumps(meta), "param_groups": json.dumps(groups)}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half of one
+
+
+def find_checkpoint(out_dir, resume):
+    """The checkpoint file `resume` names: a path, or `latest` in `out_dir`."""
+    if resume != "latest":
+        if not os.path.isfile(resume):
+            raise LoadError(f"--resume: no checkpoint file {resume}")
+        return resume
+    found = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors")) \
+        if os.path.isdir(out_dir) else []
+    if not found:
+        raise LoadError(f"--resume latest: no checkpoint-*.safetensors in {out_dir}")
+    return os.path.join(out_dir, found[-1])
+
+
+def load_checkpoint(path, student, fake, opts, ema):
+    """Restore adapters, optimizers, EMA and RNG states; returns the step."""
+    tensors = read_safetensors(path)
+    meta = file_metadata(path)
+    if "step" not in meta:
+        raise LoadError(f"{path} is not a WaDi training checkpoint (no step in its metadata)")
+    for prefix, net in (("student", student), ("fake", fake)):
+        params = adapter_state_dict(net)
+        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if own.keys() != params.keys():
+            missing, unexpected = params.keys() - own.keys(), own.keys() - params.keys()
+            raise LoadError(f"{path} does not match the {prefix}'s adapters: {len(missing)} missing "
+                            f"{sorted(missing)[:3]}, {len(unexpected)} unexpected {sorted(unexpected)[:3]}")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(own[k])
+    if ema is not None:
+        for k in ema:
+            ema[k].copy_(tensors[f"ema.{k}"])
+    groups = json.loads(meta["param_groups"])
+    for name, opt in opts.items():
+        load_optimizer(opt, tensors, groups[name], f"opt_{name}")
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(meta["step"])
+
+
+def export_student(student, path, metadata):
+    """The merged one-step student as a full U-Net state dict in diffusers keys (adapters folded in)."""
+    merged = merge_adapters(shared_copy(student))
+    save_file({k: v.detach().contiguous().cpu() for k, v in merged.state_dict().items()}, path,
+              metadata={k: str(v) for k, v in metadata.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop
+
+@dataclass
+class TrainConfig:
+    out: str
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 0            # 0: run `epochs` over the prompts
+    epochs: float = 2.0
+    resolution: int = 512
+    lr: float = 1e-4
+    lr_fake: float = 1e-2
+    rank: int = 256
+    rank_fake: int = 32
+    adapter: str = "lorad"
+    mixed_precision: str = "no"
+    grad_checkpointing: bool = False
+    ema: float = 0.0              # EMA decay of the student adapter (0: off)
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 500
+    validation_prompts: tuple = ("a photo of a cat", "a watercolor painting of a lighthouse at dawn",
+                                 "an astronaut riding a horse", "a bowl of ramen, studio lighting")
+    resume: str = None
+
+
+def distributed():
+    """(rank, world size, local rank), initialising the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_mean(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+        x = x / world
+    return x
+
+
+def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log=print):
+    """Distill `pipe.unet` into a one-step student on `prompts`; returns the output directory's files."""
+    rank, world, _ = distributed()
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tc.mixed_precision]
+    teacher = pipe.unet.to(device, weight_dtype).eval().requires_grad_(False)
+    pipe.text_encoder.to(device, weight_dtype)
+    torch.manual_seed(tc.seed)  # identical adapter initialisation on every rank
+    student, fake = build_networks(teacher, tc.rank, tc.rank_fake, tc.adapter)
+    for net in (student, fake):
+        net.train()
+        net.gradient_checkpointing = tc.grad_checkpointing
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    fake_params = [p for p in fake.parameters() if p.requires_grad]
+    adamw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opts = {"student": torch.optim.AdamW(student_params, lr=tc.lr, **adamw),
+            "fake": torch.optim.AdamW(fake_params, lr=tc.lr_fake, **adamw)}
+    scalers = {k: torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16") for k in opts}
+    ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()} if tc.ema else None
+    student_ddp, fake_ddp = student, fake
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        student_ddp = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        fake_ddp = torch.nn.parallel.DistributedDataParallel(fake, device_ids=ids)
+
+    per_step = tc.batch_size * tc.grad_accum * world
+    max_steps = tc.max_steps or math.ceil(tc.epochs * len(prompts) / per_step)
+    os.makedirs(tc.out, exist_ok=True)
+    step, last_ckpt = 0, None
+    if tc.resume:
+        last_ckpt = find_checkpoint(tc.out, tc.resume)
+        step = load_checkpoint(last_ckpt, student, fake, opts, ema)
+    c_null = pipe.encode_prompts([""]).to(weight_dtype)
+    shape = pipe.latent_shape(tc.resolution)
+    meta = {**(meta or {}), "a_T": vsd.a_T, "prediction_type": pipe.schedule.prediction_type}
+    if rank == 0:
+        log(f"student: {count_trainable(student) / 1e6:.2f}M trainable, fake score: "
+            f"{count_trainable(fake) / 1e6:.2f}M trainable; {len(prompts)} prompts, {world} process(es), "
+            f"{per_step} images per step, {max_steps} steps")
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=tc.mixed_precision != "no")
+    bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    try:
+        while step < max_steps:
+            start = time.perf_counter()
+            totals = torch.zeros(2, device=device)
+            for micro in range(tc.grad_accum):
+                position = ((step * tc.grad_accum + micro) * world + rank) * tc.batch_size
+                batch = [prompts[i] for i in batch_indices(len(prompts), tc.seed, position, tc.batch_size)]
+                generator = torch.Generator(device).manual_seed(step_seed(tc.seed, rank, step, micro))
+                d = draw(generator, tc.batch_size, shape, vsd, len(pipe.schedule.alphas_cumprod))
+                c = pipe.encode_prompts(batch).to(weight_dtype)
+                last = micro == tc.grad_accum - 1
+                with autocast:
+                    loss_g, loss_fake = vsd_losses(student_ddp, teacher, fake, pipe.schedule, c,
+                                                   c_null.expand(len(batch), -1, -1), d, vsd, fake_train=fake_ddp)
+                for name, net, loss in (("student", student_ddp, loss_g), ("fake", fake_ddp, loss_fake)):
+                    sync = net.no_sync() if world > 1 and not last else torch.enable_grad()
+                    with sync:
+                        scalers[name].scale(loss / tc.grad_accum).backward()
+                totals += torch.stack([loss_g.detach(), loss_fake.detach()]).float() / tc.grad_accum
+            totals = all_mean(totals, world)
+            if not torch.isfinite(totals).all():
+                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={totals[0].item()}, "
+                                    f"loss_fake={totals[1].item()}); stopped, {kept}")
+            for name, params in (("student", student_params), ("fake", fake_params)):
+                scalers[name].unscale_(opts[name])
+                torch.nn.utils.clip_grad_norm_(params, vsd.max_grad_norm)
+                scalers[name].step(opts[name])
+                scalers[name].update()
+                opts[name].zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in adapter_state_dict(student).items():
+                        ema[k].lerp_(v, 1 - tc.ema)
+            step += 1
+            images_per_s = per_step / (time.perf_counter() - start)
+            if rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss_G=f"{totals[0].item():.4g}", loss_fake=f"{totals[1].item():.4g}",
+                                img_s=f"{images_per_s:.2f}")
+                with open(os.path.join(tc.out, "train.log"), "a") as f:
+                    f.write(f"step {step} loss_G {totals[0].item():.6g} loss_fake {totals[1].item():.6g} "
+                            f"images/s {images_per_s:.3f}\n")
+                if step % tc.checkpoint_every == 0 or step == max_steps:
+                    last_ckpt = os.path.join(tc.out, f"checkpoint-{step:07d}.safetensors")
+                    save_checkpoint(last_ckpt, step, student, fake, opts, ema, meta)
+                    prune_checkpoints(tc.out, tc.keep_checkpoints)
+                if step % tc.validate_every == 0 or step == max_steps:
+                    validate(pipe, student, tc, vsd, step, device, weight_dtype)
+    finally:
+        bar.close()
+    if rank == 0:
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in adapter_state_dict(student).items():
+                    v.copy_(ema[k])
+        export_student(student, os.path.join(tc.out, "student.safetensors"), meta)
+        log(f"wrote {os.path.join(tc.out, 'student.safetensors')} (merged one-step U-Net, diffusers keys)")
+    return student, fake
+
+
+def prune_checkpoints(out_dir, keep):
+    found = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors"))
+    for f in found[:-keep] if keep > 0 else []:
+        os.remove(os.path.join(out_dir, f))
+
+
+@torch.no_grad()
+def validate(pipe, student, tc, vsd, step, device, weight_dtype):
+    """A grid of one-step samples for fixed prompts and seeds: samples/step-NNNNNNN.png."""
+    prompts = list(tc.validation_prompts)
+    shape = pipe.latent_shape(tc.resolution)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(len(prompts))])
+    student.eval()
+    x0 = one_step(student, z.to(device, weight_dtype), pipe.encode_prompts(prompts).to(weight_dtype),
+                  pipe.schedule.prediction_type, vsd.a_T)
+    student.train()
+    os.makedirs(os.path.join(tc.out, "samples"), exist_ok=True)
+    image_grid(pipe.decode(x0), cols=len(prompts)).save(os.path.join(tc.out, "samples", f"step-{step:07d}.png"))
