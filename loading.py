@@ -21,7 +21,7 @@ class MissingFile(LoadError):
     """The repo or directory is there but has no such file."""
 
 
-def _listing(keys, most=5):
+def key_listing(keys, most=5):
     keys = sorted(keys)
     more = f" (+{len(keys) - most} more)" if len(keys) > most else ""
     return ", ".join(keys[:most]) + more
@@ -35,9 +35,9 @@ def check_state_dict(model, state, what="checkpoint"):
              if tuple(state[k].shape) != expected[k]]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing keys: {key_listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {key_listing(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches: {'; '.join(wrong[:3])}")
     if problems:
@@ -66,6 +66,22 @@ def read_safetensors(path, dtype=None):
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
     return tensors
+
+
+def read_tensors(path):
+    """A state dict from a .safetensors file, or from a torch pickle (.pth, .pt, .bin) of the
+    official releases read with torch's weights-only loader, which rebuilds tensors and nothing else."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    if not os.path.isfile(path):
+        raise LoadError(f"weight file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoadError(f"{path} is not a state dict of tensors")
+    return state
 
 
 def fetch(model, path):

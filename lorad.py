@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from loading import LoadError, read_safetensors
+from loading import LoadError, read_tensors
 
 
 class AdaptedLinear(nn.Module):
@@ -163,13 +163,7 @@ def save_adapters(model: nn.Module, path: str, metadata: dict = None):
 def read_adapter_file(path: str) -> dict:
     """Adapter tensors from our safetensors files, or from the official release's `kduv.pth` state dicts
     (read with torch's weights-only loader, which unpickles tensors and nothing else)."""
-    if path.endswith((".pth", ".pt", ".bin")):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LoadError(f"cannot read adapter file {path}: {e}") from None
-    else:
-        state = read_safetensors(path)
+    state = read_tensors(path)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

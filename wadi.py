@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clip import CLIPTextModel
 from diffusion import ddim_sample, one_step
 from loading import LoadError, read_json
-from lorad import ADAPTERS, add_adapters, count_trainable
+from lorad import ADAPTERS, count_trainable
 from pipeline import BACKBONES, image_grid, load_pipeline, read_prompts, student_a_T
 from unet import UNet
 from vae import AutoencoderKL

@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import wadi
-from diffusion import A_T
 from pipeline import load_pipeline, read_prompts
 from tests.repo import write_tiny_sd_repo
 
