@@ -109,6 +109,17 @@ def fetch(model, path):
         raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: {e}") from None
 
 
+def fetch_file(spec):
+    """A single file: a local path, or `owner/repo/path/in/repo` on the Hugging Face Hub (e.g. the
+    official `gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors`)."""
+    if os.path.isfile(spec) or spec.count("/") < 2 or spec.startswith((".", "/", "~")):
+        if not os.path.isfile(spec):
+            raise LoadError(f"file not found: {spec}")
+        return spec
+    owner, repo, path = spec.split("/", 2)
+    return fetch(f"{owner}/{repo}", path)
+
+
 def read_weights(model, component, dtype=None, variant=None):
     """The state dict of one component (`unet`, `vae`, `text_encoder`, ...) of a repo, from
     safetensors only (never pickles): diffusers' or transformers' file name, optionally the `variant`

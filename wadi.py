@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clip import CLIPTextModel
 from diffusion import ddim_sample, one_step
-from loading import LoadError, read_json
+from loading import LoadError, fetch_file, read_json
 from lorad import ADAPTERS, count_trainable
 from pipeline import BACKBONES, image_grid, load_pipeline, read_prompts, student_a_T
 from unet import UNet
@@ -73,8 +73,9 @@ def cmd_sample(args):
         raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(args.backbone, args.model, args.unet, dtype, device)
-    a_T = student_a_T(args.unet)
+    unet = fetch_file(args.unet) if args.unet else None
+    pipe = load_pipeline(args.backbone, args.model, unet, dtype, device)
+    a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     shape = pipe.latent_shape(args.resolution)
     null = pipe.encode_prompts([""])
@@ -177,8 +178,9 @@ def build_parser():
 
     p = sub.add_parser("sample", help="one-step (student) or DDIM (teacher) text-to-image sampling")
     add_common(p)
-    p.add_argument("--unet", help="one-step student: a U-Net safetensors file in diffusers keys "
-                                  "(our export, or the official rotated_unet-*.safetensors)")
+    p.add_argument("--unet", help="one-step student: a U-Net safetensors file in diffusers keys (our export, "
+                                  "or the official gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors: "
+                                  "a local path or owner/repo/file on the Hub)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file: text (one per line), JSON list, or JourneyDB .jsonl")
     p.add_argument("--out", required=True, help="FILE.png, or a directory")

@@ -104,6 +104,11 @@ def test_errors_are_one_line(repo, tmp_path):
                                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}))
     assert "nobody/no-such-repo" in line and "HF_HUB_OFFLINE" in line and "--model DIR" in line
 
+    line = one_line_error(run_cli("sample", "--model", repo, "--unet", "gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors",
+                                  "--prompt", "a", "--out", "x.png",
+                                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}))
+    assert "rotated_unet-sdv1-5.safetensors" in line and "gudaochangsheng/WaDi" in line and "HF_HUB_OFFLINE" in line
+
     unet = os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(open(unet, "rb").read()[:5000])
