@@ -33,8 +33,10 @@ class AdaptedLinear(nn.Module):
         self.base = base
 
     def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):  # the rotation in fp32, also under autocast
+            weight = self.merged_weight()
         bias = self.base.bias
-        return F.linear(x, self.merged_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding the merged weight (in the base dtype) and the base bias."""

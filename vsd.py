@@ -14,6 +14,7 @@ student (LoRaD, rank 256 for SD) and the fake score network (LoRaD, rank 32). On
 Randomness and data order are pure functions of (seed, rank, step), so a resumed run draws exactly what
 an uninterrupted one would.
 """
+import contextlib
 import copy
 import functools
 import json
@@ -75,26 +76,29 @@ def draw(generator, batch, shape, cfg: VSDConfig, n_timesteps=1000):
                 drop=torch.rand((batch,), generator=generator, device=dev) < cfg.drop_prob)
 
 
-def vsd_losses(student, teacher, fake, schedule, c, c_null, d, cfg: VSDConfig, fake_train=None):
-    """(loss_G, loss_fake) of one step on the draws `d`. `fake` is used without gradient for the
-    score difference; `fake_train` (default `fake`; the DDP wrapper in multi-GPU runs) for its loss."""
+def generator_loss(student, teacher, fake, schedule, c, c_null, d, cfg: VSDConfig):
+    """(loss_G, x0): the student's VSD loss on the draws `d`, whose gradient is g dx0/dtheta, and its
+    one-step samples x0 (B, C, h, w) fp32; `fake` is used without gradient for the score difference."""
     dtype = c.dtype
     pt = schedule.prediction_type
-    x0 = one_step(student, d["z"].to(dtype), c, pt, cfg.a_T)  # (B, C, h, w) fp32, carries the gradient
+    x0 = one_step(student, d["z"].to(dtype), c, pt, cfg.a_T)  # carries the gradient
     with torch.no_grad():
         xt = schedule.add_noise(x0.detach(), d["eps"], d["t"])
         a = schedule.alpha(d["t"], xt)
         eps_real = to_eps(guided(teacher, xt.to(dtype), d["t"], c, c_null, cfg.guidance).float(), xt, a, pt)
         eps_fake = to_eps(guided(fake, xt.to(dtype), d["t"], c, c_null, cfg.guidance).float(), xt, a, pt)
         g = torch.nan_to_num((1 - a) * (eps_real - eps_fake))
-    loss_g = 0.5 * F.mse_loss(x0, (x0 - g).detach())
+    return 0.5 * F.mse_loss(x0, (x0 - g).detach()), x0.detach()
 
-    xt = schedule.add_noise(x0.detach(), d["eps_fake"], d["t_fake"])
+
+def fake_loss(fake, schedule, x0, c, c_null, d):
+    """The fake score network's denoising loss on the student's samples x0 (no gradient to the student),
+    with the prompt dropped to "" where d["drop"]."""
+    xt = schedule.add_noise(x0, d["eps_fake"], d["t_fake"])
     a = schedule.alpha(d["t_fake"], xt)
     c_fake = torch.where(d["drop"][:, None, None], c_null, c)
-    pred = to_eps((fake_train or fake)(xt.to(dtype), d["t_fake"], c_fake).float(), xt, a, pt)
-    loss_fake = F.mse_loss(a.sqrt() * pred, a.sqrt() * d["eps_fake"])
-    return loss_g, loss_fake
+    pred = to_eps(fake(xt.to(c.dtype), d["t_fake"], c_fake).float(), xt, a, schedule.prediction_type)
+    return F.mse_loss(a.sqrt() * pred, a.sqrt() * d["eps_fake"])
 
 
 def step_seed(seed, rank, step, micro=0):
@@ -235,6 +239,11 @@ def distributed():
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def no_sync(net, skip):
+    """DDP's no_sync (gradients accumulate locally) on all but the last micro-step."""
+    return net.no_sync() if skip else contextlib.nullcontext()
+
+
 def all_mean(x, world):
     if world > 1:
         dist.all_reduce(x)
@@ -293,13 +302,14 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
                 d = draw(generator, tc.batch_size, shape, vsd, len(pipe.schedule.alphas_cumprod))
                 c = pipe.encode_prompts(batch).to(weight_dtype)
                 last = micro == tc.grad_accum - 1
-                with autocast:
-                    loss_g, loss_fake = vsd_losses(student_ddp, teacher, fake, pipe.schedule, c,
-                                                   c_null.expand(len(batch), -1, -1), d, vsd, fake_train=fake_ddp)
-                for name, net, loss in (("student", student_ddp, loss_g), ("fake", fake_ddp, loss_fake)):
-                    sync = net.no_sync() if world > 1 and not last else torch.enable_grad()
-                    with sync:
-                        scalers[name].scale(loss / tc.grad_accum).backward()
+                nulls = c_null.expand(len(batch), -1, -1)
+                # the student's backward runs before the fake score's forward: one graph alive at a time
+                with no_sync(student_ddp, world > 1 and not last), autocast:
+                    loss_g, x0 = generator_loss(student_ddp, teacher, fake, pipe.schedule, c, nulls, d, vsd)
+                scalers["student"].scale(loss_g / tc.grad_accum).backward()
+                with no_sync(fake_ddp, world > 1 and not last), autocast:
+                    loss_fake = fake_loss(fake_ddp, pipe.schedule, x0, c, nulls, d)
+                scalers["fake"].scale(loss_fake / tc.grad_accum).backward()
                 totals += torch.stack([loss_g.detach(), loss_fake.detach()]).float() / tc.grad_accum
             totals = all_mean(totals, world)
             if not torch.isfinite(totals).all():

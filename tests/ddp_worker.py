@@ -13,16 +13,16 @@ from pipeline import load_pipeline, read_prompts
 
 repo, out = sys.argv[1:3]
 local_losses = []
-real_losses = vsd.vsd_losses
+real_fake_loss = vsd.fake_loss
 
 
 def recording(*args, **kwargs):
-    loss_g, loss_fake = real_losses(*args, **kwargs)
-    local_losses.append(loss_fake.item())
-    return loss_g, loss_fake
+    loss = real_fake_loss(*args, **kwargs)
+    local_losses.append(loss.item())
+    return loss
 
 
-vsd.vsd_losses = recording
+vsd.fake_loss = recording
 pipe = load_pipeline("sd15", repo, vae=int(os.environ["RANK"]) == 0)
 config = vsd.TrainConfig(out=out, batch_size=1, max_steps=2, resolution=16, rank=4, rank_fake=2,
                          checkpoint_every=100, validate_every=100)

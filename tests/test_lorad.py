@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from loading import LoadError
 from lorad import (ADAPTERS, DoRALinear, LoRALinear, LoRaDLinear, add_adapters, adapter_state_dict,
@@ -194,3 +195,17 @@ def test_adapter_files_roundtrip_and_official_pth(tmp_path):
     fake = add_adapters(UNet.from_config(small_config()), "unet_fake", 4)
     with pytest.raises(LoadError, match="unexpected.*time_emb_proj"):
         load_adapters(fake, state)
+
+
+def test_rotation_stays_fp32_under_autocast():
+    torch.manual_seed(0)
+    layer = LoRaDLinear(nn.Linear(64, 32), 8)
+    with torch.no_grad():
+        layer.theta_a.normal_(0, 0.5)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        in_bf16 = F.linear(x, rotate_pairs(layer.base.weight, layer.theta_a @ layer.theta_b), layer.base.bias)
+    expected = F.linear(x.bfloat16(), layer.merged_weight().bfloat16(), layer.base.bias.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert not torch.equal(in_bf16, expected)  # angles from a bf16 matmul would differ

@@ -12,7 +12,7 @@ import wadi
 from lorad import adapter_state_dict
 from pipeline import load_pipeline
 from tests.repo import write_tiny_sd_repo
-from vsd import VSDConfig, build_networks, draw, vsd_losses
+from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
 
 TRAIN = ["train", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
          "--validate-every", "100"]
@@ -64,7 +64,8 @@ def test_step_matches_hand_written_reference(repo):
     cfg = VSDConfig()
     d = draw(torch.Generator().manual_seed(1), 2, (4, 8, 8), cfg)
     d["drop"] = torch.tensor([True, False])
-    loss_g, loss_fake = vsd_losses(student, teacher, fake, pipe.schedule, c, c0, d, cfg)
+    loss_g, x0_sample = generator_loss(student, teacher, fake, pipe.schedule, c, c0, d, cfg)
+    loss_fake = fake_loss(fake, pipe.schedule, x0_sample, c, c0, d)
     grads_g = torch.autograd.grad(loss_g, [p for p in student.parameters() if p.requires_grad])
     grads_f = torch.autograd.grad(loss_fake, [p for p in fake.parameters() if p.requires_grad])
 
@@ -152,15 +153,15 @@ def test_crash_mid_save_keeps_previous_checkpoint(repo, tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_with_message(repo, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real = vsd.vsd_losses
+    real = vsd.generator_loss
     calls = []
 
     def poisoned(*args, **kwargs):
-        loss_g, loss_fake = real(*args, **kwargs)
+        loss_g, x0 = real(*args, **kwargs)
         calls.append(1)
-        return (loss_g * float("nan"), loss_fake) if len(calls) == 3 else (loss_g, loss_fake)
+        return (loss_g * float("nan"), x0) if len(calls) == 3 else (loss_g, x0)
 
-    monkeypatch.setattr(vsd, "vsd_losses", poisoned)
+    monkeypatch.setattr(vsd, "generator_loss", poisoned)
     assert train_cli(repo, out, "--max-steps", "5", "--checkpoint-every", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite loss at step 3") and "checkpoint-0000002.safetensors" in err
