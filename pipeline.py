@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
-from diffusion import A_T, NoiseSchedule
+from diffusion import A_T, NoiseSchedule, ddim_sample, one_step
 from loading import LoadError, fetch, load_component, load_weights, read_json, read_safetensors
 from unet import UNet
 from vae import AutoencoderKL, rename_legacy_keys
@@ -30,7 +30,11 @@ class Backbone:
 BACKBONES = {
     "sd15": Backbone("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, os.path.join(HERE, "configs", "sd15")),
     "sd21": Backbone("stabilityai/stable-diffusion-2-1-base", 512, os.path.join(HERE, "configs", "sd21")),
+    # pixel-space toy, shipped with the project (`python wadi.py pretrain --backbone toy` rebuilds it)
+    "toy": Backbone(os.path.join(HERE, "assets", "toy"), 32, os.path.join(HERE, "assets", "toy")),
 }
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 
@@ -57,12 +61,37 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(device))
 
     @torch.no_grad()
+    def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None):
+        """uint8 images (B, H, W, 3), image i for prompts[i] from the noise of seeds[i] (`seeded_noise`):
+        one step of the generator of SPEC 1.3 when steps == 1, else DDIM with CFG scale `guidance`."""
+        param = next(self.unet.parameters())
+        z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
+        context = self.encode_prompts(prompts)
+        if steps == 1:
+            x0 = one_step(self.unet, z, context, self.schedule.prediction_type, a_T)
+        else:
+            null = self.encode_prompts([""]).expand(len(prompts), -1, -1)
+            x0 = ddim_sample(self.unet, self.schedule, z, context, null, steps, guidance)
+        return self.decode(x0)
+
+    @torch.no_grad()
     def decode(self, latents):
         """Denoiser-space samples (B, C, h, w) -> uint8 images (B, H, W, 3) as a numpy array."""
         if self.vae is not None:
             latents = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
         images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def pick_dtype(name, device):
+    """The weights dtype named by --dtype (a key of DTYPES), by default fp16 on a GPU and fp32 on the CPU."""
+    return DTYPES[name] if name else (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def seeded_noise(shape, seeds):
+    """Standard normal noise (len(seeds), *shape), row i drawn on the CPU from its own generator seeded
+    with seeds[i]: an image depends on its seed alone, not on the batch or the process that draws it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def has_vae(model):

@@ -17,6 +17,7 @@ generated images the way FID and a prompt-following check score real ones.
   two samples of the data is small (about 0.2 for 2048 images) and blur, noise, a colour cast or lost
   diversity raise it many times over.
 """
+import dataclasses
 import json
 import os
 
@@ -307,3 +308,46 @@ def toy_metrics(images, attributes, classifier, reference_stats):
     mu, sigma = feature_statistics(features.numpy())
     return {"fd": frechet_distance(mu, sigma, *reference_stats),
             "accuracy": (predictions == attributes.cpu()).all(1).float().mean().item()}
+
+
+# -----------------------------------------------------------------------------------------------
+# The protocol: teacher (25-step DDIM with CFG), teacher in one step (undistilled), student in one step
+
+GENERATORS = {"teacher_25": 25, "teacher_1": 1, "student_1": 1}  # name: sampling steps
+TEACHER_GUIDANCE = 3.0  # CFG scale of the 25-step teacher
+
+
+def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256):
+    """Images (N, 3, 32, 32) in [-1, 1] from `unet` in `pipe`, image i from prompts[i] and seeds[i]."""
+    pipe = dataclasses.replace(pipe, unet=unet)
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"generate ({steps} step{'s' * (steps > 1)})",
+                      unit="batch", leave=False):
+        images = pipe.generate(prompts[start:start + batch_size], seeds[start:start + batch_size], steps, guidance)
+        out.append(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # (B, 3, 32, 32)
+    return torch.cat(out)
+
+
+def evaluate_toy(pipe, student, classifier, n=2048, seed=0, guidance=TEACHER_GUIDANCE, names=tuple(GENERATORS),
+                 cached=None):
+    """{name: {"fd", "accuracy"}} for the generators in `names` on the same n balanced prompts and seeds
+    (`cached` results, e.g. the shipped teacher's, are reused), and a grid: one row per generator."""
+    attributes = balanced_attributes(n)
+    prompts, seeds = [prompt(a) for a in attributes], list(range(seed, seed + n))
+    reference = reference_statistics(classifier)
+    results, rows = dict(cached or {}), []
+    for name in names:
+        unet = student if name.startswith("student") else pipe.unet
+        if name in results:
+            images = generate_images(pipe, unet, prompts[:8], seeds[:8], GENERATORS[name], guidance)
+        else:
+            images = generate_images(pipe, unet, prompts, seeds, GENERATORS[name], guidance)
+            results[name] = toy_metrics(images, attributes, classifier, reference)
+        rows.append(images[:8])
+    return results, torch.cat(rows)  # grid rows: (len(names) * 8, 3, 32, 32)
+
+
+def metrics_table(results):
+    lines = [f"{'generator':<12} {'FD':>8} {'accuracy':>9}"]
+    lines += [f"{name:<12} {r['fd']:8.3f} {r['accuracy']:9.3f}" for name, r in results.items()]
+    return "\n".join(lines)

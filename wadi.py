@@ -22,17 +22,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import pretrain
+import toy
 from clip import CLIPTextModel
-from diffusion import ddim_sample, one_step
 from loading import LoadError, fetch_file, read_json
 from lorad import ADAPTERS, count_trainable
-from pipeline import BACKBONES, image_grid, load_pipeline, read_prompts, student_a_T
+from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, pick_dtype, read_prompts, student_a_T
 from unet import UNet
 from vae import AutoencoderKL
 from vsd import TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
     load_checkpoint, find_checkpoint, train
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UsageError(Exception):
@@ -41,10 +40,6 @@ class UsageError(Exception):
 
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def pick_dtype(name, device):
-    return DTYPES[name] if name else (torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def save_images(images, out, grid=False):
@@ -77,22 +72,11 @@ def cmd_sample(args):
     pipe = load_pipeline(args.backbone, args.model, unet, dtype, device)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
-    shape = pipe.latent_shape(args.resolution)
-    null = pipe.encode_prompts([""])
     images = []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sample", unit="batch"):
         batch = jobs[start:start + args.batch_size]
-        # each image's noise comes from its own seed: the same image whatever the batching
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in batch])
-        z = z.to(device, dtype)
-        context = pipe.encode_prompts([p for p, _ in batch])
-        with torch.no_grad():
-            if args.steps == 1:
-                x0 = one_step(pipe.unet, z, context, pipe.schedule.prediction_type, a_T)
-            else:
-                x0 = ddim_sample(pipe.unet, pipe.schedule, z, context, null.expand(len(batch), -1, -1),
-                                 args.steps, args.guidance)
-        images.append(pipe.decode(x0))
+        images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, args.guidance, a_T,
+                                    args.resolution))
     save_images(np.concatenate(images), args.out, args.grid)
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
@@ -105,7 +89,8 @@ def dry_run(args):
         teacher = UNet.from_config(read_json(os.path.join(configs, "unet", "config.json")))
         student, fake = build_networks(teacher, args.rank, args.rank_fake, args.adapter)
         text = CLIPTextModel.from_config(read_json(os.path.join(configs, "text_encoder", "config.json")))
-        vae = AutoencoderKL.from_config(read_json(os.path.join(configs, "vae", "config.json")))
+        vae_config = os.path.join(configs, "vae", "config.json")
+        vae = AutoencoderKL.from_config(read_json(vae_config)) if os.path.isfile(vae_config) else None
     total = sum(p.numel() for p in teacher.parameters())
     nbytes = {"no": 4, "fp16": 2, "bf16": 2}[args.mixed_precision]
     trainable = count_trainable(student) + count_trainable(fake)
@@ -113,7 +98,7 @@ def dry_run(args):
     for name, net in (("teacher", teacher), ("student", student), ("fake score", fake)):
         print(f"  {name:<10} total {sum(p.numel() for p in net.parameters()) / 1e6:8.2f}M   "
               f"trainable {count_trainable(net) / 1e6:.2f}M")
-    text_n, vae_n = sum(p.numel() for p in text.parameters()), sum(p.numel() for p in vae.parameters())
+    text_n, vae_n = sum(p.numel() for p in text.parameters()), sum(p.numel() for p in vae.parameters()) if vae else 0
     gib = 2 ** 30
     weights = (total + text_n) * nbytes + vae_n * 4
     states = trainable * 16 + (count_trainable(student) * 4 if args.ema else 0)  # fp32 param, grad, 2 AdamW
@@ -124,12 +109,51 @@ def dry_run(args):
           f"--grad-checkpointing trades compute for most of them)")
 
 
+# `train` defaults: the paper's settings (SPEC 1.3), and for the toy what distills its teacher on 2 CPU
+# cores within minutes (tuned on the shipped teacher; see README)
+TRAIN_DEFAULTS = {
+    "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5,
+                  checkpoint_every=500, validate_every=500),
+    "toy": dict(batch_size=16, max_steps=500, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0,
+                checkpoint_every=100, validate_every=100),
+}
+
+
+def apply_train_defaults(args):
+    for key, value in {**TRAIN_DEFAULTS["paper"], **TRAIN_DEFAULTS.get(args.backbone, {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or os.path.join("runs", args.backbone)
+
+
+def report_toy(pipe, student, model, out, n=2048):
+    """The toy's result: FD and prompt accuracy of teacher (25-step DDIM + CFG), teacher (1 step) and
+    student (1 step) on the same n prompts and seeds, as a table, metrics.json and comparison.png. The
+    teacher's figures come from the repo's teacher_metrics.json when measured under the same protocol."""
+    classifier = toy.load_classifier(os.path.join(model, "classifier"))
+    protocol = {"n": n, "seed": 0, "guidance": toy.TEACHER_GUIDANCE}
+    cached = os.path.join(model, "teacher_metrics.json")
+    cached = read_json(cached) if os.path.isfile(cached) else {}
+    cached = cached["results"] if cached.get("protocol") == protocol else None
+    results, rows = toy.evaluate_toy(pipe, student.eval(), classifier, cached=cached, **protocol)
+    image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
+        os.path.join(out, "comparison.png"))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(toy.metrics_table(results))
+    print(f"rows of {os.path.join(out, 'comparison.png')}: " + " | ".join(results))
+
+
 def cmd_train(args):
+    apply_train_defaults(args)
     if args.dry_run:
         return dry_run(args)
-    if not args.prompts:
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.backbone == "toy":
+        prompts = [toy.prompt(a) for a in toy.all_attributes()]
+    else:
         raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
-    prompts = read_prompts(args.prompts)
     rank, world, local_rank = distributed()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -144,12 +168,20 @@ def cmd_train(args):
                      mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
                      validate_every=args.validate_every, resume=args.resume)
+    if args.backbone == "toy":
+        tc.validation_prompts = tuple(toy.prompt(a) for a in toy.balanced_attributes(8))
     meta = {"backbone": args.backbone, "base_model": model}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**meta, **dataclasses.asdict(tc), "guidance": args.guidance}, f, indent=2)
-    train(pipe, prompts, tc, VSDConfig(guidance=args.guidance), device, meta)
+    student, _ = train(pipe, prompts, tc, VSDConfig(guidance=args.guidance), device, meta)
+    if args.backbone == "toy" and rank == 0:
+        report_toy(pipe, student, model, args.out, args.eval_samples)
+
+
+def cmd_pretrain(args):
+    pretrain.pretrain_toy(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
 
 def cmd_export(args):
@@ -196,17 +228,17 @@ def build_parser():
     p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)")
     add_common(p)
     p.add_argument("--prompts", help="training prompts: text (one per line), JSON list, or JourneyDB .jsonl")
-    p.add_argument("--out", default="runs/wadi", help="run directory: log, checkpoints, samples, student")
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--out", help="run directory: log, checkpoints, samples, student (default: runs/BACKBONE)")
+    p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
-    p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
-    p.add_argument("--lr-fake", type=float, default=1e-2, help="fake score network learning rate")
-    p.add_argument("--rank", type=int, default=256, help="student adapter rank")
-    p.add_argument("--rank-fake", type=int, default=32, help="fake score adapter rank")
-    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale of teacher and fake score")
+    p.add_argument("--lr", type=float, help="student learning rate")
+    p.add_argument("--lr-fake", type=float, help="fake score network learning rate")
+    p.add_argument("--rank", type=int, help="student adapter rank")
+    p.add_argument("--rank-fake", type=int, help="fake score adapter rank")
+    p.add_argument("--guidance", type=float, help="CFG scale of teacher and fake score")
     p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                    help="frozen weights and activations in half precision; adapters stay fp32")
@@ -214,12 +246,22 @@ def build_parser():
     p.add_argument("--ema", type=float, nargs="?", const=0.999, default=0.0,
                    help="EMA of the student adapter (decay, default 0.999 when given)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--validate-every", type=int)
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
+    p.add_argument("--eval-samples", type=int, default=2048, help="toy: samples per generator in the final table")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device from the built-in configs: counts and memory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch (rebuilds assets/toy)")
+    p.add_argument("--backbone", choices=["toy"], default="toy")
+    p.add_argument("--out", default=BACKBONES["toy"].repo)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key U-Net file")
     p.add_argument("--run", required=True, help="the run directory of `train`")

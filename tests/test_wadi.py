@@ -124,3 +124,29 @@ def test_errors_are_one_line(repo, tmp_path):
     line = one_line_error(run_cli("sample", "--model", repo, "--unet", str(missing), "--prompt", "a",
                                   "--out", "x.png"))
     assert "1 missing keys: conv_out.bias" in line
+
+
+def test_toy_train_short_run(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert wadi.main(["train", "--backbone", "toy", "--max-steps", "2", "--batch-size", "4", "--out", str(out),
+                      "--eval-samples", "16"]) == 0
+    files = set(os.listdir(out))
+    assert {"student.safetensors", "comparison.png", "train.log", "metrics.json", "samples", "run.json"} <= files
+    assert len((out / "train.log").read_text().splitlines()) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"teacher_25", "teacher_1", "student_1"}
+    assert all(np.isfinite(m["fd"]) and 0 <= m["accuracy"] <= 1 for m in metrics.values())
+    assert Image.open(out / "comparison.png").size == (8 * 32, 3 * 32)
+    table = capsys.readouterr().out
+    assert "student_1" in table and "teacher_25" in table
+
+    import evaluate
+    scores = tmp_path / "toy.json"
+    assert evaluate.main(["--toy", "--student", str(out / "student.safetensors"), "--num", "16",
+                          "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text()) == metrics  # the same protocol, prompts and seeds
+
+
+def test_toy_dry_run(capsys):
+    assert wadi.main(["train", "--backbone", "toy", "--dry-run"]) == 0
+    assert "student" in capsys.readouterr().out

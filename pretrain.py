@@ -1,0 +1,105 @@
+"""Pretraining of the toy teacher: a small text-to-image diffusion model trained from scratch on the
+procedural data of toy.py with the usual noise-prediction objective (DDPM, Ho et al. 2020) and 10%
+prompt dropout (so classifier-free guidance works, Ho & Salimans 2022). The U-Net comes from unet.py,
+the text transformer from clip.py, both trained jointly; the schedule is SD's.
+
+`pretrain_toy` writes a model repository in the Stable Diffusion layout (`unet/`, `text_encoder/`,
+`tokenizer/`, `scheduler/`; pixel space, so no `vae/`) plus the toy classifier (`classifier/`), which
+`pipeline.load_pipeline("toy")` reads like any SD repo, and the teacher's own figures under the toy
+protocol (`teacher_metrics.json`, so that `train` need not regenerate them). `python wadi.py pretrain
+--backbone toy` reproduces the shipped `assets/toy`.
+"""
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import toy
+from clip import CLIPTextModel, CLIPTokenizer
+from diffusion import NoiseSchedule
+from pipeline import load_pipeline
+from unet import UNet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# the toy denoiser: SD's U-Net family, three levels on 32 x 32 RGB, cross-attention at 16 x 16 and 8 x 8
+UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "in_channels": 3, "out_channels": 3, "sample_size": 32,
+               "block_out_channels": [16, 32, 64], "layers_per_block": 1, "attention_head_dim": [1, 2, 4],
+               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+               "cross_attention_dim": 64, "norm_num_groups": 8, "flip_sin_to_cos": True, "freq_shift": 0}
+TEXT_CONFIG = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+               "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "max_position_embeddings": toy.MAX_TOKENS, "layer_norm_eps": 1e-5}
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500, eval_samples=2048, seed=0,
+                 log=print):
+    """Train the toy classifier and teacher; write the repository to `out`."""
+    torch.manual_seed(seed)
+    log(f"training the toy classifier ({classifier_steps} steps)")
+    classifier = toy.train_classifier(steps=classifier_steps, seed=seed, progress=False)
+    toy.save_classifier(classifier, os.path.join(out, "classifier"))
+
+    toy.write_tokenizer(os.path.join(out, "tokenizer"))
+    tokenizer = CLIPTokenizer(os.path.join(out, "tokenizer"))
+    text_config = {**TEXT_CONFIG, "vocab_size": len(tokenizer.vocab), "bos_token_id": tokenizer.bos_id,
+                   "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    with open(os.path.join(HERE, "configs", "sd15", "scheduler", "scheduler_config.json")) as f:
+        scheduler_config = json.load(f)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    unet, text = UNet.from_config(UNET_CONFIG), CLIPTextModel.from_config(text_config)
+    params = [*unet.parameters(), *text.parameters()]
+    averaged = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(seed)
+    log(f"training the toy teacher: U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text "
+        f"encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M, {steps} steps of {batch_size}")
+    bar = tqdm(range(steps), desc="pretrain", dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in bar:
+        x0, prompts, _ = toy.sample(batch_size, generator)  # (B, 3, 32, 32)
+        keep = torch.rand(batch_size, generator=generator) >= 0.1
+        prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+        t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        loss = F.mse_loss(unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts))), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                a.lerp_(p, 1 - ema)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{batch_size * (step + 1) / (time.perf_counter() - start):.0f}")
+    with torch.no_grad():
+        for a, p in zip(averaged, params):
+            p.copy_(a)  # ship the exponential moving average
+
+    write_json(os.path.join(out, "unet", "config.json"), UNET_CONFIG)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
+              os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    write_json(os.path.join(out, "text_encoder", "config.json"), text_config)
+    save_file({k: v.contiguous() for k, v in text.state_dict().items()},
+              os.path.join(out, "text_encoder", "model.safetensors"))
+    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config)
+    log(f"wrote the toy repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
+    pipe = load_pipeline("toy", out)
+    protocol = {"n": eval_samples, "seed": 0, "guidance": toy.TEACHER_GUIDANCE}
+    results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
+    write_json(os.path.join(out, "teacher_metrics.json"), {"protocol": protocol, "results": results})
+    log(toy.metrics_table(results))
