@@ -16,6 +16,7 @@ an uninterrupted one would.
 """
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -340,7 +341,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
                     save_checkpoint(last_ckpt, step, student, fake, opts, ema, meta)
                     prune_checkpoints(tc.out, tc.keep_checkpoints)
                 if step % tc.validate_every == 0 or step == max_steps:
-                    validate(pipe, student, tc, vsd, step, device, weight_dtype)
+                    validate(pipe, student, tc, vsd, step)
     finally:
         bar.close()
     if rank == 0:
@@ -360,14 +361,12 @@ def prune_checkpoints(out_dir, keep):
 
 
 @torch.no_grad()
-def validate(pipe, student, tc, vsd, step, device, weight_dtype):
+def validate(pipe, student, tc, vsd, step):
     """A grid of one-step samples for fixed prompts and seeds: samples/step-NNNNNNN.png."""
     prompts = list(tc.validation_prompts)
-    shape = pipe.latent_shape(tc.resolution)
-    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(len(prompts))])
     student.eval()
-    x0 = one_step(student, z.to(device, weight_dtype), pipe.encode_prompts(prompts).to(weight_dtype),
-                  pipe.schedule.prediction_type, vsd.a_T)
+    images = dataclasses.replace(pipe, unet=student).generate(prompts, list(range(len(prompts))), 1, a_T=vsd.a_T,
+                                                              resolution=tc.resolution)
     student.train()
     os.makedirs(os.path.join(tc.out, "samples"), exist_ok=True)
-    image_grid(pipe.decode(x0), cols=len(prompts)).save(os.path.join(tc.out, "samples", f"step-{step:07d}.png"))
+    image_grid(images, cols=len(prompts)).save(os.path.join(tc.out, "samples", f"step-{step:07d}.png"))
