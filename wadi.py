@@ -114,7 +114,7 @@ def dry_run(args):
 TRAIN_DEFAULTS = {
     "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5,
                   checkpoint_every=500, validate_every=500),
-    "toy": dict(batch_size=16, max_steps=500, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0,
+    "toy": dict(batch_size=16, max_steps=300, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0,
                 checkpoint_every=100, validate_every=100),
 }
 
@@ -126,7 +126,7 @@ def apply_train_defaults(args):
     args.out = args.out or os.path.join("runs", args.backbone)
 
 
-def report_toy(pipe, student, model, out, n=2048):
+def report_toy(pipe, student, model, out, n=512):
     """The toy's result: FD and prompt accuracy of teacher (25-step DDIM + CFG), teacher (1 step) and
     student (1 step) on the same n prompts and seeds, as a table, metrics.json and comparison.png. The
     teacher's figures come from the repo's teacher_metrics.json when measured under the same protocol."""
@@ -249,7 +249,8 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
-    p.add_argument("--eval-samples", type=int, default=2048, help="toy: samples per generator in the final table")
+    p.add_argument("--eval-samples", type=int, default=512,
+                   help="toy: samples per generator in the final table (evaluate.py --toy uses 2048)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device from the built-in configs: counts and memory")
     p.set_defaults(func=cmd_train)
