@@ -44,7 +44,7 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500, eval_samples=2048, seed=0,
+def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500, eval_samples=512, seed=0,
                  log=print):
     """Train the toy classifier and teacher; write the repository to `out`."""
     torch.manual_seed(seed)
