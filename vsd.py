@@ -155,14 +155,20 @@ def save_checkpoint(path, step, student, fake, opts, ema, meta):
     os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half of one
 
 
+def list_checkpoints(out_dir):
+    """The checkpoint files of a run directory, oldest first (step-numbered names sort by step)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors"))
+
+
 def find_checkpoint(out_dir, resume):
     """The checkpoint file `resume` names: a path, or `latest` in `out_dir`."""
     if resume != "latest":
         if not os.path.isfile(resume):
             raise LoadError(f"--resume: no checkpoint file {resume}")
         return resume
-    found = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors")) \
-        if os.path.isdir(out_dir) else []
+    found = list_checkpoints(out_dir)
     if not found:
         raise LoadError(f"--resume latest: no checkpoint-*.safetensors in {out_dir}")
     return os.path.join(out_dir, found[-1])
@@ -205,6 +211,10 @@ def export_student(student, path, metadata):
 
 # ---------------------------------------------------------------------------------------------------
 # the training loop
+
+# --mixed-precision: the dtype of the frozen weights and activations (adapters stay fp32)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass
 class TrainConfig:
@@ -255,7 +265,7 @@ def all_mean(x, world):
 def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log=print):
     """Distill `pipe.unet` into a one-step student on `prompts`; returns the output directory's files."""
     rank, world, _ = distributed()
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tc.mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[tc.mixed_precision]
     teacher = pipe.unet.to(device, weight_dtype).eval().requires_grad_(False)
     pipe.text_encoder.to(device, weight_dtype)
     torch.manual_seed(tc.seed)  # identical adapter initialisation on every rank
@@ -355,7 +365,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
 
 
 def prune_checkpoints(out_dir, keep):
-    found = sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors"))
+    found = list_checkpoints(out_dir)
     for f in found[:-keep] if keep > 0 else []:
         os.remove(os.path.join(out_dir, f))
 

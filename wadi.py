@@ -30,7 +30,7 @@ from lorad import ADAPTERS, count_trainable
 from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, pick_dtype, read_prompts, student_a_T
 from unet import UNet
 from vae import AutoencoderKL
-from vsd import TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
+from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
     load_checkpoint, find_checkpoint, train
 
 
@@ -92,7 +92,7 @@ def dry_run(args):
         vae_config = os.path.join(configs, "vae", "config.json")
         vae = AutoencoderKL.from_config(read_json(vae_config)) if os.path.isfile(vae_config) else None
     total = sum(p.numel() for p in teacher.parameters())
-    nbytes = {"no": 4, "fp16": 2, "bf16": 2}[args.mixed_precision]
+    nbytes = WEIGHT_DTYPES[args.mixed_precision].itemsize
     trainable = count_trainable(student) + count_trainable(fake)
     print(f"backbone {args.backbone}: adapter {args.adapter}, ranks {args.rank} / {args.rank_fake}")
     for name, net in (("teacher", teacher), ("student", student), ("fake score", fake)):
@@ -158,7 +158,7 @@ def cmd_train(args):
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    dtype = WEIGHT_DTYPES[args.mixed_precision]
     model = args.model or BACKBONES[args.backbone].repo
     pipe = load_pipeline(args.backbone, model, dtype=dtype, device=device, vae=rank == 0)
     tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -240,7 +240,7 @@ def build_parser():
     p.add_argument("--rank-fake", type=int, help="fake score adapter rank")
     p.add_argument("--guidance", type=float, help="CFG scale of teacher and fake score")
     p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+    p.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
                    help="frozen weights and activations in half precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, nargs="?", const=0.999, default=0.0,
