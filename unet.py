@@ -20,7 +20,7 @@ UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 # config keys whose value must be the one given here: what SD1.5 / SD2.1 use, and all this U-Net implements
 FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "num_class_embeds": None,
          "addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
-         "dual_cross_attention": False, "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+         "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
          "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
          "conv_out_kernel": 3, "mid_block_scale_factor": 1, "attention_type": "default",
          "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
@@ -44,6 +44,7 @@ class UNetConfig:
     heads: tuple               # attention heads per down block (diffusers' `attention_head_dim` for SD)
     transformer_layers: tuple  # transformer blocks per attention, per down block
     cross_attention_dim: int
+    only_cross_attention: tuple  # per down block: attn1 attends to the text too (no self-attention)
     use_linear_projection: bool
     upcast_attention: bool
     norm_num_groups: int
@@ -76,7 +77,9 @@ class UNetConfig:
                    down_block_types=tuple(cfg["down_block_types"]), up_block_types=tuple(cfg["up_block_types"]),
                    layers_per_block=cfg.get("layers_per_block", 2), heads=_per_block(heads, n),
                    transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n),
-                   cross_attention_dim=cross, use_linear_projection=cfg.get("use_linear_projection", False),
+                   cross_attention_dim=cross,
+                   only_cross_attention=_per_block(cfg.get("only_cross_attention", False), n),
+                   use_linear_projection=cfg.get("use_linear_projection", False),
                    upcast_attention=cfg.get("upcast_attention", False),
                    norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
                    flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
@@ -84,19 +87,22 @@ class UNetConfig:
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention onto the text, GEGLU feed-forward; pre-LayerNorm residuals."""
+    """Self-attention, cross-attention onto the text, GEGLU feed-forward; pre-LayerNorm residuals.
+    With `only_cross`, the first attention attends to the text as well (diffusers' only_cross_attention)."""
 
-    def __init__(self, dim, heads, context_dim, upcast=False):
+    def __init__(self, dim, heads, context_dim, upcast=False, only_cross=False):
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim // heads, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim // heads, context_dim=context_dim if only_cross else None,
+                               upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation="geglu")
 
     def forward(self, x, context):  # x: (B, HW, C), context: (B, L, D)
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -105,13 +111,13 @@ class Transformer2DModel(nn.Module):
     """The spatial transformer: GroupNorm, project in (1x1 conv, or linear on SD2.1), transformer blocks
     over the H*W tokens, project out, residual."""
 
-    def __init__(self, ch, heads, context_dim, layers, linear, groups, upcast):
+    def __init__(self, ch, heads, context_dim, layers, linear, groups, upcast, only_cross):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(ch, heads, context_dim, upcast) for _ in range(layers)])
+            [BasicTransformerBlock(ch, heads, context_dim, upcast, only_cross) for _ in range(layers)])
         self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context):  # x: (B, C, H, W)
@@ -158,9 +164,10 @@ class UNet(nn.Module):
         def resnet(c_in, c_out):
             return ResnetBlock2D(c_in, c_out, temb, **norm)
 
-        def attn(c, level):
+        def attn(c, level, only_cross):
             return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
-                                      cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention)
+                                      cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention,
+                                      only_cross)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
@@ -169,12 +176,14 @@ class UNet(nn.Module):
         for i, kind in enumerate(cfg.down_block_types):
             c_in, c_out, last = ch[max(i - 1, 0)], ch[i], i == n - 1
             resnets = [resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
-            attns = [attn(c_out, i) for _ in resnets] if kind.startswith("CrossAttn") else None
+            cross = kind.startswith("CrossAttn")
+            attns = [attn(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
             sampler = None if last else Downsample2D(c_out, padding=cfg.downsample_padding)
             self.down_blocks.append(UNetBlock(resnets, attns, sampler, down=True))
 
-        self.mid_block = UNetBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attn(ch[-1], n - 1)], None,
-                                   down=False)
+        # diffusers' UNetMidBlock2DCrossAttn always self-attends (only_cross_attention does not reach it)
+        self.mid_block = UNetBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attn(ch[-1], n - 1, False)],
+                                   None, down=False)
 
         self.up_blocks = nn.ModuleList()
         rev, rev_heads = ch[::-1], n - 1
@@ -185,7 +194,8 @@ class UNet(nn.Module):
             for j in range(cfg.layers_per_block + 1):
                 c_skip = c_skip_in if j == cfg.layers_per_block else c_out
                 resnets.append(resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
-            attns = [attn(c_out, level) for _ in resnets] if kind.startswith("CrossAttn") else None
+            cross = kind.startswith("CrossAttn")
+            attns = [attn(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
             sampler = None if last else Upsample2D(c_out)
             self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
 

@@ -20,6 +20,9 @@ def small_config(**overrides):
 
 SD21_STYLE = dict(attention_head_dim=[1, 2, 4], use_linear_projection=True, upcast_attention=True,
                   cross_attention_dim=48)
+# the toy teacher's kind of layout: text-only attention (no self-attention) at the full-resolution level
+ONLY_CROSS = dict(only_cross_attention=[True, False, False], use_linear_projection=True)
+ONLY_CROSS_MID = dict(only_cross_attention=True, cross_attention_dim=48)
 
 
 def reference(cfg, seed=0):
@@ -37,7 +40,8 @@ def relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("overrides", [{}, SD21_STYLE], ids=["sd15_style", "sd21_style"])
+@pytest.mark.parametrize("overrides", [{}, SD21_STYLE, ONLY_CROSS, ONLY_CROSS_MID],
+                         ids=["sd15_style", "sd21_style", "only_cross_first_level", "only_cross_everywhere"])
 def test_parity_with_diffusers_through_safetensors(overrides, tmp_path):
     cfg = small_config(**overrides)
     ref = reference(cfg)
