@@ -46,6 +46,14 @@ class NoiseSchedule:
         a = self.alpha(t, x0)
         return (a.sqrt() * x0 + (1 - a).sqrt() * eps).to(x0.dtype)
 
+    def target(self, x0, eps, t):
+        """What the denoiser learns to predict at x_t = add_noise(x0, eps, t): eps, or the velocity
+        v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        a = self.alpha(t, x0)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
 
 def to_eps(pred, x_t, a, prediction_type):
     """The noise prediction from a network output at noise level a (tensor broadcasting to x_t)."""

@@ -27,6 +27,18 @@ def test_schedule_matches_diffusers(cfg):
     assert torch.allclose(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_target_matches_diffusers(prediction):
+    from diffusers import DDPMScheduler
+    cfg = schedule_config(prediction_type=prediction)
+    ref, ours = DDPMScheduler.from_config(cfg), NoiseSchedule.from_config(cfg)
+    x0, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    expected = eps if prediction == "epsilon" else ref.get_velocity(x0, eps, t)
+    assert torch.allclose(ours.target(x0, eps, t), expected, atol=1e-6)
+    a = ours.alpha(t, x0)  # the target converts back to the noise that made x_t
+    assert torch.allclose(to_eps(ours.target(x0, eps, t), ours.add_noise(x0, eps, t), a, prediction), eps, atol=1e-5)
+
+
 def test_sd_a_T_constant():
     assert abs(NoiseSchedule.from_config(schedule_config()).alphas_cumprod[999].item() - A_T) < 1e-4
 
