@@ -794,7 +794,12 @@ def evaluate_toy(args):
     pipe = load_pipeline("toy", model)
     student = load_unet_file(fetch_file(args.student), read_json(fetch(model, "unet/config.json")))
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
-    results, _ = toy.evaluate_toy(pipe, student, classifier, n=args.num or 2048)
+    protocol = {**toy.PROTOCOL, "n": args.num or toy.PROTOCOL["n"]}
+    cached = None if args.no_cache else toy.cached_teacher_metrics(model, protocol)
+    if cached:
+        print(f"teacher figures from {os.path.join(model, toy.TEACHER_METRICS)} (same protocol; --no-cache "
+              f"recomputes them)")
+    results, _ = toy.evaluate_toy(pipe, student, classifier, cached=cached, **protocol)
     print(toy.metrics_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -811,6 +816,8 @@ def build_parser():
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
     parser.add_argument("--student", help="--toy: the merged one-step student (wadi.py train's student.safetensors)")
     parser.add_argument("--json", help="--toy: write the metrics to this file")
+    parser.add_argument("--no-cache", action="store_true", help="--toy: measure the teacher again instead of "
+                                                                "reading the figures pretraining stored")
     parser.add_argument("--coco-dir", help="COCO folder holding val2014/ or val2017/ and annotations/")
     parser.add_argument("--captions", help="caption list, one per line (COCO 2014: GigaGAN's / DMD2's "
                                            "captions.txt; default: the first caption of each image)")

@@ -44,8 +44,8 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500, eval_samples=512, seed=0,
-                 log=print):
+def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
+                 eval_samples=512, seed=0, log=print):
     """Train the toy classifier and teacher; write the repository to `out`."""
     torch.manual_seed(seed)
     log(f"training the toy classifier ({classifier_steps} steps)")
@@ -76,7 +76,8 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
         prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
         t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
-        loss = F.mse_loss(unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts))), eps)
+        prediction = unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts)))
+        loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -85,7 +86,8 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
         with torch.no_grad():
             for a, p in zip(averaged, params):
                 a.lerp_(p, 1 - ema)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{batch_size * (step + 1) / (time.perf_counter() - start):.0f}")
+        images_per_s = batch_size * (step + 1) / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
     with torch.no_grad():
         for a, p in zip(averaged, params):
             p.copy_(a)  # ship the exponential moving average
@@ -99,7 +101,7 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config)
     log(f"wrote the toy repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
     pipe = load_pipeline("toy", out)
-    protocol = {"n": eval_samples, "seed": 0, "guidance": toy.TEACHER_GUIDANCE}
+    protocol = {**toy.PROTOCOL, "n": eval_samples}
     results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
-    write_json(os.path.join(out, "teacher_metrics.json"), {"protocol": protocol, "results": results})
+    write_json(os.path.join(out, toy.TEACHER_METRICS), {"protocol": protocol, "results": results})
     log(toy.metrics_table(results))

@@ -315,6 +315,16 @@ def toy_metrics(images, attributes, classifier, reference_stats):
 
 GENERATORS = {"teacher_25": 25, "teacher_1": 1, "student_1": 1}  # name: sampling steps
 TEACHER_GUIDANCE = 3.0  # CFG scale of the 25-step teacher
+PROTOCOL = {"n": 2048, "seed": 0, "guidance": TEACHER_GUIDANCE}  # evaluate.py --toy's evaluate_toy arguments
+TEACHER_METRICS = "teacher_metrics.json"  # in the model repo: the teacher's figures, measured by pretraining
+
+
+def cached_teacher_metrics(model, protocol):
+    """The teacher's figures stored in `model`/teacher_metrics.json when measured under `protocol` (n, seed,
+    guidance), else None: the 25-step teacher takes most of the protocol's time on a CPU."""
+    path = os.path.join(model, TEACHER_METRICS)
+    cached = read_json(path) if os.path.isfile(path) else {}
+    return cached["results"] if cached.get("protocol") == protocol else None
 
 
 def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256):

@@ -126,15 +126,13 @@ def apply_train_defaults(args):
     args.out = args.out or os.path.join("runs", args.backbone)
 
 
-def report_toy(pipe, student, model, out, n=512):
+def report_toy(pipe, student, model, out, n):
     """The toy's result: FD and prompt accuracy of teacher (25-step DDIM + CFG), teacher (1 step) and
     student (1 step) on the same n prompts and seeds, as a table, metrics.json and comparison.png. The
     teacher's figures come from the repo's teacher_metrics.json when measured under the same protocol."""
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
-    protocol = {"n": n, "seed": 0, "guidance": toy.TEACHER_GUIDANCE}
-    cached = os.path.join(model, "teacher_metrics.json")
-    cached = read_json(cached) if os.path.isfile(cached) else {}
-    cached = cached["results"] if cached.get("protocol") == protocol else None
+    protocol = {**toy.PROTOCOL, "n": n}
+    cached = toy.cached_teacher_metrics(model, protocol)
     results, rows = toy.evaluate_toy(pipe, student.eval(), classifier, cached=cached, **protocol)
     image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
         os.path.join(out, "comparison.png"))
@@ -250,7 +248,8 @@ def build_parser():
     p.add_argument("--validate-every", type=int)
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
     p.add_argument("--eval-samples", type=int, default=512,
-                   help="toy: samples per generator in the final table (evaluate.py --toy uses 2048)")
+                   help="toy: samples per generator in the final table (evaluate.py --toy: 2048); the shipped "
+                        "teacher's figures are cached for 512")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device from the built-in configs: counts and memory")
     p.set_defaults(func=cmd_train)

@@ -1,6 +1,7 @@
 """End to end through the command line on a tiny SD repository written in the real layout."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import wadi
-from pipeline import load_pipeline, read_prompts
+from pipeline import BACKBONES, load_pipeline, read_prompts
 from tests.repo import write_tiny_sd_repo
 
 
@@ -145,6 +146,36 @@ def test_toy_train_short_run(tmp_path, capsys):
     assert evaluate.main(["--toy", "--student", str(out / "student.safetensors"), "--num", "16",
                           "--json", str(scores)]) == 0
     assert json.loads(scores.read_text()) == metrics  # the same protocol, prompts and seeds
+
+
+def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
+    import evaluate
+    import toy
+    model = tmp_path / "toy"
+    shutil.copytree(BACKBONES["toy"].repo, model)
+    student = str(model / "unet" / "diffusion_pytorch_model.safetensors")  # the teacher as its own "student"
+    sentinel = {"teacher_25": {"fd": 1.5, "accuracy": 0.25}, "teacher_1": {"fd": 2.5, "accuracy": 0.125}}
+    (model / toy.TEACHER_METRICS).write_text(json.dumps({"protocol": {**toy.PROTOCOL, "n": 16}, "results": sentinel}))
+    args = ["--toy", "--model", str(model), "--student", student, "--num", "16", "--json"]
+    assert evaluate.main([*args, str(tmp_path / "cached.json")]) == 0
+    cached = json.loads((tmp_path / "cached.json").read_text())
+    assert {k: cached[k] for k in sentinel} == sentinel
+    assert evaluate.main([*args, str(tmp_path / "fresh.json"), "--no-cache"]) == 0
+    fresh = json.loads((tmp_path / "fresh.json").read_text())
+    assert fresh["teacher_25"] != sentinel["teacher_25"]
+    assert fresh["teacher_1"] == fresh["student_1"] == cached["student_1"]
+
+
+@pytest.mark.slow
+def test_toy_default_run_meets_the_targets(tmp_path):
+    """Issue 5 / SPEC 5: the default `wadi.py train --backbone toy` distills a one-step student whose FD is within
+    1.3x of the 25-step teacher's and at most half the undistilled one-step teacher's, with at least 90% of the
+    teacher's prompt accuracy (2048 samples; the teacher's figures are the ones pretraining stored)."""
+    assert wadi.main(["train", "--backbone", "toy", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["student_1"]["fd"] <= 1.3 * m["teacher_25"]["fd"], m
+    assert m["student_1"]["fd"] <= 0.5 * m["teacher_1"]["fd"], m
+    assert m["student_1"]["accuracy"] >= 0.9 * m["teacher_25"]["accuracy"], m
 
 
 def test_toy_dry_run(capsys):
