@@ -1,0 +1,90 @@
+"""Toy VSD probe: the distillation step of vsd.py (same losses) with the knobs the toy tuning needs, printing
+the student's FD and prompt accuracy (toy.py protocol, first --n balanced prompts and seeds) every --every
+steps, so that a run shows its trajectory rather than only its end. README ("The toy backbone") lists what
+it measured, e.g.
+
+    python bench/toy_probe.py --lr 3e-3 --steps 400          # the shipped teacher
+    python bench/toy_probe.py --adapter full --steps 400     # full fine-tuning of the same layers
+    python bench/toy_probe.py --model DIR --fake-steps 3     # another teacher; 3 fake steps per student step
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toy  # noqa: E402
+import vsd  # noqa: E402
+from lorad import ADAPTERS  # noqa: E402
+from pipeline import BACKBONES, load_pipeline  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=BACKBONES["toy"].repo)
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank-fake", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-fake", type=float, default=1e-2)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--fake-steps", type=int, default=1, help="fake score steps per student step")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--n", type=int, default=256, help="samples per evaluation")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = load_pipeline("toy", args.model)
+    classifier = toy.load_classifier(os.path.join(args.model, "classifier"))
+    reference = toy.reference_statistics(classifier)
+    attributes = toy.balanced_attributes(args.n)
+    prompts = [toy.prompt(a) for a in attributes]
+
+    def evaluate(student):
+        student.eval()
+        images = toy.generate_images(pipe, student, prompts, list(range(args.n)), 1, toy.TEACHER_GUIDANCE)
+        student.train()
+        return toy.toy_metrics(images, attributes, classifier, reference)
+
+    torch.manual_seed(0)
+    teacher = pipe.unet.eval()
+    student, fake = vsd.build_networks(teacher, args.rank, args.rank_fake, args.adapter)
+    student_params = [q for q in student.parameters() if q.requires_grad]
+    fake_params = [q for q in fake.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(student_params, lr=args.lr, weight_decay=0.0)
+    opt_fake = torch.optim.AdamW(fake_params, lr=args.lr_fake, weight_decay=0.0)
+    cfg = vsd.VSDConfig(guidance=args.guidance)
+    all_prompts = [toy.prompt(a) for a in toy.all_attributes()]
+    nulls = pipe.encode_prompts([""]).expand(args.batch_size, -1, -1)
+    shape, pt = pipe.latent_shape(32), pipe.schedule.prediction_type
+    print(f"{vars(args)}\nstep 0: {evaluate(student)}", flush=True)
+    generator, start = torch.Generator().manual_seed(0), time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = torch.randint(0, len(all_prompts), (args.batch_size,), generator=generator).tolist()
+        c = pipe.encode_prompts([all_prompts[i] for i in batch])
+        d = vsd.draw(generator, args.batch_size, shape, cfg)
+        loss_g, x0 = vsd.generator_loss(student, teacher, fake, pipe.schedule, c, nulls, d, cfg)
+        loss_g.backward()
+        torch.nn.utils.clip_grad_norm_(student_params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for k in range(args.fake_steps):
+            if k > 0:  # fresh student samples and noise for each further fake step
+                d = vsd.draw(generator, args.batch_size, shape, cfg)
+                with torch.no_grad():
+                    x0 = vsd.one_step(student, d["z"], c, pt, cfg.a_T).float()
+            vsd.fake_loss(fake, pipe.schedule, x0, c, nulls, d).backward()
+            torch.nn.utils.clip_grad_norm_(fake_params, cfg.max_grad_norm)
+            opt_fake.step()
+            opt_fake.zero_grad(set_to_none=True)
+        if step % args.every == 0:
+            print(f"step {step} ({time.perf_counter() - start:.0f} s): {evaluate(student)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
