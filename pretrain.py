@@ -45,7 +45,7 @@ def write_json(path, obj):
 
 
 def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
-                 eval_samples=512, seed=0, log=print):
+                 eval_samples=toy.REPORT_SAMPLES, seed=0, log=print):
     """Train the toy classifier and teacher; write the repository to `out`."""
     torch.manual_seed(seed)
     log(f"training the toy classifier ({classifier_steps} steps)")

@@ -316,6 +316,7 @@ def toy_metrics(images, attributes, classifier, reference_stats):
 GENERATORS = {"teacher_25": 25, "teacher_1": 1, "student_1": 1}  # name: sampling steps
 TEACHER_GUIDANCE = 3.0  # CFG scale of the 25-step teacher
 PROTOCOL = {"n": 2048, "seed": 0, "guidance": TEACHER_GUIDANCE}  # evaluate.py --toy's evaluate_toy arguments
+REPORT_SAMPLES = 512  # samples per generator in `wadi.py train`'s table; pretraining stores the teacher's for it
 TEACHER_METRICS = "teacher_metrics.json"  # in the model repo: the teacher's figures, measured by pretraining
 
 

@@ -247,7 +247,7 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
-    p.add_argument("--eval-samples", type=int, default=512,
+    p.add_argument("--eval-samples", type=int, default=toy.REPORT_SAMPLES,
                    help="toy: samples per generator in the final table (evaluate.py --toy: 2048); the shipped "
                         "teacher's figures are cached for 512")
     p.add_argument("--dry-run", action="store_true",
