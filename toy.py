@@ -339,8 +339,7 @@ def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256)
     return torch.cat(out)
 
 
-def evaluate_toy(pipe, student, classifier, n=2048, seed=0, guidance=TEACHER_GUIDANCE, names=tuple(GENERATORS),
-                 cached=None):
+def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENERATORS), cached=None):
     """{name: {"fd", "accuracy"}} for the generators in `names` on the same n balanced prompts and seeds
     (`cached` results, e.g. the shipped teacher's, are reused), and a grid: one row per generator."""
     attributes = balanced_attributes(n)

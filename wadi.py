@@ -248,8 +248,8 @@ def build_parser():
     p.add_argument("--validate-every", type=int)
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
     p.add_argument("--eval-samples", type=int, default=toy.REPORT_SAMPLES,
-                   help="toy: samples per generator in the final table (evaluate.py --toy: 2048); the shipped "
-                        "teacher's figures are cached for 512")
+                   help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}); "
+                        f"the shipped teacher's figures are cached for {toy.REPORT_SAMPLES}")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device from the built-in configs: counts and memory")
     p.set_defaults(func=cmd_train)
