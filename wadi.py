@@ -112,9 +112,9 @@ def dry_run(args):
 # `train` defaults: the paper's settings (SPEC 1.3), and for the toy what distills its teacher on 2 CPU
 # cores within minutes (tuned on the shipped teacher; see README)
 TRAIN_DEFAULTS = {
-    "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5,
+    "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5, ema=0.0,
                   checkpoint_every=500, validate_every=500),
-    "toy": dict(batch_size=16, max_steps=300, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0,
+    "toy": dict(batch_size=16, max_steps=500, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
                 checkpoint_every=100, validate_every=100),
 }
 
@@ -241,8 +241,8 @@ def build_parser():
     p.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
                    help="frozen weights and activations in half precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--ema", type=float, nargs="?", const=0.999, default=0.0,
-                   help="EMA of the student adapter (decay, default 0.999 when given)")
+    p.add_argument("--ema", type=float, nargs="?", const=0.999,
+                   help="EMA of the student adapter: its decay (0.999 when given bare; default off, toy 0.99; 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)

@@ -3,9 +3,9 @@ the student's FD and prompt accuracy (toy.py protocol, first --n balanced prompt
 steps, so that a run shows its trajectory rather than only its end. README ("The toy backbone") lists what
 it measured, e.g.
 
-    python bench/toy_probe.py --lr 3e-3 --steps 400          # the shipped teacher
-    python bench/toy_probe.py --adapter full --steps 400     # full fine-tuning of the same layers
-    python bench/toy_probe.py --model DIR --fake-steps 3     # another teacher; 3 fake steps per student step
+    python bench/toy_probe.py --lr 1e-3 --ema 0.99 --steps 450 --every 150     # the shipped teacher, the toy defaults
+    python bench/toy_probe.py --adapter full --lr 1e-4 --lr-fake 1e-3 --steps 450 --every 150   # full fine-tuning
+    python bench/toy_probe.py --model DIR --fake-steps 2     # another teacher; 2 fake steps per student step
 """
 import argparse
 import os
@@ -17,8 +17,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 import vsd  # noqa: E402
-from lorad import ADAPTERS  # noqa: E402
+from lorad import ADAPTERS, adapter_state_dict  # noqa: E402
 from pipeline import BACKBONES, load_pipeline  # noqa: E402
+
+
+def load_adapters(net, tensors):
+    with torch.no_grad():
+        for k, v in adapter_state_dict(net).items():
+            v.copy_(tensors[k])
 
 
 def main():
@@ -31,6 +37,7 @@ def main():
     p.add_argument("--lr-fake", type=float, default=1e-2)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--fake-steps", type=int, default=1, help="fake score steps per student step")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student's adapters (scored with it)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--every", type=int, default=100)
@@ -46,9 +53,13 @@ def main():
     prompts = [toy.prompt(a) for a in attributes]
 
     def evaluate(student):
+        live = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()}
+        if ema:  # score the averaged adapters, as `train --ema` exports them
+            load_adapters(student, ema)
         student.eval()
         images = toy.generate_images(pipe, student, prompts, list(range(args.n)), 1, toy.TEACHER_GUIDANCE)
         student.train()
+        load_adapters(student, live)
         return toy.toy_metrics(images, attributes, classifier, reference)
 
     torch.manual_seed(0)
@@ -56,6 +67,7 @@ def main():
     student, fake = vsd.build_networks(teacher, args.rank, args.rank_fake, args.adapter)
     student_params = [q for q in student.parameters() if q.requires_grad]
     fake_params = [q for q in fake.parameters() if q.requires_grad]
+    ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()} if args.ema else None
     opt = torch.optim.AdamW(student_params, lr=args.lr, weight_decay=0.0)
     opt_fake = torch.optim.AdamW(fake_params, lr=args.lr_fake, weight_decay=0.0)
     cfg = vsd.VSDConfig(guidance=args.guidance)
@@ -73,6 +85,10 @@ def main():
         torch.nn.utils.clip_grad_norm_(student_params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            with torch.no_grad():
+                for k, v in adapter_state_dict(student).items():
+                    ema[k].lerp_(v, 1 - args.ema)
         for k in range(args.fake_steps):
             if k > 0:  # fresh student samples and noise for each further fake step
                 d = vsd.draw(generator, args.batch_size, shape, cfg)
