@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from diffusion import A_T, guided, one_step, to_eps
 from loading import LoadError, read_safetensors
-from lorad import add_adapters, adapter_state_dict, count_trainable, merge_adapters
+from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters
 from pipeline import file_metadata, image_grid
 
 
@@ -356,9 +356,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
         bar.close()
     if rank == 0:
         if ema is not None:
-            with torch.no_grad():
-                for k, v in adapter_state_dict(student).items():
-                    v.copy_(ema[k])
+            load_adapters(student, ema)
         export_student(student, os.path.join(tc.out, "student.safetensors"), meta)
         log(f"wrote {os.path.join(tc.out, 'student.safetensors')} (merged one-step U-Net, diffusers keys)")
     return student, fake

@@ -17,14 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 import vsd  # noqa: E402
-from lorad import ADAPTERS, adapter_state_dict  # noqa: E402
+from lorad import ADAPTERS, adapter_state_dict, load_adapters  # noqa: E402
 from pipeline import BACKBONES, load_pipeline  # noqa: E402
-
-
-def load_adapters(net, tensors):
-    with torch.no_grad():
-        for k, v in adapter_state_dict(net).items():
-            v.copy_(tensors[k])
 
 
 def main():

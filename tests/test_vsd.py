@@ -131,6 +131,25 @@ def test_resume_continues_exactly(repo, tmp_path):
             assert torch.equal(a[k], b[k]), k
 
 
+def test_ema_of_the_student_is_tracked_and_exported(repo, tmp_path):
+    assert train_cli(repo, tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "1", "--ema", "0.75") == 0
+    ckpts = [load_file(str(tmp_path / "run" / f"checkpoint-000000{i}.safetensors")) for i in (1, 2)]
+    pipe = load_pipeline("sd15", repo)
+    torch.manual_seed(0)  # train's seed: the same initial adapters
+    student, _ = build_networks(pipe.unet, 4, 2)
+    ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()}
+    for ckpt in ckpts:  # e_s = 0.75 e_(s-1) + 0.25 theta_s, from the live adapters theta_s of each step
+        for k in ema:
+            ema[k] = 0.75 * ema[k] + 0.25 * ckpt[f"student.{k}"]
+            torch.testing.assert_close(ckpt[f"ema.{k}"], ema[k])
+    assert any(not torch.allclose(ema[k], ckpts[1][f"student.{k}"]) for k in ema)  # the average lags
+    merged = vsd.merge_adapters(vsd.shared_copy(vsd.load_adapters(student, ema))).state_dict()
+    exported = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert exported.keys() == merged.keys()
+    for k in merged:
+        torch.testing.assert_close(exported[k], merged[k])
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(repo, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert train_cli(repo, out, "--max-steps", "1", "--checkpoint-every", "1") == 0
