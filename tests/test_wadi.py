@@ -181,3 +181,12 @@ def test_toy_default_run_meets_the_targets(tmp_path):
 def test_toy_dry_run(capsys):
     assert wadi.main(["train", "--backbone", "toy", "--dry-run"]) == 0
     assert "student" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, ema", [(["--backbone", "toy"], 0.99), (["--backbone", "sd15"], 0.0),
+                                       (["--backbone", "toy", "--ema", "0"], 0.0),
+                                       (["--backbone", "sd15", "--ema"], 0.999)])
+def test_ema_defaults_per_backbone(argv, ema):
+    args = wadi.build_parser().parse_args(["train", *argv])
+    wadi.apply_train_defaults(args)
+    assert args.ema == ema
