@@ -5,7 +5,7 @@ classifier-free guidance works, Ho & Salimans 2022). The U-Net comes from unet.p
 clip.py, both trained jointly; the schedule is SD's.
 
 Why v: a model this small predicts eps at t = 999 with an error of about 0.05 RMS, which the one-step image
-x0 = (z - sqrt(1 - a_T) eps) / sqrt(a_T) multiplies by 14.6 into pixel noise that LoRaD cannot remove; with v,
+x0 = (z - sqrt(1 - a_T) eps) / sqrt(a_T) multiplies by 14.6 into pixel noise that VSD did not remove; with v,
 x0 = sqrt(a_T) z - sqrt(1 - a_T) v, and the error passes through unamplified (README, "The toy backbone").
 
 `pretrain_toy` writes a model repository in the Stable Diffusion layout (`unet/`, `text_encoder/`,

@@ -202,6 +202,13 @@ def load_checkpoint(path, student, fake, opts, ema):
     return int(meta["step"])
 
 
+def update_ema(ema, net, decay):
+    """ema <- decay * ema + (1 - decay) * the adapters of `net` (tensors by adapter_state_dict key)."""
+    with torch.no_grad():
+        for k, v in adapter_state_dict(net).items():
+            ema[k].lerp_(v, 1 - decay)
+
+
 def export_student(student, path, metadata):
     """The merged one-step student as a full U-Net state dict in diffusers keys (adapters folded in)."""
     merged = merge_adapters(shared_copy(student))
@@ -334,9 +341,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
                 scalers[name].update()
                 opts[name].zero_grad(set_to_none=True)
             if ema is not None:
-                with torch.no_grad():
-                    for k, v in adapter_state_dict(student).items():
-                        ema[k].lerp_(v, 1 - tc.ema)
+                update_ema(ema, student, tc.ema)
             step += 1
             images_per_s = per_step / (time.perf_counter() - start)
             if rank == 0:

@@ -80,9 +80,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema:
-            with torch.no_grad():
-                for k, v in adapter_state_dict(student).items():
-                    ema[k].lerp_(v, 1 - args.ema)
+            vsd.update_ema(ema, student, args.ema)
         for k in range(args.fake_steps):
             if k > 0:  # fresh student samples and noise for each further fake step
                 d = vsd.draw(generator, args.batch_size, shape, cfg)

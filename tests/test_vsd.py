@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import vsd
 import wadi
-from lorad import adapter_state_dict
+from lorad import adapter_state_dict, load_adapters, merge_adapters
 from pipeline import load_pipeline
 from tests.repo import write_tiny_sd_repo
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
@@ -143,7 +143,7 @@ def test_ema_of_the_student_is_tracked_and_exported(repo, tmp_path):
             ema[k] = 0.75 * ema[k] + 0.25 * ckpt[f"student.{k}"]
             torch.testing.assert_close(ckpt[f"ema.{k}"], ema[k])
     assert any(not torch.allclose(ema[k], ckpts[1][f"student.{k}"]) for k in ema)  # the average lags
-    merged = vsd.merge_adapters(vsd.shared_copy(vsd.load_adapters(student, ema))).state_dict()
+    merged = merge_adapters(vsd.shared_copy(load_adapters(student, ema))).state_dict()
     exported = load_file(str(tmp_path / "run" / "student.safetensors"))
     assert exported.keys() == merged.keys()
     for k in merged:
