@@ -114,8 +114,8 @@ def dry_run(args):
 TRAIN_DEFAULTS = {
     "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5, ema=0.0,
                   checkpoint_every=500, validate_every=500),
-    "toy": dict(batch_size=16, max_steps=500, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
-                checkpoint_every=100, validate_every=100),
+    "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
+                checkpoint_every=300, validate_every=300),
 }
 
 

@@ -1,10 +1,11 @@
 """Toy VSD probe: the distillation step of vsd.py (same losses) with the knobs the toy tuning needs, printing
 the student's FD and prompt accuracy (toy.py protocol, first --n balanced prompts and seeds) every --every
-steps, so that a run shows its trajectory rather than only its end. README ("The toy backbone") lists what
-it measured, e.g.
+steps, so that a run shows its trajectory rather than only its end. Its defaults are those of `wadi.py train
+--backbone toy`. README ("The toy backbone") lists what it measured, e.g.
 
-    python bench/toy_probe.py --lr 1e-3 --ema 0.99 --steps 450 --every 150     # the shipped teacher, the toy defaults
-    python bench/toy_probe.py --adapter full --lr 1e-4 --lr-fake 1e-3 --steps 450 --every 150   # full fine-tuning
+    python bench/toy_probe.py --every 300                                  # the toy defaults (batch 4, 1200 steps)
+    python bench/toy_probe.py --batch-size 16 --steps 450 --every 150      # batch 16: fewer, larger steps
+    python bench/toy_probe.py --adapter full --lr 1e-4 --lr-fake 1e-3 --batch-size 16 --steps 450 --every 150
     python bench/toy_probe.py --model DIR --fake-steps 2     # another teacher; 2 fake steps per student step
 """
 import argparse
@@ -19,21 +20,26 @@ import toy  # noqa: E402
 import vsd  # noqa: E402
 from lorad import ADAPTERS, adapter_state_dict, load_adapters  # noqa: E402
 from pipeline import BACKBONES, load_pipeline  # noqa: E402
+from wadi import TRAIN_DEFAULTS  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    toy_defaults = TRAIN_DEFAULTS["toy"]
     p.add_argument("--model", default=BACKBONES["toy"].repo)
     p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--rank-fake", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-fake", type=float, default=1e-2)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--rank", type=int, default=toy_defaults["rank"])
+    p.add_argument("--rank-fake", type=int, default=toy_defaults["rank_fake"])
+    p.add_argument("--lr", type=float, default=toy_defaults["lr"])
+    p.add_argument("--lr-fake", type=float, default=toy_defaults["lr_fake"])
+    p.add_argument("--guidance", type=float, default=toy_defaults["guidance"])
     p.add_argument("--fake-steps", type=int, default=1, help="fake score steps per student step")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student's adapters (scored with it)")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ema", type=float, default=toy_defaults["ema"],
+                   help="EMA decay of the student's adapters (scored with it; 0: off)")
+    p.add_argument("--decay", choices=["constant", "cosine"], default="constant",
+                   help="the student's learning rate over --steps: constant, or cosine to zero")
+    p.add_argument("--steps", type=int, default=toy_defaults["max_steps"])
+    p.add_argument("--batch-size", type=int, default=toy_defaults["batch_size"])
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--n", type=int, default=256, help="samples per evaluation")
     p.add_argument("--threads", type=int, default=1)
@@ -62,8 +68,9 @@ def main():
     student_params = [q for q in student.parameters() if q.requires_grad]
     fake_params = [q for q in fake.parameters() if q.requires_grad]
     ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()} if args.ema else None
-    opt = torch.optim.AdamW(student_params, lr=args.lr, weight_decay=0.0)
-    opt_fake = torch.optim.AdamW(fake_params, lr=args.lr_fake, weight_decay=0.0)
+    opt = torch.optim.AdamW(student_params, lr=args.lr, **vsd.ADAMW)
+    opt_fake = torch.optim.AdamW(fake_params, lr=args.lr_fake, **vsd.ADAMW)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps) if args.decay == "cosine" else None
     cfg = vsd.VSDConfig(guidance=args.guidance)
     all_prompts = [toy.prompt(a) for a in toy.all_attributes()]
     nulls = pipe.encode_prompts([""]).expand(args.batch_size, -1, -1)
@@ -79,6 +86,8 @@ def main():
         torch.nn.utils.clip_grad_norm_(student_params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if sched:
+            sched.step()
         if ema:
             vsd.update_ema(ema, student, args.ema)
         for k in range(args.fake_steps):

@@ -3,7 +3,8 @@
 A step is what vsd.train does per batch, minus data loading and text encoding (the text embeddings are
 random tensors of the right shape): the student's one-step forward and backward, the four no-grad CFG
 passes (teacher and fake score network, each with and without the prompt), the fake score network's own
-forward and backward, gradient clipping and the two AdamW steps. Per style we report images/s and the
+forward and backward, gradient clipping and the two AdamW steps (torch's default AdamW in both styles, as the
+official loop; vsd.train's is fused, vsd.ADAMW). Per style we report images/s and the
 median ms/step over --steps steps after --warmup untimed ones, the peak memory and the weight bytes held.
 
   ours      unet.UNet is the teacher; the student and the fake score network come from
