@@ -60,7 +60,7 @@ def main():
         images = toy.generate_images(pipe, student, prompts, list(range(args.n)), 1, toy.TEACHER_GUIDANCE)
         student.train()
         load_adapters(student, live)
-        return toy.toy_metrics(images, attributes, classifier, reference)
+        return {**toy.toy_metrics(images, attributes, classifier, reference), "pixel_mean": images.mean().item()}
 
     torch.manual_seed(0)
     teacher = pipe.unet.eval()
