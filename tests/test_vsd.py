@@ -1,4 +1,5 @@
 """The distillation step and loop (vsd.py) and `wadi.py train / export` on a tiny SD repository."""
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,11 @@ def test_resume_continues_exactly(repo, tmp_path):
     for k in a:
         if not k.startswith("rng."):
             assert torch.equal(a[k], b[k]), k
+    # both optimizers are the fused AdamW (vsd.ADAMW), also after a resume restored their param groups
+    from pipeline import file_metadata
+    for run in ("straight", "split"):
+        groups = json.loads(file_metadata(str(tmp_path / run / "checkpoint-0000004.safetensors"))["param_groups"])
+        assert [g[0]["fused"] for g in groups.values()] == [True, True], run
 
 
 def test_ema_of_the_student_is_tracked_and_exported(repo, tmp_path):
