@@ -7,6 +7,7 @@ steps, so that a run shows its trajectory rather than only its end. Its defaults
     python bench/toy_probe.py --batch-size 16 --steps 450 --every 150      # batch 16: fewer, larger steps
     python bench/toy_probe.py --adapter full --lr 1e-4 --lr-fake 1e-3 --batch-size 16 --steps 450 --every 150
     python bench/toy_probe.py --model DIR --fake-steps 2     # another teacher; 2 fake steps per student step
+    python bench/toy_probe.py --drop-prob 0.5                # the fake score sees the empty prompt half the time
 """
 import argparse
 import os
@@ -33,6 +34,8 @@ def main():
     p.add_argument("--lr", type=float, default=toy_defaults["lr"])
     p.add_argument("--lr-fake", type=float, default=toy_defaults["lr_fake"])
     p.add_argument("--guidance", type=float, default=toy_defaults["guidance"])
+    p.add_argument("--drop-prob", type=float, default=vsd.VSDConfig.drop_prob,
+                   help="probability of the empty prompt in the fake score network's own loss")
     p.add_argument("--fake-steps", type=int, default=1, help="fake score steps per student step")
     p.add_argument("--ema", type=float, default=toy_defaults["ema"],
                    help="EMA decay of the student's adapters (scored with it; 0: off)")
@@ -71,7 +74,7 @@ def main():
     opt = torch.optim.AdamW(student_params, lr=args.lr, **vsd.ADAMW)
     opt_fake = torch.optim.AdamW(fake_params, lr=args.lr_fake, **vsd.ADAMW)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps) if args.decay == "cosine" else None
-    cfg = vsd.VSDConfig(guidance=args.guidance)
+    cfg = vsd.VSDConfig(guidance=args.guidance, drop_prob=args.drop_prob)
     all_prompts = [toy.prompt(a) for a in toy.all_attributes()]
     nulls = pipe.encode_prompts([""]).expand(args.batch_size, -1, -1)
     shape, pt = pipe.latent_shape(32), pipe.schedule.prediction_type

@@ -1,4 +1,5 @@
 """End to end through the command line on a tiny SD repository written in the real layout."""
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from safetensors.torch import save_file
 import wadi
 from pipeline import BACKBONES, load_pipeline, read_prompts
 from tests.repo import write_tiny_sd_repo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +149,16 @@ def test_toy_train_short_run(tmp_path, capsys):
     assert evaluate.main(["--toy", "--student", str(out / "student.safetensors"), "--num", "16",
                           "--json", str(scores)]) == 0
     assert json.loads(scores.read_text()) == metrics  # the same protocol, prompts and seeds
+
+    # bench/toy_brightness.py on the run's last checkpoint: at t = 50 the teacher predicts the images' own
+    # brightness, and after 2 steps the fake score still predicts what the teacher does
+    spec = importlib.util.spec_from_file_location("toy_brightness", os.path.join(ROOT, "bench", "toy_brightness.py"))
+    brightness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(brightness)
+    table = brightness.main([str(out), "--n", "8", "--timesteps", "50", "800"])
+    for rows in table.values():
+        assert abs(rows[50]["Tc"] - rows["x0"]) < 0.01
+        assert max(abs(rows[t]["F" + k] - rows[t]["T" + k]) for t in (50, 800) for k in "ucg") < 0.01
 
 
 def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
