@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 import vsd  # noqa: E402
-from diffusion import guided, one_step, to_eps, to_x0  # noqa: E402
+from diffusion import one_step, to_eps, to_x0  # noqa: E402
 from loading import read_safetensors  # noqa: E402
 from lorad import load_adapters  # noqa: E402
 from pipeline import load_pipeline  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None):
     c_null = pipe.encode_prompts([""]).expand(args.n, -1, -1)
     schedule, pt = pipe.schedule, pipe.schedule.prediction_type
     print(f"{checkpoint}: CFG {run['guidance']}, {args.n} images per row; mean pixel value of x0 / x0-predictions")
-    table = {}
+    scale, table = run["guidance"], {}
     with torch.no_grad():
         samples = one_step(student, torch.randn(data.shape, generator=generator), c, pt)  # (n, 3, 32, 32)
         for name, x0 in (("student", samples), ("data", data)):
@@ -62,9 +62,10 @@ def main(argv=None):
                 a = schedule.alpha(ts, xt)
                 row = table[name][t] = {}
                 for net_name, net in (("T", teacher), ("F", fake)):
-                    for kind, s in (("u", 0.0), ("c", 1.0), ("g", run["guidance"])):
-                        eps = to_eps(guided(net, xt, ts, c, c_null, s), xt, a, pt)
-                        row[net_name + kind] = to_x0(eps, xt, a).mean().item()
+                    u, cond = (to_x0(to_eps(net(xt, ts, context), xt, a, pt), xt, a).mean().item()
+                               for context in (c_null, c))
+                    # CFG is affine in the prediction, and so is its x0 and the mean of that
+                    row.update({net_name + "u": u, net_name + "c": cond, net_name + "g": u + scale * (cond - u)})
                 print(f"  t {t:3d}: " + "  ".join(f"{k} {v:+.3f}" for k, v in row.items()))
     return table
 
