@@ -182,12 +182,19 @@ def cmd_pretrain(args):
     pretrain.pretrain_toy(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
 
-def cmd_export(args):
-    run = read_json(os.path.join(args.run, "run.json"))
-    checkpoint = find_checkpoint(args.run, args.checkpoint or "latest")
+def load_run(run_dir, checkpoint="latest"):
+    """A `train` run directory: its options (run.json), the checkpoint file (`checkpoint`: a path or latest),
+    the pipeline (no VAE) and the student and fake score networks holding that checkpoint's adapters."""
+    run = read_json(os.path.join(run_dir, "run.json"))
+    checkpoint = find_checkpoint(run_dir, checkpoint)
     pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
     student, fake = build_networks(pipe.unet, run["rank"], run["rank_fake"], run["adapter"])
     load_checkpoint(checkpoint, student, fake, {}, None)
+    return run, checkpoint, pipe, student, fake
+
+
+def cmd_export(args):
+    run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest")
     meta = {"backbone": run["backbone"], "base_model": run["base_model"], "a_T": VSDConfig().a_T,
             "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)

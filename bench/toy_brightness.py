@@ -8,7 +8,6 @@ back towards the data's. README ("The toy backbone") gives what it measured:
     python bench/toy_brightness.py runs/toy
 """
 import argparse
-import json
 import os
 import sys
 
@@ -16,11 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
-import vsd  # noqa: E402
 from diffusion import one_step, to_eps, to_x0  # noqa: E402
-from loading import read_safetensors  # noqa: E402
-from lorad import load_adapters  # noqa: E402
-from pipeline import load_pipeline  # noqa: E402
+from wadi import load_run  # noqa: E402
 
 
 def main(argv=None):
@@ -32,16 +28,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.run, "run.json")) as f:
-        run = json.load(f)
-    checkpoint = vsd.find_checkpoint(args.run, "latest")
-
-    pipe = load_pipeline("toy", run["base_model"])
+    run, checkpoint, pipe, student, fake = load_run(args.run)
     teacher = pipe.unet.eval()
-    student, fake = vsd.build_networks(teacher, run["rank"], run["rank_fake"], run["adapter"])
-    tensors = read_safetensors(checkpoint)
-    for prefix, net in (("student.", student), ("fake.", fake)):
-        load_adapters(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for net in (student, fake):
         net.eval()
 
     generator = torch.Generator().manual_seed(0)
