@@ -44,7 +44,7 @@ def main(argv=None):
         samples = one_step(student, torch.randn(data.shape, generator=generator), c, pt)  # (n, 3, 32, 32)
         for name, x0 in (("student", samples), ("data", data)):
             table[name] = {"x0": x0.mean().item()}
-            print(f"{name}: x0 {x0.mean():+.3f}")
+            print(f"{name}: x0 {table[name]['x0']:+.3f}")
             for t in args.timesteps:
                 ts = torch.full((args.n,), t)
                 xt = schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts)
