@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from clip import bytes_to_unicode
-from evaluate import feature_statistics, frechet_distance
+from metrics import feature_statistics, frechet_distance
 from loading import LoadError, load_weights, read_json, read_safetensors
 
 # -----------------------------------------------------------------------------------------------

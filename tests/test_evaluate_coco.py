@@ -17,13 +17,15 @@ import torch
 from PIL import Image
 
 import evaluate
+import inception
+import metrics
 import wadi
-from clip import load_open_clip, load_open_clip_tokenizer
 from loading import LoadError
+from openclip import load_open_clip, load_open_clip_tokenizer
 from tests.repo import write_tiny_sd_repo
 from tests.test_clip import write_clip_vocab
-from tests.test_clip_score import SMALL, reference_model, write_repo
-from tests.test_evaluate import random_fid_inception_state
+from tests.test_inception import random_fid_inception_state
+from tests.test_openclip import SMALL, reference_model, write_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 4  # generated images (precision/recall with k = 3 needs 4); the fake val2014 holds 6
@@ -96,7 +98,7 @@ def run_cli(*args, launcher=()):
 def low_rank_fid(x, y):
     """FID of two small feature sets (n < D) through their n x n products: with sigma_x = A^T A and
     sigma_y = B^T B (A, B the centred features over sqrt(n - 1)), tr sqrt(sqrt(sigma_x) sigma_y sqrt(sigma_x))
-    is the nuclear norm of A B^T. Cheap, and another formula than evaluate.frechet_distance's."""
+    is the nuclear norm of A B^T. Cheap, and another formula than metrics.frechet_distance's."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     a, b = (x - x.mean(0)) / np.sqrt(len(x) - 1), (y - y.mean(0)) / np.sqrt(len(y) - 1)
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + (a * a).sum() + (b * b).sum()
@@ -137,15 +139,15 @@ def test_full_run_writes_images_metrics_and_grid(env, first):
         real = cache["features"]
     assert real.shape == (6, 2048)
     paths = [os.path.join(first.out, "images", f) for f in files[:-1]]
-    images = [evaluate.center_crop_resize(Image.open(p)) for p in paths]
-    fake = evaluate.inception_features(evaluate.load_inception(env.inception), images, batch_size=4)
+    images = [metrics.center_crop_resize(Image.open(p)) for p in paths]
+    fake = inception.inception_features(inception.load_inception(env.inception), images, batch_size=4)
     assert np.isfinite(m["fid"]) and m["fid"] > 0
     assert m["fid"] == pytest.approx(low_rank_fid(real, fake), rel=1e-5)
-    assert (m["precision"], m["recall"]) == evaluate.precision_recall(real, fake, k=3)
+    assert (m["precision"], m["recall"]) == metrics.precision_recall(real, fake, k=3)
     assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
     # the random Inception separates the images: features are far from constant
     assert real.std(0).mean() > 1e-3 * np.abs(real).mean() and np.abs(fake[0] - fake[1]).max() > 1e-3
-    want = evaluate.clip_score(load_open_clip(env.clip), load_open_clip_tokenizer(env.clip), images,
+    want = metrics.clip_score(load_open_clip(env.clip), load_open_clip_tokenizer(env.clip), images,
                                ["A photo depicts " + c for c in captions])
     assert -1 <= m["clip_score"] <= 1 and m["clip_score"] == pytest.approx(want, abs=1e-5)
     assert sha in first.stdout and f"{m['fid']:.2f}" in first.stdout and f"{m['recall']:.4f}" in first.stdout

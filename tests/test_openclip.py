@@ -1,4 +1,4 @@
-"""OpenCLIP (clip.py) and evaluate.clip_score against open_clip_torch (a test-only reference): both
+"""OpenCLIP (openclip.py) and metrics.clip_score against open_clip_torch (a test-only reference): both
 towers on random weights at a small ViT-B-32-style config, loaded from an open_clip state dict
 through our loader; the ViT-g-14 config and parameter count; open_clip's tokenization and image
 transform; the loader's errors."""
@@ -16,9 +16,10 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
-import evaluate
-from clip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, CLIPTokenizer, OpenCLIP, convert_open_clip_state_dict,
-                  load_open_clip, open_clip_tokenize, preprocess_image)
+import metrics
+from clip import CLIPTokenizer
+from openclip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, OpenCLIP, convert_open_clip_state_dict, load_open_clip,
+                      open_clip_tokenize, preprocess_image)
 from loading import LoadError
 from tests.test_clip import ROOT, write_clip_vocab
 
@@ -133,11 +134,11 @@ def test_clip_score_matches_open_clip(tmp_path, bpe_dir):
         image_emb = F.normalize(ref.encode_image(torch.stack([transform(img) for img in images])), dim=-1)
         text_emb = F.normalize(ref.encode_text(open_clip.get_tokenizer("ViT-g-14")(captions)), dim=-1)
     per_pair = (image_emb * text_emb).sum(-1)
-    got = evaluate.clip_score(ours, CLIPTokenizer(bpe_dir), images, captions, batch_size=2)
+    got = metrics.clip_score(ours, CLIPTokenizer(bpe_dir), images, captions, batch_size=2)
     assert per_pair.abs().max() > 0.1  # a real test: the pairs' cosines are not all near zero
     assert got == pytest.approx(per_pair.mean().item(), abs=1e-6)
     with pytest.raises(ValueError, match="as many captions as images"):
-        evaluate.clip_score(ours, CLIPTokenizer(bpe_dir), images, captions[:2])
+        metrics.clip_score(ours, CLIPTokenizer(bpe_dir), images, captions[:2])
 
 
 def test_preprocess_image_matches_open_clip():
@@ -169,7 +170,7 @@ PLAIN_PROMPTS = [
 ]
 
 # where open_clip's text cleaning (ftfy, html.unescape, str.lower, str.split) or its special tokens
-# give other ids, as documented in clip.open_clip_tokenize
+# give other ids, as documented in openclip.open_clip_tokenize
 DIFFERENT_PROMPTS = ["it’s “curly”", "&amp; &lt;b&gt;", "ﬁne ＦＵＬＬ", "ΟΔΟΣ", "tab\x1csep", "a\x07b",
                      "x <|endoftext|> y", "<start_of_text>"]
 
