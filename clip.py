@@ -196,6 +196,25 @@ def _special_token(value):
     return value["content"] if isinstance(value, dict) else value
 
 
+def read_bpe_files(path):
+    """(vocab: token -> id, merges: [(a, b), ...] by rank, added tokens: content -> declaration) of a
+    `tokenizer/` directory: `vocab.json` + `merges.txt` (transformers 4 and the Hub's SD repos), else the
+    single `tokenizer.json` that transformers 5 writes (same vocabulary and merges, in its "model")."""
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+        with open(os.path.join(path, "vocab.json"), encoding="utf-8-sig") as f:
+            vocab = json.load(f)
+        with open(os.path.join(path, "merges.txt"), encoding="utf-8-sig") as f:
+            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+        return vocab, [tuple(line.split()) for line in lines], {}
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8-sig") as f:
+        data = json.load(f)
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}/tokenizer.json holds a {model.get('type')} model, not CLIP's BPE")
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges, {t["content"]: t for t in data.get("added_tokens", [])}
+
+
 def _splitter(tokens):
     """A pattern whose `split` puts each of `tokens` in a piece of its own, at the odd positions
     (leftmost-longest match; a pattern that never matches when there are no tokens)."""
@@ -204,7 +223,8 @@ def _splitter(tokens):
 
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE tokenizer, from a Hugging Face `tokenizer/` directory.
+    """CLIP's byte-level BPE tokenizer, from a Hugging Face `tokenizer/` directory (`vocab.json` +
+    `merges.txt`, or `tokenizer.json`; see `read_bpe_files`).
 
     `tokenizer(prompts)` -> LongTensor (B, model_max_length): BOS, the prompt's tokens (cut to fit),
     EOS, then the pad token (SD1.5 pads with `<|endoftext|>`, SD2.1 with `!`).
@@ -218,17 +238,14 @@ class CLIPTokenizer:
     """
 
     def __init__(self, path):
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            self.vocab = json.load(f)
-        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-        self.ranks = {tuple(line.split()): rank for rank, line in enumerate(lines)}
+        self.vocab, merges, added = read_bpe_files(path)
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         settings = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                     "pad_token": "<|endoftext|>", "model_max_length": 77}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
+                with open(file, encoding="utf-8-sig") as f:
                     settings.update({k: v for k, v in json.load(f).items() if k in settings})
         keys = ("bos_token", "eos_token", "unk_token", "pad_token")
         specials = [_special_token(settings[k]) for k in keys]
@@ -237,8 +254,8 @@ class CLIPTokenizer:
         # A special token declared `"normalized": true` is matched in the normalized text, otherwise
         # in the raw text; a plain string is not normalized, and a later declaration of the same
         # token overrides an earlier one (as transformers adds them: bos, eos, unk, pad).
-        normalized = {t: isinstance(settings[k], dict) and settings[k].get("normalized", False)
-                      for t, k in zip(specials, keys)}
+        declared = [settings[k] if isinstance(settings[k], dict) else added.get(t, {}) for t, k in zip(specials, keys)]
+        normalized = {t: d.get("normalized", False) for t, d in zip(specials, declared)}
         self.raw_specials = _splitter([t for t in normalized if not normalized[t]])
         self.normalized_specials = _splitter([t for t in normalized if normalized[t]])
         self.byte_encoder = bytes_to_unicode()

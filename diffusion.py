@@ -1,29 +1,43 @@
 """The diffusion process in one place: the noise schedule read from a diffusers scheduler config
 (DDPM, Ho et al. 2020), forward noising, conversions between eps / v / x0 predictions, classifier-free
-guidance (Ho & Salimans 2022), WaDi's one-step generator (SPEC 1.3) and the DDIM sampler
+guidance (Ho & Salimans 2022), WaDi's one-step generator (paper Sec. 3.3) and the DDIM sampler
 (Song et al. 2021) used for the multi-step teacher.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-A_T = 0.0047  # SD's alphas_cumprod[999]: the one-step generator's noise level (official constant, SPEC 1.3)
+A_T = 0.0047  # SD's alphas_cumprod[999]: the one-step generator's noise level (the official constant, also for PixArt)
 T_MAX = 999
+
+
+# scheduler_config.json keys that select behaviour this file does not implement, and the values it does
+UNSUPPORTED = {"rescale_betas_zero_snr": (False,), "thresholding": (False,), "trained_betas": (None,),
+               "timestep_spacing": ("leading", "trailing", "linspace")}
 
 
 @dataclass
 class NoiseSchedule:
-    alphas_cumprod: torch.Tensor  # (1000,) float32, a_t of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+    alphas_cumprod: torch.Tensor  # (T,) float32, a_t of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
     prediction_type: str = "epsilon"
     final_alpha_cumprod: float = 1.0  # a_t after the last DDIM step (set_alpha_to_one, else a_0)
+    timestep_spacing: str = "leading"  # how DDIM picks its timesteps (diffusers' DDIMScheduler.set_timesteps)
+    steps_offset: int = 0              # added to "leading" timesteps (SD: 1)
+    clip_sample: bool = False          # clamp DDIM's x0 predictions to [-clip_sample_range, clip_sample_range]
+    clip_sample_range: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: dict):
-        """From a diffusers `scheduler/scheduler_config.json` dict (betas computed as diffusers does)."""
+        """From a diffusers `scheduler/scheduler_config.json` dict (betas computed as diffusers does; the
+        DDIM keys as DDIMScheduler reads them, with its defaults). A ValueError names a key whose value is
+        not implemented: nothing is silently different from diffusers."""
+        for key, supported in UNSUPPORTED.items():
+            if cfg.get(key, supported[0]) not in supported:
+                raise ValueError(f"unsupported scheduler config: {key}={cfg[key]!r} (supported: "
+                                 f"{', '.join(map(repr, supported))})")
         n, b0, b1 = cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
         kind = cfg.get("beta_schedule", "linear")
-        if cfg.get("trained_betas") is not None:
-            raise ValueError("unsupported scheduler config: trained_betas")
         if kind == "linear":
             betas = torch.linspace(b0, b1, n, dtype=torch.float32)
         elif kind == "scaled_linear":
@@ -35,7 +49,28 @@ class NoiseSchedule:
             raise ValueError(f"unsupported scheduler config: prediction_type={prediction!r}")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         final = 1.0 if cfg.get("set_alpha_to_one", True) else alphas_cumprod[0].item()
-        return cls(alphas_cumprod, prediction, final)
+        return cls(alphas_cumprod, prediction, final, cfg.get("timestep_spacing", "leading"),
+                   cfg.get("steps_offset", 0), cfg.get("clip_sample", True), cfg.get("clip_sample_range", 1.0))
+
+    def ddim_timesteps(self, steps):
+        """The `steps` timesteps of a DDIM run, first to last, as diffusers' DDIMScheduler.set_timesteps
+        picks them for this config's timestep_spacing and steps_offset. A ValueError (saying what to use
+        instead) for fewer than 1 step, more than the schedule has, or a first timestep past its end."""
+        n = len(self.alphas_cumprod)
+        if not 1 <= steps <= n:
+            raise ValueError(f"DDIM takes 1 to {n} steps (the schedule's num_train_timesteps), got {steps}")
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, n - 1, steps).round()[::-1]
+        elif self.timestep_spacing == "leading":
+            timesteps = np.arange(steps)[::-1] * (n // steps) + self.steps_offset
+        else:  # trailing
+            timesteps = np.round(np.arange(n, 0, -n / steps)) - 1
+        timesteps = [int(t) for t in timesteps]
+        if timesteps[0] >= n:
+            raise ValueError(f"{steps} DDIM steps with this scheduler's {self.timestep_spacing!r} spacing and "
+                             f"steps_offset {self.steps_offset} would start at t = {timesteps[0]}, past the last "
+                             f"trained timestep {n - 1}; use at most {n - 1} steps")
+        return timesteps
 
     def alpha(self, t, like):
         """a_t for integer timesteps t (B,), shaped to broadcast against `like` (B, ...)."""
@@ -81,18 +116,21 @@ def one_step(net, z, context, prediction_type="epsilon", a_T=A_T):
 
 
 @torch.no_grad()
-def ddim_sample(net, schedule: NoiseSchedule, z, context, null_context, steps=25, guidance=7.5, offset=1,
-                progress=None):
-    """Deterministic DDIM (eta = 0) with CFG over `steps` evenly spaced ("leading") timesteps plus the
-    scheduler's steps_offset, as diffusers' DDIMScheduler for SD. Returns x0 (float32)."""
-    n = len(schedule.alphas_cumprod)
-    ratio = n // steps
-    timesteps = [i * ratio + offset for i in reversed(range(steps))]
+def ddim_sample(net, schedule: NoiseSchedule, z, context, null_context, steps=25, guidance=7.5, progress=None):
+    """Deterministic DDIM (eta = 0) with CFG, step for step diffusers' DDIMScheduler under this schedule's
+    config: its timesteps (`NoiseSchedule.ddim_timesteps`), the previous timestep t - T // steps whatever
+    the spacing, a_prev = final_alpha_cumprod past the start, x0 clamped when clip_sample is set (the
+    noise kept as predicted). Returns x0 (float32)."""
+    timesteps = schedule.ddim_timesteps(steps)
+    ratio = len(schedule.alphas_cumprod) // steps
     x = z.float()
     for t in (progress(timesteps) if progress else timesteps):
         pred = guided(net, x.to(z.dtype), t, context, null_context, guidance).float()
         a = schedule.alphas_cumprod[t]
         a_prev = schedule.alphas_cumprod[t - ratio] if t >= ratio else torch.tensor(schedule.final_alpha_cumprod)
         eps = to_eps(pred, x, a, schedule.prediction_type)
-        x = a_prev.sqrt() * to_x0(eps, x, a) + (1 - a_prev).sqrt() * eps
+        x0 = to_x0(eps, x, a)
+        if schedule.clip_sample:
+            x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x

@@ -39,7 +39,6 @@ The COCO protocol (`evaluate_coco`):
   torch.distributed.all_gather_object brings the features to every rank (gloo on CPU, NCCL on GPU);
   rank 0 computes the metrics and writes metrics.json, grid.png and the reference cache.
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -54,13 +53,15 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import toy
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
 from loading import LoadError, fetch, fetch_file, read_json
-from metrics import (PREPROCESSING, center_crop_resize, clip_score, feature_statistics, frechet_distance,
-                     load_statistics, precision_recall, preprocessing_hash, save_statistics, weights_hash)
+from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
+                     precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
-from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, load_unet_file, pick_dtype, read_prompts, student_a_T
+from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_pipeline, load_unet_file, pick_dtype, read_prompts, \
+    student_a_T, student_backbone
 from vsd import distributed
 
 # -----------------------------------------------------------------------------------------------
@@ -232,12 +233,6 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def load_image(path):
-    """An image file through `center_crop_resize` (256 x 256 RGB)."""
-    with Image.open(path) as img:
-        return center_crop_resize(img)
-
-
 def score_images(paths, inception, batch_size, clip=None, tokenizer=None, captions=None):
     """Inception pool3 features (n, 2048) of the image files and, given a CLIP model, the sum of their
     CLIP cosines with CLIP_PREFIX + caption (0.0 without). Chunks of CHUNK images are read and
@@ -246,7 +241,7 @@ def score_images(paths, inception, batch_size, clip=None, tokenizer=None, captio
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(paths), CHUNK):
             chunk = paths[start:start + CHUNK]
-            images = list(tqdm(pool.map(load_image, chunk), total=len(chunk), desc="read images", unit="img"))
+            images = list(tqdm(pool.map(read_image, chunk), total=len(chunk), desc="read images", unit="img"))
             features.append(inception_features(inception, images, batch_size))
             if clip is not None:
                 texts = [CLIP_PREFIX + c for c in captions[start:start + CHUNK]]
@@ -265,6 +260,7 @@ def reference_statistics(paths, name, inception, cache_dir, batch_size, rank, wo
     path = os.path.join(cache_dir, f"{name}-{len(paths)}-{fingerprint}.npz")
     cached = all_gather(os.path.isfile(path), world)[0]  # rank 0 decides, for a cache only it can see
     if not cached:
+        check_images(paths[rank::world], "reference images")
         features = interleave(all_gather(score_images(paths[rank::world], inception, batch_size)[0], world),
                               len(paths))
         if rank == 0:
@@ -277,14 +273,19 @@ def reference_statistics(paths, name, inception, cache_dir, batch_size, rank, wo
 # The COCO protocol: the command line
 
 def generate_coco(args, captions, directory, device, rank, world):
-    """Generate this rank's share (images rank::world) of the images not yet in `directory`. Returns
-    the generation settings and how many images all ranks generated."""
+    """Generate this rank's share (images rank::world) of the images not yet in `directory` (those there
+    are checked first). Returns the generation settings and how many images all ranks generated."""
     dtype = pick_dtype(args.dtype, device)
-    unet_file = fetch_file(args.unet) if args.unet else None
+    unet_file = fetch_file(args.unet, "--unet") if args.unet else None
+    args.backbone, args.model = student_backbone(args.backbone, args.model, unet_file, "--unet")
+    check_steps(args.model, args.steps)
     settings = generation_settings(args, unet_file, captions, dtype)
     os.makedirs(directory, exist_ok=True)
     check_settings(directory, settings, rank)
-    todo = [i for i in range(rank, len(captions), world) if not os.path.isfile(image_path(directory, i))]
+    mine = range(rank, len(captions), world)
+    check_images([image_path(directory, i) for i in mine if os.path.isfile(image_path(directory, i))],
+                 "generated images")
+    todo = [i for i in mine if not os.path.isfile(image_path(directory, i))]
     if todo:
         pipe = load_pipeline(args.backbone, args.model, unet_file, dtype, device)
         generate_images(pipe, captions, todo, directory, settings, args.batch_size, show=rank == 0)
@@ -305,7 +306,7 @@ def evaluate_coco(args):
     if not args.no_pr and len(references) <= PR_K:
         raise LoadError(f"precision/recall (k={PR_K}) needs more than {PR_K} reference images, "
                         f"{args.coco_dir} has {len(references)}")
-    inception = load_inception(fetch_file(args.inception) if args.inception else None, device)
+    inception = load_inception(fetch_file(args.inception, "--inception") if args.inception else None, device)
     clip = tokenizer = None
     if not args.no_clip:
         clip = load_open_clip(args.clip, device=device)
@@ -320,6 +321,8 @@ def evaluate_coco(args):
     if world > 1:
         dist.barrier()
     paths = indexed_images(directory, n)
+    if args.images:
+        check_images(paths[rank::world], "--images")
 
     with exact_fp32():
         name = f"coco{args.coco}-{COCO[args.coco][0]}"
@@ -346,7 +349,7 @@ def evaluate_coco(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    image_grid(np.stack([np.asarray(load_image(p)) for p in paths[:GRID]])).save(os.path.join(args.out, "grid.png"))
+    image_grid(np.stack([np.asarray(read_image(p)) for p in paths[:GRID]])).save(os.path.join(args.out, "grid.png"))
     print_table(metrics)
 
 
@@ -360,18 +363,23 @@ def print_table(metrics):
 
 
 def evaluate_toy(args):
-    """The toy protocol (toy.py): teacher_25, teacher_1 and student_1 on the same --num (default 2048)
-    balanced prompts and seeds, printed as a table and written to --json."""
+    """The toy protocol (toy.py): the teacher (25-step DDIM with CFG --guidance, and one step) and the
+    student (one step) on the same --num (default 2048) balanced prompts and seeds, printed as a table
+    and written to --json. The teacher's figures are measured once per teacher and protocol: shipped with
+    the model (teacher_metrics.json) or cached in --cache-dir."""
     model = args.model or BACKBONES["toy"].repo
     pipe = load_pipeline("toy", model)
-    student = load_unet_file(fetch_file(args.student), read_json(fetch(model, "unet/config.json")))
+    student = load_unet_file(fetch_file(args.student, "--student"), read_json(fetch(model, "unet/config.json")))
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
-    protocol = {**toy.PROTOCOL, "n": args.num or toy.PROTOCOL["n"]}
-    cached = None if args.no_cache else toy.cached_teacher_metrics(model, protocol)
+    protocol = {**toy.PROTOCOL, "n": args.num or toy.PROTOCOL["n"], "guidance": args.guidance}
+    weights = toy.teacher_fingerprint(pipe)
+    cached, source = (None, None) if args.no_cache else toy.cached_teacher_metrics(model, protocol, weights,
+                                                                                    args.cache_dir)
     if cached:
-        print(f"teacher figures from {os.path.join(model, toy.TEACHER_METRICS)} (same protocol; --no-cache "
-              f"recomputes them)")
+        print(f"teacher figures from {source} (the same teacher and protocol; --no-cache measures them again)")
     results, _ = toy.evaluate_toy(pipe, student, classifier, cached=cached, **protocol)
+    if not cached:
+        toy.cache_teacher_metrics(args.cache_dir, protocol, weights, results)
     print(toy.metrics_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -379,37 +387,42 @@ def evaluate_toy(args):
 
 
 def build_parser():
-    """The command line; a protocol (--coco) is required, the rest has the paper's defaults."""
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    """The command line; a protocol (--coco or --toy) is required, the rest has the paper's defaults."""
+    parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     protocol = parser.add_mutually_exclusive_group(required=True)
     protocol.add_argument("--coco", choices=sorted(COCO),
                           help="COCO 2014 (30k captions, Table 1) or COCO 2017 (5k, Table A6)")
     protocol.add_argument("--toy", action="store_true", help="the toy protocol: FD and prompt accuracy of the "
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
-    parser.add_argument("--student", help="--toy: the merged one-step student (wadi.py train's student.safetensors)")
-    parser.add_argument("--json", help="--toy: write the metrics to this file")
-    parser.add_argument("--no-cache", action="store_true", help="--toy: measure the teacher again instead of "
-                                                                "reading the figures pretraining stored")
-    parser.add_argument("--coco-dir", help="COCO folder holding val2014/ or val2017/ and annotations/")
-    parser.add_argument("--captions", help="caption list, one per line (COCO 2014: GigaGAN's / DMD2's "
-                                           "captions.txt; default: the first caption of each image)")
-    parser.add_argument("--num", "--num-images", type=int, help="evaluate the first N captions (default: 30000 / "
-                                                                "5000; under torchrun write --num-images, as "
-                                                                "torchrun takes --num for its --numa-binding)")
-    parser.add_argument("--out", help="--coco: output folder for metrics.json, grid.png, images/")
-    parser.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... "
-                                         "numbered as the captions) instead of generating")
+    g = parser.add_argument_group("COCO")
+    g.add_argument("--coco-dir", help="COCO folder holding val2014/ or val2017/ and annotations/")
+    g.add_argument("--captions", help="caption list, one per line (COCO 2014: GigaGAN's / DMD2's captions.txt; "
+                                      "default: the first caption of each image)")
+    g.add_argument("--num", "--num-images", type=cli.POSITIVE,
+                   help="evaluate the first N captions (default: 30000 / 5000; --toy: 2048); under torchrun "
+                        "write --num-images, as torchrun takes --num for its --numa-binding")
+    g.add_argument("--out", help="output folder for metrics.json, grid.png, images/")
+    g.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... numbered as "
+                                    "the captions) instead of generating")
+    g = parser.add_argument_group("toy")
+    g.add_argument("--student", help="the merged one-step student (wadi.py train's student.safetensors)")
+    g.add_argument("--json", help="write the metrics to this file")
+    g.add_argument("--no-cache", action="store_true", help="measure the teacher again instead of reading its "
+                                                           "stored figures")
 
     g = parser.add_argument_group("generation")
-    g.add_argument("--backbone", choices=sorted(BACKBONES), default="sd15")
+    g.add_argument("--backbone", choices=sorted(BACKBONES),
+                   help="the model family (default: the one recorded in --unet's metadata, else sd15)")
     g.add_argument("--model", help="base model: Hugging Face repo id or local directory (default: the backbone's)")
-    g.add_argument("--unet", help="one-step student U-Net: a safetensors file in diffusers keys, or "
-                                  "owner/repo/file on the Hub (default: the base model's U-Net)")
-    g.add_argument("--steps", type=int, default=1, help="1: one-step generation; >1: DDIM with CFG (the teacher)")
-    g.add_argument("--guidance", type=float, default=3.0, help="CFG scale for DDIM (Table 1's teacher: 3.0)")
-    g.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on GPU, fp32 on CPU)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per batch (generation and features)")
+    g.add_argument("--unet", help="one-step student U-Net in diffusers keys, safetensors or a PyTorch state dict: a "
+                                  "local path or owner/repo/file on the Hub (default: the base model's U-Net)")
+    g.add_argument("--steps", type=cli.POSITIVE, default=1,
+                   help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG (the teacher)")
+    g.add_argument("--guidance", type=cli.SCALE, default=3.0,
+                   help="CFG scale for DDIM (Table 1's teacher and the toy protocol: 3)")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images per batch (generation and features)")
 
     g = parser.add_argument_group("metrics")
     g.add_argument("--inception", help=f"FID Inception weights, .pth or .safetensors (default: download "
@@ -419,7 +432,7 @@ def build_parser():
     g.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
     g.add_argument("--no-pr", action="store_true", help="skip precision and recall")
     g.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        os.path.join("~", ".cache"))), "wadi"), help="reference statistics cache (default: %(default)s)")
+        os.path.join("~", ".cache"))), "wadi"), help="reference statistics and toy teacher figures")
     return parser
 
 
@@ -433,9 +446,9 @@ def main(argv=None):
         parser.error("--toy needs --student FILE")
     if args.images and (args.unet or args.model):
         parser.error("--images scores existing images: --unet and --model are for generating them")
-    if args.num is not None and args.num <= (1 if args.no_pr else PR_K):
-        parser.error(f"--num must be above {1 if args.no_pr else PR_K} (FID needs 2 images, precision/recall "
-                     f"with k={PR_K} needs {PR_K + 1})")
+    if args.num is not None and args.num <= (1 if args.no_pr or args.toy else PR_K):
+        parser.error(f"--num must be above {1 if args.no_pr or args.toy else PR_K} (FID needs 2 images, "
+                     f"precision/recall with k={PR_K} needs {PR_K + 1})")
     try:
         evaluate_toy(args) if args.toy else evaluate_coco(args)
     except LoadError as e:
@@ -448,4 +461,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -3,14 +3,22 @@ layout (`unet/`, `vae/`, `text_encoder/`, ...), safetensors only, key and shape 
 what differs, and weights assigned into modules built on the meta device, cast tensor by tensor, so a
 second copy of a network is never held.
 """
+import contextlib
+import functools
 import json
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError)
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+# what read_tensors accepts, for messages
+WEIGHT_FORMATS = "safetensors, or a PyTorch state dict (.bin, .pt, .pth) read with the weights-only loader"
 
 
 class LoadError(Exception):
@@ -59,24 +67,60 @@ def read_safetensors(path, dtype=None):
     LoadError naming the file."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()} if dtype is None else {
+            k: t.to(dtype) if t.is_floating_point() else t for k in f.keys() for t in [f.get_tensor(k)]}
+
+
+@contextlib.contextmanager
+def open_safetensors(path):
+    """safetensors' safe_open, with a corrupt or truncated file as a LoadError naming it."""
     try:
         with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if dtype is None else {
-                k: t.to(dtype) if t.is_floating_point() else t for k in f.keys() for t in [f.get_tensor(k)]}
+            yield f
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
-    return tensors
+
+
+def save_tensors(tensors, path, metadata=None):
+    """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata`, written to a
+    temporary file and renamed (a crash leaves the old file or the new one, never half of one), with the
+    permissions of the user's umask like any other output (safetensors itself creates files 0600)."""
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def weight_format(path):
+    """"safetensors", "pickle" (a torch.save file: a zip archive or a legacy pickle) or None, from the
+    first bytes of the file rather than its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"
+    return None
 
 
 def read_tensors(path):
-    """A state dict from a .safetensors file, or from a torch pickle (.pth, .pt, .bin) of the
-    official releases read with torch's weights-only loader, which rebuilds tensors and nothing else."""
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
+    """A state dict from a safetensors file, or from a torch pickle (.pth, .pt, .bin: the official
+    releases, DMD2's students) read with torch's weights-only loader, which rebuilds tensors and nothing
+    else. The format is told by the file's content; anything else is a LoadError naming the formats."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
+    kind = weight_format(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind is None:
+        raise LoadError(f"cannot read {path}: neither {WEIGHT_FORMATS} (corrupt or truncated?)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch must not guess the format from the name
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
         raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -84,23 +128,47 @@ def read_tensors(path):
     return state
 
 
-def fetch(model, path):
+def file_metadata(path):
+    """The string metadata of a safetensors file ({} for a pickle, which has none)."""
+    if weight_format(path) != "safetensors":
+        return {}
+    with open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds (asked once
+    per process). huggingface_hub retries an unreachable Hub for about half a minute with a line per
+    try; when this is False, downloads use the local cache only and fail at once."""
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch(model, path, hint="pass its directory with --model DIR"):
     """The local path of `path` inside `model`: a directory in the Hugging Face repo layout, or a Hub
-    repo id (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only)."""
+    repo id (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1, or a Hub that does not
+    answer, uses the cache only). `hint` ends the message when the Hub cannot be reached: how the user
+    passes a local copy instead."""
     if os.path.isdir(model):
         full = os.path.join(model, path)
         if not os.path.isfile(full):
-            raise MissingFile(f"{full} not found (a local --model directory needs the Hugging Face repo layout)")
+            raise MissingFile(f"{full} not found (a local model directory needs the Hugging Face repo layout)")
         return full
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise LoadError(f"model directory {model} not found")
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
     try:
-        return hf_hub_download(model, path)
+        return hf_hub_download(model, path, local_files_only=offline)
     except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
-        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: not in the local cache and the "
-                        f"Hub is unreachable{offline}; download the repo elsewhere and pass its directory "
-                        f"with --model DIR") from None
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
+        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: not in the local cache and "
+                        f"{why}; download it elsewhere and {hint}") from None
     except RepositoryNotFoundError:
         raise LoadError(f"Hugging Face repo {model} not found (a gated or private repo needs `hf auth login`)") from None
     except EntryNotFoundError:
@@ -109,15 +177,19 @@ def fetch(model, path):
         raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: {e}") from None
 
 
-def fetch_file(spec):
-    """A single file: a local path, or `owner/repo/path/in/repo` on the Hugging Face Hub (e.g. the
-    official `gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors`)."""
+def fetch_file(spec, option):
+    """A single file named by the command-line `option` (e.g. "--unet"): a local path, or
+    `owner/repo/path/in/repo` on the Hugging Face Hub (e.g. the official
+    `gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors`)."""
     if os.path.isfile(spec) or spec.count("/") < 2 or spec.startswith((".", "/", "~")):
         if not os.path.isfile(spec):
-            raise LoadError(f"file not found: {spec}")
+            raise LoadError(f"{option}: file not found: {spec}")
         return spec
     owner, repo, path = spec.split("/", 2)
-    return fetch(f"{owner}/{repo}", path)
+    try:
+        return fetch(f"{owner}/{repo}", path, hint=f"pass the local file to {option}")
+    except LoadError as e:
+        raise type(e)(f"{option}: {e}") from None
 
 
 def read_weights(model, component, dtype=None, variant=None):
@@ -134,7 +206,10 @@ def read_weights(model, component, dtype=None, variant=None):
             continue
         if not name.endswith(".json"):
             return read_safetensors(path, dtype)
-        shards = sorted(set(read_json(path)["weight_map"].values()))
+        index = read_json(path)
+        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+            raise LoadError(f"{path} is a sharded-weights index without a weight_map (key -> shard file)")
+        shards = sorted(set(index["weight_map"].values()))
         return {k: v for shard in shards for k, v in read_safetensors(fetch(model, f"{component}/{shard}"),
                                                                           dtype).items()}
     raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
@@ -143,20 +218,29 @@ def read_weights(model, component, dtype=None, variant=None):
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):
     """Build `cls.from_config(<component>/config.json)` on the meta device and load its weights
     (optionally passed through `rename` first); frozen, in eval mode, on `device`."""
-    cfg = read_json(fetch(model, f"{component}/config.json"))
+    path = fetch(model, f"{component}/config.json")
     with torch.device("meta"):
-        net = cls.from_config(cfg)
+        net = build(cls, read_json(path), path)
     state = read_weights(model, component, dtype)
     load_weights(net, rename(state) if rename else state, what=f"{model}/{component}")
     return net.to(device).eval().requires_grad_(False)
 
 
+def build(cls, cfg, what):
+    """`cls.from_config(cfg)`, with a config value the class does not implement as a LoadError naming the
+    config (`what`) instead of a ValueError."""
+    try:
+        return cls.from_config(cfg)
+    except ValueError as e:
+        raise LoadError(f"{what}: {e}") from None
+
+
 def read_json(path):
     """A JSON file, or a LoadError naming it."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # as editors save it: a byte-order mark is no error
             return json.load(f)
     except FileNotFoundError:
         raise LoadError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"cannot parse {path}: {e}") from None

@@ -1,6 +1,7 @@
 """LoRaD, the paper's adapter (WaDi Sec. 3.2): a low-rank rotation of the weight directions of a frozen
 nn.Linear; plus the LoRA, DoRA and full fine-tuning baselines of the ablation (paper Table 2) behind the
-same calls, the rules that say which layers get an adapter (SPEC 1.2), and adapter files.
+same calls, the rules that say which layers get an adapter (those that reproduce the paper's parameter
+counts), and adapter files.
 
 LoRaD. Split a weight W (out x in) row-wise into norms and directions, W = m * V with m_i = ||W_i||.
 Angles theta = theta_a @ theta_b (out x in/2, rank r) rotate each pair of neighbouring input columns
@@ -17,9 +18,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from loading import LoadError, read_tensors
+from loading import LoadError, read_tensors, save_tensors
 
 
 class AdaptedLinear(nn.Module):
@@ -114,7 +114,7 @@ def _in_unet_blocks(name):
     return name.startswith(("down_blocks.", "mid_block.", "up_blocks."))
 
 
-# which nn.Linear layers (by module path) get an adapter, per network role (SPEC 1.2)
+# which nn.Linear layers (by module path) get an adapter, per network role (the paper's counts, README)
 TARGETS = {
     "unet_student": _in_unet_blocks,
     "unet_fake": lambda name: _in_unet_blocks(name) and not any(
@@ -158,8 +158,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapters(model: nn.Module, path: str, metadata: dict = None):
-    save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}, path,
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    save_tensors(adapter_state_dict(model), path, metadata)
 
 
 def read_adapter_file(path: str) -> dict:

@@ -27,7 +27,7 @@ PREPROCESSING = {
     "resize": "PIL lanczos, uint8",
     "inception_size": 299,
     "inception_resize": "PIL bicubic per channel in float32 on uint8 values, clipped to [0, 255]",
-    "inception_input": "2 * x / 255 - 1",
+    "inception_input": "(x - 128) / 128 on [0, 255] values, as clean-fid's InceptionV3W",
     "inception_weights": "pt_inception-2015-12-05",
     "features": "pool3, 2048",
 }
@@ -47,6 +47,49 @@ def center_crop_resize(img, size=256):
 
 # -----------------------------------------------------------------------------------------------
 # Frechet distance and its cached reference statistics
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def read_image(path):
+    """An image file through `center_crop_resize` (256 x 256 RGB uint8, PIL); a LoadError naming the file
+    when it is empty, not an image, or truncated."""
+    try:
+        with Image.open(path) as img:
+            return center_crop_resize(img)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise LoadError(f"cannot read the image {path}: {image_problem(path, e)}") from None
+
+
+def image_problem(path, error):
+    """What is wrong with an image file that PIL could not read, in words."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if "truncated" in str(error) or isinstance(error, SyntaxError):
+        return f"the file is cut short or damaged ({error})"
+    if "cannot identify" in str(error):
+        return "not an image file (PIL cannot identify its format)"
+    return f"{type(error).__name__}: {error}"
+
+
+def check_images(paths, what="images"):
+    """Cheap checks of image files before long work uses them (no decoding): each opens as an image (its
+    header is read), and a PNG ends with its IEND chunk, which a file cut short does not. A LoadError
+    names the first bad file and what is wrong with it."""
+    for path in tqdm(paths, desc=f"check {what}", unit="img", disable=len(paths) < 1000, leave=False):
+        try:
+            with Image.open(path) as img:
+                kind = img.format
+        except (OSError, SyntaxError, ValueError) as e:
+            raise LoadError(f"cannot read the image {path}: {image_problem(path, e)}") from None
+        if kind == "PNG":
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - len(PNG_END)))
+                complete = f.read() == PNG_END
+            if not complete:
+                raise LoadError(f"cannot read the image {path}: the PNG is cut short (it does not end with its IEND "
+                                f"chunk; an interrupted copy?)")
+
 
 def feature_statistics(features):
     """Mean (D,) and unbiased covariance (D, D), in float64, of (N, D) features."""

@@ -1,4 +1,4 @@
-"""A backbone assembled from its repo (SPEC 1.4): the denoiser, the VAE (absent for the pixel-space toy),
+"""A backbone assembled from its repo (README "One-step sampling"): the denoiser, the VAE (absent for the pixel-space toy),
 the text encoder with its tokenizer and the noise schedule, plus what every command does with them:
 encode prompts, decode latents to images, save images and grids.
 """
@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from diffusion import A_T, NoiseSchedule, ddim_sample, one_step
-from loading import LoadError, fetch, load_component, load_weights, read_json, read_safetensors
+from loading import LoadError, MissingFile, build, fetch, file_metadata, load_component, load_weights, read_json, \
+    read_tensors
 from unet import UNet
 from vae import AutoencoderKL, rename_legacy_keys
 
@@ -36,7 +36,10 @@ BACKBONES = {
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+# a tokenizer/ folder: the vocabulary either as vocab.json + merges.txt or as transformers 5's tokenizer.json;
+# the settings files are optional
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -48,10 +51,13 @@ class Pipeline:
     schedule: NoiseSchedule
     resolution: int               # native image resolution in pixels
 
+    def downsampling(self):
+        """Pixels per latent pixel along each side: the VAE's 2 ** (levels - 1), 1 in pixel space."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
     def latent_shape(self, resolution=None):
         """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        size = (resolution or self.resolution) // down
+        size = (resolution or self.resolution) // self.downsampling()
         return (self.unet.config.in_channels, size, size)
 
     @torch.no_grad()
@@ -63,7 +69,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None):
         """uint8 images (B, H, W, 3), image i for prompts[i] from the noise of seeds[i] (`seeded_noise`):
-        one step of the generator of SPEC 1.3 when steps == 1, else DDIM with CFG scale `guidance`."""
+        one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`."""
         param = next(self.unet.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
         context = self.encode_prompts(prompts)
@@ -112,26 +118,78 @@ def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, dev
     else:
         unet = load_unet_file(unet_file, read_json(fetch(model, "unet/config.json")), dtype, device)
     text_encoder = load_component(CLIPTextModel, model, "text_encoder", dtype, device, rename=convert_text_state_dict)
-    tokenizer = CLIPTokenizer(os.path.dirname([fetch(model, f"tokenizer/{f}") for f in TOKENIZER_FILES][0]))
-    schedule = NoiseSchedule.from_config(read_json(fetch(model, "scheduler/scheduler_config.json")))
+    tokenizer = load_tokenizer(model)
+    schedule = load_schedule(model)
     autoencoder = None
     if vae and has_vae(model):
         autoencoder = load_component(AutoencoderKL, model, "vae", torch.float32, device, rename=rename_legacy_keys)
     return Pipeline(unet, autoencoder, text_encoder, tokenizer, schedule, BACKBONES[backbone].resolution)
 
 
+def load_schedule(model):
+    """The noise schedule of a repo's `scheduler/scheduler_config.json`; a LoadError naming the file for a
+    setting this project does not implement."""
+    path = fetch(model, "scheduler/scheduler_config.json")
+    try:
+        return NoiseSchedule.from_config(read_json(path))
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
+
+
+def load_tokenizer(model):
+    """The CLIP tokenizer of a repo's `tokenizer/` folder (see TOKENIZER_FILES)."""
+    for files in TOKENIZER_FILES:
+        try:
+            paths = [fetch(model, f"tokenizer/{name}") for name in files]
+            break
+        except MissingFile:
+            continue
+    else:
+        raise LoadError(f"no tokenizer in {model}: tokenizer/ needs vocab.json and merges.txt, or tokenizer.json")
+    for name in TOKENIZER_SETTINGS:
+        try:
+            fetch(model, f"tokenizer/{name}")
+        except MissingFile:
+            pass
+    try:
+        return CLIPTokenizer(os.path.dirname(paths[0]))
+    except (ValueError, KeyError, OSError) as e:
+        raise LoadError(f"cannot read the tokenizer of {model}: {type(e).__name__}: {e}") from None
+
+
+def student_backbone(backbone, model, student, option):
+    """(backbone, base model) for a command given a student file (None: none): `backbone`, else the one
+    recorded in the file's metadata (our exports record it), else sd15; `model`, else the recorded base
+    model when it can be found here (an existing directory, or a Hub id), else the backbone's repo. A
+    `backbone` that contradicts the file is a LoadError naming the command-line `option`."""
+    meta = file_metadata(student) if student else {}
+    recorded = meta.get("backbone") if meta.get("backbone") in BACKBONES else None
+    if backbone and recorded and backbone != recorded:
+        raise LoadError(f"--backbone {backbone} contradicts {option} {student}, a {recorded} student (its metadata "
+                        f"says so); leave --backbone out or give the matching one")
+    backbone = backbone or recorded or "sd15"
+    base = meta.get("base_model", "") if recorded else ""
+    found = os.path.isdir(base) or (base.count("/") == 1 and not base.startswith((".", "/", "~")))
+    return backbone, model or (base if found else BACKBONES[backbone].repo)
+
+
+def check_steps(model, steps, option="--steps"):
+    """A LoadError unless DDIM can take `steps` steps on the model's schedule (1 is the one-step generator)."""
+    if steps > 1:
+        try:
+            load_schedule(model).ddim_timesteps(steps)
+        except ValueError as e:
+            raise LoadError(f"{option} {steps}: {e}") from None
+
+
 def load_unet_file(path, cfg, dtype=torch.float32, device="cpu"):
-    """A full U-Net state dict in diffusers keys (our exports, the official `rotated_unet-*.safetensors`)."""
+    """A full U-Net state dict in diffusers keys (our exports, the official `rotated_unet-*.safetensors`,
+    or a pickled state dict such as DMD2's `pytorch_model.bin`, read with the weights-only loader)."""
     with torch.device("meta"):
-        unet = UNet.from_config(cfg)
-    load_weights(unet, read_safetensors(path, dtype), what=path)
+        unet = build(UNet, cfg, "unet/config.json")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_tensors(path).items()}
+    load_weights(unet, state, what=path)
     return unet.to(device).eval().requires_grad_(False)
-
-
-def file_metadata(path):
-    """The string metadata of a safetensors file ({} if none)."""
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def student_a_T(path):
@@ -150,27 +208,48 @@ def image_grid(images, cols=None):
     return Image.fromarray(grid)
 
 
-def read_prompts(path):
-    """Prompts from a file: plain text (one per line), a JSON list of strings, or the JourneyDB `.jsonl`
-    annotations (the caption under "Task2"; de-duplicated and sorted, as the official loader does)."""
+def read_prompts(path, log=print):
+    """Prompts from a file: plain text (one per line), a JSON list of strings, or JSON lines: the
+    JourneyDB annotations (the caption under "Task2", key "Caption", "Caption:" or "caption", as the
+    official loader reads it; de-duplicated and sorted as there) or rows with a "prompt". Rows without a
+    usable caption are skipped and counted in one `log` line. A UTF-8 byte-order mark and CRLF line ends
+    (as Windows editors save) make no difference. A LoadError when nothing usable is left."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise LoadError(f"cannot read the prompt file {path}: {e}") from None
     try:
         if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            prompts = sorted({next(iter(r["Task2"].values())) if "Task2" in r else r["prompt"] for r in rows} - {""})
+            captions = [journeydb_caption(json.loads(line)) for line in text.splitlines() if line.strip()]
+            usable = [c.strip() for c in captions if c and c.strip()]
+            if len(usable) < len(captions):
+                log(f"{path}: skipped {len(captions) - len(usable)} prompts without a caption")
+            prompts = sorted(set(usable))
         elif path.endswith(".json"):
             prompts = json.loads(text)
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("expected a JSON list of strings")
         else:
             prompts = text.splitlines()
-    except (ValueError, KeyError, StopIteration, AttributeError) as e:
+    except ValueError as e:
         raise LoadError(f"cannot parse the prompt file {path}: {type(e).__name__}: {e}") from None
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise LoadError(f"the prompt file {path} has no prompts")
     return prompts
+
+
+JOURNEYDB_KEYS = ("Caption", "Caption:", "caption")  # the official loader's spellings of the Task2 key
+
+
+def journeydb_caption(row):
+    """The caption of one JSON line (a str, or None when it has none): Task2's caption, else "prompt"."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
+    task = row.get("Task2")
+    if isinstance(task, dict):
+        caption = next((task[k] for k in JOURNEYDB_KEYS if k in task), None)
+    else:
+        caption = row.get("prompt")
+    return caption if isinstance(caption, str) else None

@@ -20,12 +20,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import toy
 from clip import CLIPTextModel, CLIPTokenizer
 from diffusion import NoiseSchedule
+from loading import save_tensors
 from pipeline import load_pipeline
 from unet import UNet
 
@@ -100,15 +100,13 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
             p.copy_(a)  # ship the exponential moving average
 
     write_json(os.path.join(out, "unet", "config.json"), UNET_CONFIG)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-              os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    save_tensors(unet.state_dict(), os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     write_json(os.path.join(out, "text_encoder", "config.json"), text_config)
-    save_file({k: v.contiguous() for k, v in text.state_dict().items()},
-              os.path.join(out, "text_encoder", "model.safetensors"))
+    save_tensors(text.state_dict(), os.path.join(out, "text_encoder", "model.safetensors"))
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config)
     log(f"wrote the toy repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
     pipe = load_pipeline("toy", out)
     protocol = {**toy.PROTOCOL, "n": eval_samples}
     results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
-    write_json(os.path.join(out, toy.TEACHER_METRICS), {"protocol": protocol, "results": results})
+    toy.store_teacher_metrics(os.path.join(out, toy.TEACHER_METRICS), protocol, toy.teacher_fingerprint(pipe), results)
     log(toy.metrics_table(results))

@@ -18,18 +18,19 @@ generated images the way FID and a prompt-following check score real ones.
   diversity raise it many times over.
 """
 import dataclasses
+import glob
+import hashlib
 import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from clip import bytes_to_unicode
-from metrics import feature_statistics, frechet_distance
-from loading import LoadError, load_weights, read_json, read_safetensors
+from metrics import feature_statistics, frechet_distance, weights_hash
+from loading import LoadError, load_weights, read_json, read_safetensors, save_tensors
 
 # -----------------------------------------------------------------------------------------------
 # The dataset
@@ -259,7 +260,7 @@ def save_classifier(model, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+    save_tensors(model.state_dict(), os.path.join(directory, "model.safetensors"))
 
 
 def load_classifier(directory):
@@ -320,12 +321,42 @@ REPORT_SAMPLES = 512  # samples per generator in `wadi.py train`'s table; pretra
 TEACHER_METRICS = "teacher_metrics.json"  # in the model repo: the teacher's figures, measured by pretraining
 
 
-def cached_teacher_metrics(model, protocol):
-    """The teacher's figures stored in `model`/teacher_metrics.json when measured under `protocol` (n, seed,
-    guidance), else None: the 25-step teacher takes most of the protocol's time on a CPU."""
-    path = os.path.join(model, TEACHER_METRICS)
-    cached = read_json(path) if os.path.isfile(path) else {}
-    return cached["results"] if cached.get("protocol") == protocol else None
+def teacher_fingerprint(pipe):
+    """What the teacher's figures depend on besides the protocol: a hash of the denoiser's and the text
+    encoder's weights (metrics.weights_hash), so figures of another teacher are never reused."""
+    return weights_hash(pipe.unet) + weights_hash(pipe.text_encoder)
+
+
+def cached_teacher_metrics(model, protocol, weights, cache_dir=None):
+    """(results, the file they come from) of the teacher under `protocol` (n, seed, guidance) when they were
+    measured before for the same `weights` (`teacher_fingerprint`), else (None, None). Looked for in the
+    model's `teacher_metrics*.json` (pretraining writes teacher_metrics.json) and in `cache_dir`; each file
+    is {"weights", "protocol", "results"}. The 25-step teacher takes most of the protocol's CPU time."""
+    paths = sorted(glob.glob(os.path.join(model, "teacher_metrics*.json")))
+    paths += sorted(glob.glob(os.path.join(cache_dir, "toy-teacher-*.json"))) if cache_dir else []
+    for path in paths:
+        stored = read_json(path)
+        if stored.get("weights") == weights and stored.get("protocol") == protocol:
+            return stored["results"], path
+    return None, None
+
+
+def store_teacher_metrics(path, protocol, weights, results):
+    """Write the teacher's rows of `results` with the protocol and weights they belong to (a temporary
+    file, then renamed)."""
+    teacher = {k: v for k, v in results.items() if k.startswith("teacher")}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump({"weights": weights, "protocol": protocol, "results": teacher}, f, indent=2)
+        f.write("\n")
+    os.replace(f"{path}.tmp", path)
+
+
+def cache_teacher_metrics(cache_dir, protocol, weights, results):
+    """Keep the teacher's figures in `cache_dir` for the next evaluation of the same teacher and protocol."""
+    key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
+    store_teacher_metrics(os.path.join(cache_dir, f"toy-teacher-{weights[:16]}-{key}.json"), protocol, weights,
+                          results)
 
 
 def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256):

@@ -1,4 +1,4 @@
-"""Variational score distillation (SPEC 1.3; SwiftBrush, Nguyen & Tran 2024; WaDi Sec. 3.3): the
+"""Variational score distillation (SwiftBrush, Nguyen & Tran 2024; WaDi Sec. 3.3): the
 distillation step and the training loop around it.
 
 Three networks share ONE copy of the frozen denoiser weights: the teacher (no adapter), the one-step
@@ -21,6 +21,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,17 +30,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from diffusion import A_T, guided, one_step, to_eps
-from loading import LoadError, read_safetensors
+from loading import LoadError, file_metadata, read_safetensors, save_tensors
 from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters
-from pipeline import file_metadata, image_grid
+from pipeline import image_grid
 
 
 class TrainingError(Exception):
     """Training cannot go on (a non-finite loss); the message says where and what was kept."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run after a whole step, which was saved; the message says where."""
 
 
 @dataclass
@@ -148,11 +153,7 @@ def save_checkpoint(path, step, student, fake, opts, ema, meta):
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    metadata = {"step": str(step), "meta": json.dumps(meta), "param_groups": json.dumps(groups)}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half of one
+    save_tensors(tensors, path, {"step": step, "meta": json.dumps(meta), "param_groups": json.dumps(groups)})
 
 
 def list_checkpoints(out_dir):
@@ -162,27 +163,31 @@ def list_checkpoints(out_dir):
     return sorted(f for f in os.listdir(out_dir) if f.startswith("checkpoint-") and f.endswith(".safetensors"))
 
 
-def find_checkpoint(out_dir, resume):
-    """The checkpoint file `resume` names: a path, or `latest` in `out_dir`."""
-    if resume != "latest":
-        if not os.path.isfile(resume):
-            raise LoadError(f"--resume: no checkpoint file {resume}")
-        return resume
+def find_checkpoint(out_dir, which, option="--resume"):
+    """The checkpoint file `which` names: a path, or `latest` in `out_dir`; `option` is what the user
+    typed to ask for it (for the message)."""
+    if which != "latest":
+        if not os.path.isfile(which):
+            raise LoadError(f"{option}: no checkpoint file {which}")
+        return which
     found = list_checkpoints(out_dir)
     if not found:
-        raise LoadError(f"--resume latest: no checkpoint-*.safetensors in {out_dir}")
+        raise LoadError(f"{option}: no checkpoint-*.safetensors in {out_dir} (train writes one every "
+                        f"--checkpoint-every steps, at the end, and when interrupted)")
     return os.path.join(out_dir, found[-1])
 
 
-def load_checkpoint(path, student, fake, opts, ema):
-    """Restore adapters, optimizers, EMA and RNG states; returns the step."""
+def load_checkpoint(path, student, fake, opts, ema, log=print):
+    """Restore adapters, optimizers, EMA and RNG states; returns the step. EMA may be switched on or off
+    at a resume: a checkpoint without EMA starts the EMA from the restored student adapters, and a
+    checkpoint's EMA is left unused when `ema` is None (either said in one `log` line)."""
     tensors = read_safetensors(path)
     meta = file_metadata(path)
     if "step" not in meta:
         raise LoadError(f"{path} is not a WaDi training checkpoint (no step in its metadata)")
     for prefix, net in (("student", student), ("fake", fake)):
         params = adapter_state_dict(net)
-        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        own = own_adapters(tensors, prefix)
         if own.keys() != params.keys():
             missing, unexpected = params.keys() - own.keys(), own.keys() - params.keys()
             raise LoadError(f"{path} does not match the {prefix}'s adapters: {len(missing)} missing "
@@ -190,9 +195,14 @@ def load_checkpoint(path, student, fake, opts, ema):
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(own[k])
+    has_ema = any(k.startswith("ema.") for k in tensors)
     if ema is not None:
         for k in ema:
-            ema[k].copy_(tensors[f"ema.{k}"])
+            ema[k].copy_(tensors[f"ema.{k}"] if has_ema else own_adapters(tensors, "student")[k])
+        if not has_ema:
+            log(f"{path} has no EMA: the student's EMA starts from its adapters at step {meta['step']}")
+    elif has_ema:
+        log(f"{path} holds an EMA of the student, which this run (EMA off) does not use")
     groups = json.loads(meta["param_groups"])
     for name, opt in opts.items():
         load_optimizer(opt, tensors, groups[name], f"opt_{name}")
@@ -200,6 +210,48 @@ def load_checkpoint(path, student, fake, opts, ema):
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
+
+
+def own_adapters(tensors, prefix):
+    """The tensors of a checkpoint under `prefix.` (student, fake, ema), by adapter key."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+@contextlib.contextmanager
+def adapters_swapped(net, adapters):
+    """Inside the block `net` holds `adapters` (e.g. the EMA; None: no change); its own come back after."""
+    if adapters is None:
+        yield net
+        return
+    own = {k: v.detach().clone() for k, v in adapter_state_dict(net).items()}
+    load_adapters(net, adapters)
+    try:
+        yield net
+    finally:
+        load_adapters(net, own)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Inside the block, Ctrl-C (SIGINT) and SIGTERM set `stop["requested"]` instead of raising, so the
+    training loop can finish its step and save it; a second signal raises KeyboardInterrupt at once.
+    (Signal handlers live in the main thread only; elsewhere the block changes nothing.)"""
+    stop = {"requested": False}
+
+    def request(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def update_ema(ema, net, decay):
@@ -212,8 +264,7 @@ def update_ema(ema, net, decay):
 def export_student(student, path, metadata):
     """The merged one-step student as a full U-Net state dict in diffusers keys (adapters folded in)."""
     merged = merge_adapters(shared_copy(student))
-    save_file({k: v.detach().contiguous().cpu() for k, v in merged.state_dict().items()}, path,
-              metadata={k: str(v) for k, v in metadata.items()})
+    save_tensors(merged.state_dict(), path, metadata)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +351,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
     step, last_ckpt = 0, None
     if tc.resume:
         last_ckpt = find_checkpoint(tc.out, tc.resume)
-        step = load_checkpoint(last_ckpt, student, fake, opts, ema)
+        step = load_checkpoint(last_ckpt, student, fake, opts, ema, log if rank == 0 else lambda _: None)
     c_null = pipe.encode_prompts([""]).to(weight_dtype)
     shape = pipe.latent_shape(tc.resolution)
     meta = {**(meta or {}), "a_T": vsd.a_T, "prediction_type": pipe.schedule.prediction_type}
@@ -311,53 +362,61 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=tc.mixed_precision != "no")
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     try:
-        while step < max_steps:
-            start = time.perf_counter()
-            totals = torch.zeros(2, device=device)
-            for micro in range(tc.grad_accum):
-                position = ((step * tc.grad_accum + micro) * world + rank) * tc.batch_size
-                batch = [prompts[i] for i in batch_indices(len(prompts), tc.seed, position, tc.batch_size)]
-                generator = torch.Generator(device).manual_seed(step_seed(tc.seed, rank, step, micro))
-                d = draw(generator, tc.batch_size, shape, vsd, len(pipe.schedule.alphas_cumprod))
-                c = pipe.encode_prompts(batch).to(weight_dtype)
-                last = micro == tc.grad_accum - 1
-                nulls = c_null.expand(len(batch), -1, -1)
-                # the student's backward runs before the fake score's forward: one graph alive at a time
-                with no_sync(student_ddp, world > 1 and not last), autocast:
-                    loss_g, x0 = generator_loss(student_ddp, teacher, fake, pipe.schedule, c, nulls, d, vsd)
-                scalers["student"].scale(loss_g / tc.grad_accum).backward()
-                with no_sync(fake_ddp, world > 1 and not last), autocast:
-                    loss_fake = fake_loss(fake_ddp, pipe.schedule, x0, c, nulls, d)
-                scalers["fake"].scale(loss_fake / tc.grad_accum).backward()
-                totals += torch.stack([loss_g.detach(), loss_fake.detach()]).float() / tc.grad_accum
-            totals = all_mean(totals, world)
-            if not torch.isfinite(totals).all():
-                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={totals[0].item()}, "
-                                    f"loss_fake={totals[1].item()}); stopped, {kept}")
-            for name, params in (("student", student_params), ("fake", fake_params)):
-                scalers[name].unscale_(opts[name])
-                torch.nn.utils.clip_grad_norm_(params, vsd.max_grad_norm)
-                scalers[name].step(opts[name])
-                scalers[name].update()
-                opts[name].zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, student, tc.ema)
-            step += 1
-            images_per_s = per_step / (time.perf_counter() - start)
-            if rank == 0:
-                bar.update(1)
-                bar.set_postfix(loss_G=f"{totals[0].item():.4g}", loss_fake=f"{totals[1].item():.4g}",
-                                img_s=f"{images_per_s:.2f}")
-                with open(os.path.join(tc.out, "train.log"), "a") as f:
-                    f.write(f"step {step} loss_G {totals[0].item():.6g} loss_fake {totals[1].item():.6g} "
-                            f"images/s {images_per_s:.3f}\n")
-                if step % tc.checkpoint_every == 0 or step == max_steps:
-                    last_ckpt = os.path.join(tc.out, f"checkpoint-{step:07d}.safetensors")
-                    save_checkpoint(last_ckpt, step, student, fake, opts, ema, meta)
-                    prune_checkpoints(tc.out, tc.keep_checkpoints)
-                if step % tc.validate_every == 0 or step == max_steps:
-                    validate(pipe, student, tc, vsd, step)
+        with interruptible() as stop:
+            while step < max_steps:
+                start = time.perf_counter()
+                totals = torch.zeros(3, device=device)  # loss_G, loss_fake, whether this rank was interrupted
+                for micro in range(tc.grad_accum):
+                    position = ((step * tc.grad_accum + micro) * world + rank) * tc.batch_size
+                    batch = [prompts[i] for i in batch_indices(len(prompts), tc.seed, position, tc.batch_size)]
+                    generator = torch.Generator(device).manual_seed(step_seed(tc.seed, rank, step, micro))
+                    d = draw(generator, tc.batch_size, shape, vsd, len(pipe.schedule.alphas_cumprod))
+                    c = pipe.encode_prompts(batch).to(weight_dtype)
+                    last = micro == tc.grad_accum - 1
+                    nulls = c_null.expand(len(batch), -1, -1)
+                    # the student's backward runs before the fake score's forward: one graph alive at a time
+                    with no_sync(student_ddp, world > 1 and not last), autocast:
+                        loss_g, x0 = generator_loss(student_ddp, teacher, fake, pipe.schedule, c, nulls, d, vsd)
+                    scalers["student"].scale(loss_g / tc.grad_accum).backward()
+                    with no_sync(fake_ddp, world > 1 and not last), autocast:
+                        loss_fake = fake_loss(fake_ddp, pipe.schedule, x0, c, nulls, d)
+                    scalers["fake"].scale(loss_fake / tc.grad_accum).backward()
+                    totals[:2] += torch.stack([loss_g.detach(), loss_fake.detach()]).float() / tc.grad_accum
+                totals[2] = float(stop["requested"])
+                totals = all_mean(totals, world)  # every rank learns of an interrupt at the same step
+                if not torch.isfinite(totals[:2]).all():
+                    kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={totals[0].item()}, "
+                                        f"loss_fake={totals[1].item()}); stopped, {kept}")
+                for name, params in (("student", student_params), ("fake", fake_params)):
+                    scalers[name].unscale_(opts[name])
+                    torch.nn.utils.clip_grad_norm_(params, vsd.max_grad_norm)
+                    scalers[name].step(opts[name])
+                    scalers[name].update()
+                    opts[name].zero_grad(set_to_none=True)
+                if ema is not None:
+                    update_ema(ema, student, tc.ema)
+                step += 1
+                images_per_s = per_step / (time.perf_counter() - start)
+                interrupted = totals[2].item() > 0
+                if rank == 0:
+                    bar.update(1)
+                    bar.set_postfix(loss_G=f"{totals[0].item():.4g}", loss_fake=f"{totals[1].item():.4g}",
+                                    img_s=f"{images_per_s:.2f}")
+                    with open(os.path.join(tc.out, "train.log"), "a") as f:
+                        f.write(f"step {step} loss_G {totals[0].item():.6g} loss_fake {totals[1].item():.6g} "
+                                f"images/s {images_per_s:.3f} time {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+                    if step % tc.checkpoint_every == 0 or step == max_steps or interrupted:
+                        last_ckpt = os.path.join(tc.out, f"checkpoint-{step:07d}.safetensors")
+                        save_checkpoint(last_ckpt, step, student, fake, opts, ema, meta)
+                        prune_checkpoints(tc.out, tc.keep_checkpoints)
+                    if (step % tc.validate_every == 0 or step == max_steps) and not interrupted:
+                        with adapters_swapped(student, ema):
+                            validate(pipe, student, tc, vsd, step)
+                if interrupted:
+                    saved = os.path.join(tc.out, f"checkpoint-{step:07d}.safetensors")
+                    raise TrainingInterrupted(f"interrupted at step {step} of {max_steps}: saved {saved}; continue "
+                                              f"with the same command and --resume latest")
     finally:
         bar.close()
     if rank == 0:
@@ -376,7 +435,8 @@ def prune_checkpoints(out_dir, keep):
 
 @torch.no_grad()
 def validate(pipe, student, tc, vsd, step):
-    """A grid of one-step samples for fixed prompts and seeds: samples/step-NNNNNNN.png."""
+    """A grid of one-step samples for fixed prompts and seeds: samples/step-NNNNNNN.png (of the EMA
+    student when the run keeps one: `train` swaps it in)."""
     prompts = list(tc.validation_prompts)
     student.eval()
     images = dataclasses.replace(pipe, unet=student).generate(prompts, list(range(len(prompts))), 1, a_T=vsd.a_T,

@@ -1,18 +1,20 @@
 """WaDi's command line.
 
-    python wadi.py train --backbone sd15 --prompts journeydb.jsonl --out runs/sd15      (VSD, SPEC 1.3)
+    python wadi.py train --backbone sd15 --prompts journeydb.jsonl --out runs/sd15   (VSD, paper Sec. 3.3)
     python wadi.py train --backbone sd15 --dry-run                  (counts and memory, no download)
     python wadi.py export --run runs/sd15 --out wadi-sd15.safetensors
-    python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --prompt "a cat" --out cat.png
+    python wadi.py sample --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
+    python wadi.py pretrain --backbone toy --out runs/pretrain-toy
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
-one-step images from a student (the x0 formula of SPEC 1.3) or DDIM images with classifier-free
-guidance from the teacher. Every failure the user can fix (missing or unreachable weights, a corrupt
-checkpoint, a bad prompt file, a non-finite loss) is one line on stderr and exit code 2.
+one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqrt(a_T)) or DDIM images with
+classifier-free guidance from the teacher; `pretrain` trains the toy backbone from scratch. Every
+failure the user can fix (a bad option value, missing or unreachable weights, a corrupt checkpoint, a bad
+prompt file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `train` saves the
+step and exits with 130.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -22,16 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import pretrain
 import toy
 from clip import CLIPTextModel
-from loading import LoadError, fetch_file, read_json
-from lorad import ADAPTERS, count_trainable
-from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, pick_dtype, read_prompts, student_a_T
+from loading import LoadError, fetch_file, read_json, read_tensors
+from lorad import ADAPTERS, count_trainable, load_adapters
+from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_pipeline, pick_dtype, read_prompts, \
+    student_a_T, student_backbone
 from unet import UNet
 from vae import AutoencoderKL
-from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
-    load_checkpoint, find_checkpoint, train
+from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, TrainingInterrupted, VSDConfig, build_networks, \
+    distributed, export_student, find_checkpoint, load_checkpoint, own_adapters, train
 
 
 class UsageError(Exception):
@@ -66,19 +70,44 @@ def cmd_sample(args):
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE")
+    check_out_file(args.out, (".png",), "--out", directory_ok=True)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    unet = fetch_file(args.unet) if args.unet else None
-    pipe = load_pipeline(args.backbone, args.model, unet, dtype, device)
+    unet = fetch_file(args.unet, "--unet") if args.unet else None
+    backbone, model = student_backbone(args.backbone, args.model, unet, "--unet")
+    check_steps(model, args.steps)
+    pipe = load_pipeline(backbone, model, unet, dtype, device)
+    resolution = check_resolution(pipe, args.resolution)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     images = []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sample", unit="batch"):
         batch = jobs[start:start + args.batch_size]
         images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, args.guidance, a_T,
-                                    args.resolution))
+                                    resolution))
     save_images(np.concatenate(images), args.out, args.grid)
     print(f"wrote {len(jobs)} image(s) to {args.out}")
+
+
+def check_resolution(pipe, resolution):
+    """The resolution to generate at (default: the backbone's), or a UsageError when the denoiser's input
+    grid cannot take it (it must be a multiple of the autoencoder's downsampling)."""
+    resolution = resolution or pipe.resolution
+    factor = pipe.downsampling()
+    if resolution % factor:
+        raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's downsampling)")
+    return resolution
+
+
+def check_out_file(path, suffixes, option, directory_ok=False):
+    """A UsageError unless `path` can be written as a file ending in one of `suffixes` (or, with
+    `directory_ok`, names a directory)."""
+    if path.endswith(suffixes) and not os.path.isdir(path):
+        return
+    if directory_ok and not path.endswith(suffixes):
+        return
+    raise UsageError(f"{option} {path}: give a file name ending in {' or '.join(suffixes)}"
+                     + (" (or a directory)" if directory_ok else ""))
 
 
 def dry_run(args):
@@ -109,7 +138,7 @@ def dry_run(args):
           f"--grad-checkpointing trades compute for most of them)")
 
 
-# `train` defaults: the paper's settings (SPEC 1.3), and for the toy what distills its teacher on 2 CPU
+# `train` defaults: the paper's settings (as in the official scripts), and for the toy what distills its teacher on 2 CPU
 # cores within minutes (tuned on the shipped teacher; see README)
 TRAIN_DEFAULTS = {
     "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5, ema=0.0,
@@ -132,7 +161,7 @@ def report_toy(pipe, student, model, out, n):
     teacher's figures come from the repo's teacher_metrics.json when measured under the same protocol."""
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
     protocol = {**toy.PROTOCOL, "n": n}
-    cached = toy.cached_teacher_metrics(model, protocol)
+    cached, _ = toy.cached_teacher_metrics(model, protocol, toy.teacher_fingerprint(pipe))
     results, rows = toy.evaluate_toy(pipe, student.eval(), classifier, cached=cached, **protocol)
     image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
         os.path.join(out, "comparison.png"))
@@ -152,6 +181,8 @@ def cmd_train(args):
         prompts = [toy.prompt(a) for a in toy.all_attributes()]
     else:
         raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
+    if args.resume:
+        find_checkpoint(args.out, args.resume)  # before anything is written to --out
     rank, world, local_rank = distributed()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -160,9 +191,8 @@ def cmd_train(args):
     model = args.model or BACKBONES[args.backbone].repo
     pipe = load_pipeline(args.backbone, model, dtype=dtype, device=device, vae=rank == 0)
     tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     max_steps=args.max_steps, epochs=args.epochs,
-                     resolution=args.resolution or BACKBONES[args.backbone].resolution, lr=args.lr,
-                     lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
+                     max_steps=args.max_steps, epochs=args.epochs, resolution=check_resolution(pipe, args.resolution),
+                     lr=args.lr, lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
                      mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
                      validate_every=args.validate_every, resume=args.resume)
@@ -179,100 +209,142 @@ def cmd_train(args):
 
 
 def cmd_pretrain(args):
+    if os.path.isfile(os.path.join(args.out, "unet", "config.json")) and not args.overwrite:
+        raise UsageError(f"--out {args.out} already holds a model (unet/config.json); pass --overwrite to replace "
+                         f"it (the shipped assets/toy too), or give another --out")
     pretrain.pretrain_toy(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
 
-def load_run(run_dir, checkpoint="latest"):
+def load_run(run_dir, checkpoint="latest", ema=False):
     """A `train` run directory: its options (run.json), the checkpoint file (`checkpoint`: a path or latest),
-    the pipeline (no VAE) and the student and fake score networks holding that checkpoint's adapters."""
+    the pipeline (no VAE) and the student and fake score networks holding that checkpoint's adapters; with
+    `ema`, the student holds the checkpoint's EMA adapters when it has them (what `train` exports)."""
+    if not os.path.isfile(os.path.join(run_dir, "run.json")):
+        raise LoadError(f"--run {run_dir} is not a train run directory (it has no run.json)")
     run = read_json(os.path.join(run_dir, "run.json"))
-    checkpoint = find_checkpoint(run_dir, checkpoint)
+    checkpoint = find_checkpoint(run_dir, checkpoint, option="--run" if checkpoint == "latest" else "--checkpoint")
     pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
     student, fake = build_networks(pipe.unet, run["rank"], run["rank_fake"], run["adapter"])
-    load_checkpoint(checkpoint, student, fake, {}, None)
+    load_checkpoint(checkpoint, student, fake, {}, None, log=lambda _: None)
+    averaged = own_adapters(read_tensors(checkpoint), "ema")
+    if ema and averaged:
+        load_adapters(student, averaged)
     return run, checkpoint, pipe, student, fake
 
 
 def cmd_export(args):
-    run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest")
+    check_out_file(args.out, (".safetensors",), "--out")
+    run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest", ema=not args.raw)
+    weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
     meta = {"backbone": run["backbone"], "base_model": run["base_model"], "a_T": VSDConfig().a_T,
             "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
-    print(f"wrote {args.out} (merged one-step U-Net from {checkpoint})")
+    print(f"wrote {args.out} (merged one-step U-Net from {checkpoint}, {weights})")
 
 
-def add_common(p):
-    p.add_argument("--backbone", choices=sorted(BACKBONES), default="sd15")
-    p.add_argument("--model", help="Hugging Face repo id or local directory in the same layout "
-                                   "(default: the backbone's repo, see SPEC 1.4)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on GPU, fp32 on CPU)")
+def add_common(p, backbone_help="the model family (default: sd15)", default="sd15"):
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=sorted(BACKBONES), default=default, help=backbone_help)
+    g.add_argument("--model", help="base model: a Hugging Face repo id or a local directory in the same layout "
+                                   "(default: the backbone's repo, README \"Backbones\")")
+    g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
+    return g
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="wadi.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = cli.Parser(prog="wadi.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
 
-    p = sub.add_parser("sample", help="one-step (student) or DDIM (teacher) text-to-image sampling")
-    add_common(p)
-    p.add_argument("--unet", help="one-step student: a U-Net safetensors file in diffusers keys (our export, "
-                                  "or the official gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors: "
-                                  "a local path or owner/repo/file on the Hub)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompt file: text (one per line), JSON list, or JourneyDB .jsonl")
-    p.add_argument("--out", required=True, help="FILE.png, or a directory")
-    p.add_argument("--steps", type=int, default=1, help="1: one-step generation; >1: DDIM with CFG")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale for DDIM")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--num-per-prompt", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
-    p.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
+    p = sub.add_parser("sample", help="one-step (student) or DDIM (teacher) text-to-image sampling",
+                       description="One-step images from a distilled student, or DDIM + CFG images from the teacher.")
+    add_common(p, "the model family (default: the one recorded in --unet's metadata, else sd15)", None)
+    g = p.add_argument_group("what to draw")
+    g.add_argument("--unet", help="one-step student: a full U-Net in diffusers keys, safetensors or a PyTorch "
+                                  "state dict (our export, the official gudaochangsheng/WaDi/"
+                                  "rotated_unet-sdv1-5.safetensors, DMD2's pytorch_model.bin): a local path or "
+                                  "owner/repo/file on the Hub (default: the base model's own U-Net, the teacher)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="prompt file: text (one per line), JSON list, or JourneyDB .jsonl")
+    g.add_argument("--num-per-prompt", type=cli.POSITIVE, default=1, help="images per prompt")
+    g.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="image i uses seed + i, whatever the batch")
+    g.add_argument("--out", required=True, help="FILE.png, or a directory (00000.png, ...)")
+    g.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--steps", type=cli.POSITIVE, default=1,
+                   help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
+    g.add_argument("--guidance", type=cli.SCALE, default=7.5, help="CFG scale for DDIM")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--batch-size", type=cli.POSITIVE, default=4, help="images per forward pass")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)")
+    p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)",
+                       description="Variational score distillation with LoRaD adapters (paper Sec. 3). "
+                                   "Options marked 'backbone default' take the paper's value for sd15 / sd21 and "
+                                   "the tuned toy value for toy (README \"The toy backbone\").")
     add_common(p)
-    p.add_argument("--prompts", help="training prompts: text (one per line), JSON list, or JourneyDB .jsonl")
-    p.add_argument("--out", help="run directory: log, checkpoints, samples, student (default: runs/BACKBONE)")
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
-    p.add_argument("--lr", type=float, help="student learning rate")
-    p.add_argument("--lr-fake", type=float, help="fake score network learning rate")
-    p.add_argument("--rank", type=int, help="student adapter rank")
-    p.add_argument("--rank-fake", type=int, help="fake score adapter rank")
-    p.add_argument("--guidance", type=float, help="CFG scale of teacher and fake score")
-    p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
-    p.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
-                   help="frozen weights and activations in half precision; adapters stay fp32")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--ema", type=float, nargs="?", const=0.999,
-                   help="EMA of the student adapter: its decay (0.999 when given bare; default off, toy 0.99; 0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--validate-every", type=int)
-    p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
-    p.add_argument("--eval-samples", type=int, default=toy.REPORT_SAMPLES,
-                   help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}); "
-                        f"the shipped teacher's figures are cached for {toy.REPORT_SAMPLES}")
-    p.add_argument("--dry-run", action="store_true",
+    g = p.add_argument_group("data and run")
+    g.add_argument("--prompts", help="training prompts: text (one per line), JSON list, or JourneyDB .jsonl "
+                                     "(required except for the toy, which uses its 128 prompts)")
+    g.add_argument("--out", help="run directory: log, checkpoints, samples, student (default: runs/BACKBONE)")
+    g.add_argument("--resume", help="a checkpoint file, or `latest` in --out: continue exactly where it stopped")
+    g.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="adapter initialisation, noise and data order")
+    g.add_argument("--dry-run", action="store_true",
                    help="build the networks on the meta device from the built-in configs: counts and memory")
+    g = p.add_argument_group("method")
+    g.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad",
+                   help="the paper's LoRaD, or a baseline of its Table 2")
+    g.add_argument("--rank", type=cli.POSITIVE, help="student adapter rank (backbone default: 256 / toy 16)")
+    g.add_argument("--rank-fake", type=cli.POSITIVE, help="fake score adapter rank (backbone default: 32 / toy 8)")
+    g.add_argument("--guidance", type=cli.SCALE, help="CFG scale of teacher and fake score "
+                                                      "(backbone default: 1.5 / toy 3)")
+    g.add_argument("--ema", type=cli.number(0, 1, high_open=True), nargs="?", const=0.999,
+                   help="EMA decay of the student adapter, 0.999 when given bare, 0 off "
+                        "(backbone default: off / toy 0.99)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=cli.POSITIVE, help="prompts per process and micro-step "
+                                                          "(backbone default: 16 / toy 4)")
+    g.add_argument("--grad-accum", type=cli.POSITIVE, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--max-steps", type=cli.NON_NEGATIVE, help="optimizer steps; 0: run --epochs "
+                                                             "(backbone default: 0 / toy 1200)")
+    g.add_argument("--epochs", type=cli.number(0, low_open=True), default=2.0,
+                   help="passes over the prompts when --max-steps is 0")
+    g.add_argument("--lr", type=cli.RATE, help="student learning rate (backbone default: 1e-4 / toy 1e-3)")
+    g.add_argument("--lr-fake", type=cli.RATE, help="fake score learning rate (backbone default: 1e-2)")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
+                   help="frozen weights and activations in half precision; adapters stay fp32")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, about a quarter more time")
+    g = p.add_argument_group("checkpoints and validation")
+    g.add_argument("--checkpoint-every", type=cli.POSITIVE, help="steps between checkpoints "
+                                                                "(backbone default: 500 / toy 300)")
+    g.add_argument("--validate-every", type=cli.POSITIVE, help="steps between sample grids "
+                                                              "(backbone default: 500 / toy 300)")
+    g.add_argument("--eval-samples", type=cli.integer(2), default=toy.REPORT_SAMPLES,
+                   help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}; "
+                        f"the shipped teacher's figures are cached for {toy.REPORT_SAMPLES}, default: %(default)s)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch (rebuilds assets/toy)")
-    p.add_argument("--backbone", choices=["toy"], default="toy")
-    p.add_argument("--out", default=BACKBONES["toy"].repo)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch",
+                       description="Train the toy backbone (teacher, text encoder, tokenizer, classifier) and "
+                                   "measure the teacher; writes a model directory in the SD layout.")
+    p.add_argument("--backbone", choices=["toy"], default="toy", help="only the toy is pretrained here")
+    p.add_argument("--out", default=os.path.join("runs", "pretrain-toy"),
+                   help="the model directory to write (use it with --model); the shipped one is assets/toy")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
+    p.add_argument("--steps", type=cli.POSITIVE, default=1500, help="teacher training steps")
+    p.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images per teacher step")
+    p.add_argument("--lr", type=cli.RATE, default=1e-3, help="teacher learning rate (AdamW, 5%% warm-up)")
+    p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key U-Net file")
+    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key U-Net file",
+                       description="Merge a train run's adapters into one U-Net file (diffusers keys): the run's "
+                                   "own student, i.e. its EMA when the run kept one.")
     p.add_argument("--run", required=True, help="the run directory of `train`")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the latest in --run)")
+    p.add_argument("--raw", action="store_true", help="merge the raw student adapters even when the run kept an EMA")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.set_defaults(func=cmd_export)
     return parser
@@ -282,6 +354,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except (LoadError, UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -289,4 +364,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside the training loop, which saves its step and returns 130 itself
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,4 +1,4 @@
-"""Time one VSD training step (SPEC 1.3) of our loop against a re-creation of the official one (SPEC 5).
+"""Time one VSD training step (paper Sec. 3.3) of our loop against a re-creation of the official one.
 
 A step is what vsd.train does per batch, minus data loading and text encoding (the text embeddings are
 random tensors of the right shape): the student's one-step forward and backward, the four no-grad CFG

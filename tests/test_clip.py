@@ -167,6 +167,18 @@ def test_tokenizer_matches_transformers(backbone, tokenizer_dirs):
         assert g.tolist() == w.tolist(), prompt
 
 
+@pytest.mark.parametrize("backbone", ["sd15", "sd21"])
+def test_tokenizer_reads_the_tokenizer_json_of_transformers_5(backbone, tokenizer_dirs, tmp_path):
+    """transformers 5's save_pretrained writes tokenizer.json + tokenizer_config.json only (no vocab.json,
+    merges.txt): the same vocabulary read from there gives the same ids on the real-world prompts."""
+    transformers.CLIPTokenizer.from_pretrained(tokenizer_dirs[backbone]).save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    want = CLIPTokenizer(tokenizer_dirs[backbone])(PROMPTS)
+    got = CLIPTokenizer(str(tmp_path))(PROMPTS)
+    assert got.tolist() == want.tolist()
+    assert (want[:, 0] == 49406).all() and (want != want[0, -1]).sum() > 10 * len(PROMPTS)
+
+
 def test_tokenizer_layout(tokenizer_dirs):
     sd15, sd21 = CLIPTokenizer(tokenizer_dirs["sd15"]), CLIPTokenizer(tokenizer_dirs["sd21"])
     cat = [49406, 320, 1125, 539, 320, 2368, 49407]  # <|startoftext|> a photo of a cat <|endoftext|>

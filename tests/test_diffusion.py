@@ -51,13 +51,65 @@ def test_ddim_matches_diffusers(prediction):
     torch.manual_seed(0)
     z, c, c0 = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 5), torch.zeros(2, 3, 5)
     ours = ddim_sample(toy_net, NoiseSchedule.from_config(cfg), z, c, c0, steps=10, guidance=3.0)
-    ref.set_timesteps(10)
-    x = z.clone()
-    for t in ref.timesteps:
-        t2 = t.expand(2)
-        pred = toy_net(x, t2, c0) + 3.0 * (toy_net(x, t2, c) - toy_net(x, t2, c0))
-        x = ref.step(pred, t, x).prev_sample
+    x = diffusers_ddim(ref, z, c, c0, 10, 3.0)
     assert (ours - x).abs().max() / x.abs().max() < 1e-5
+
+
+def diffusers_ddim(scheduler, z, c, c0, steps, guidance):
+    scheduler.set_timesteps(steps)
+    x = z.clone()
+    for t in scheduler.timesteps:
+        t2 = t.expand(len(z))
+        pred = toy_net(x, t2, c0) + guidance * (toy_net(x, t2, c) - toy_net(x, t2, c0))
+        x = scheduler.step(pred, t, x).prev_sample
+    return x
+
+
+# every scheduler_config key our DDIM reads, each value, on SD2.1's config (v-prediction, leading, offset 1)
+DDIM_KEYS = [("timestep_spacing", "leading"), ("timestep_spacing", "trailing"), ("timestep_spacing", "linspace"),
+             ("steps_offset", 0), ("steps_offset", 1), ("clip_sample", True), ("clip_sample", False),
+             ("clip_sample_range", 0.5), ("set_alpha_to_one", True), ("set_alpha_to_one", False)]
+
+
+@pytest.mark.parametrize("key, value", DDIM_KEYS)
+@pytest.mark.parametrize("steps", [4, 1])
+def test_ddim_follows_every_scheduler_key_as_diffusers(key, value, steps):
+    from diffusers import DDIMScheduler
+    cfg = schedule_config("sd21", **{key: value}, **({"clip_sample": True} if key == "clip_sample_range" else {}))
+    torch.manual_seed(0)
+    z, c, c0 = 3 * torch.randn(2, 4, 8, 8), torch.randn(2, 3, 5), torch.zeros(2, 3, 5)
+    schedule = NoiseSchedule.from_config(cfg)
+    ref = DDIMScheduler.from_config(cfg)
+    ref.set_timesteps(steps)
+    assert schedule.ddim_timesteps(steps) == ref.timesteps.tolist()
+    ours = ddim_sample(toy_net, schedule, z, c, c0, steps=steps, guidance=3.0)
+    want = diffusers_ddim(ref, z, c, c0, steps, 3.0)
+    assert (ours - want).abs().max() / want.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("spacing, offset", [("trailing", 1), ("linspace", 0), ("leading", 0)])
+def test_ddim_takes_every_step_count_up_to_the_schedule(spacing, offset):
+    from diffusers import DDIMScheduler
+    cfg = schedule_config("sd15", timestep_spacing=spacing, steps_offset=offset)
+    ref = DDIMScheduler.from_config(cfg)
+    ref.set_timesteps(1000)
+    assert NoiseSchedule.from_config(cfg).ddim_timesteps(1000) == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("steps, message", [(0, "1 to 1000 steps"), (-1, "1 to 1000 steps"), (1001, "1 to 1000 steps"),
+                                            (2000, "1 to 1000 steps"), (1000, "use at most 999 steps")])
+def test_ddim_step_counts_out_of_range_are_clear_errors(steps, message):
+    schedule = NoiseSchedule.from_config(schedule_config("sd15"))  # leading, steps_offset 1
+    with pytest.raises(ValueError, match=message):
+        schedule.ddim_timesteps(steps)
+    assert schedule.ddim_timesteps(999)[0] == 999
+
+
+@pytest.mark.parametrize("key, value", [("rescale_betas_zero_snr", True), ("thresholding", True),
+                                        ("timestep_spacing", "karras"), ("trained_betas", [0.1] * 1000)])
+def test_unimplemented_scheduler_keys_are_clear_errors(key, value):
+    with pytest.raises(ValueError, match=f"unsupported scheduler config: {key}="):
+        NoiseSchedule.from_config(schedule_config("sd21", **{key: value}))
 
 
 def test_v_prediction_roundtrip():

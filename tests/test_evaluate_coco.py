@@ -300,3 +300,29 @@ def test_errors_are_one_line(env, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             evaluate.main(coco_args(env, tmp_path / "o") + extra)
         assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("damage", ["half", "empty", "text"])
+def test_a_broken_image_is_one_line_naming_it(env, first, tmp_path, capsys, damage):
+    """A PNG cut to half its bytes, an empty file, or a text file named .png: in --images, and among the
+    generated images of a resumed --coco run (found before any image is generated)."""
+    folder = tmp_path / "theirs"
+    shutil.copytree(os.path.join(first.out, "images"), folder)
+    bad = folder / "00002.png"
+    data = bad.read_bytes()
+    bad.write_bytes({"half": data[:len(data) // 2], "empty": b"", "text": b"not an image\n"}[damage])
+    want = {"half": "the PNG is cut short", "empty": "the file is empty",
+            "text": "not an image file"}[damage]
+    capsys.readouterr()
+    assert evaluate.main(coco_args(env, tmp_path / "x", "--images", str(folder))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read the image {bad}: {want}"), lines
+
+    os.remove(folder / "00003.png")  # a resumed run would generate image 3: the check comes first
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed)
+    shutil.move(str(folder), resumed / "images")
+    assert evaluate.main(coco_args(env, resumed, *generate_args(env))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: cannot read the image {resumed / 'images' / '00002.png'}: {want}")
+    assert not (resumed / "images" / "00003.png").exists()

@@ -46,17 +46,32 @@ def test_inception_matches_pytorch_fid(monkeypatch, tmp_path):
     ref = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], use_fid_inception=True).eval()
     ours = inception.load_inception(path)
 
-    # The same 299 x 299 image: ours takes [0, 255], pytorch-fid takes [0, 1] and maps it to [-1, 1]
-    # itself (its bilinear resize to 299 is the identity at this size).
+    # The same 299 x 299 image: ours takes [0, 255] and scales it as clean-fid does, (x - 128) / 128;
+    # pytorch-fid takes y in [0, 1] and feeds 2 y - 1, so y = (x - 128) / 256 + 1 / 2 gives the network the
+    # same input (its bilinear resize to 299 is the identity at this size).
     torch.manual_seed(1)
     x = torch.rand(2, 3, 299, 299) * 255
     with torch.no_grad():
-        want = ref(x / 255)[0].flatten(1)  # (2, 2048)
+        want = ref((x - 128) / 256 + 0.5)[0].flatten(1)  # (2, 2048)
         got = ours(x)  # (2, 2048)
+        pytorch_fid_input = ref(x / 255)[0].flatten(1)  # pytorch-fid's own scaling of the same image
     assert got.shape == (2, 2048)
     assert want.abs().max() > 0.1 and want.std() > 0.01
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
     assert not torch.allclose(got[0], got[1], rtol=1e-2)
+    assert ((got - pytorch_fid_input).abs().max() / want.abs().max()).item() > 1e-3  # the scalings differ
+
+
+def test_inception_input_is_clean_fids():
+    """clean-fid's InceptionV3W feeds the TF graph (x - 128) / 128 of the resized [0, 255] image: the first
+    convolution of ours sees exactly that."""
+    seen = []
+    model = inception.InceptionV3().eval()
+    model.Conv2d_1a_3x3.conv.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.tensor([0.0, 128.0, 255.0]).view(1, 3, 1, 1).expand(1, 3, 299, 299)
+    with torch.no_grad():
+        model(x)
+    assert seen[0][0, :, 0, 0].tolist() == [-1.0, 0.0, 127 / 128]
 
 
 def test_load_inception_reads_safetensors(tmp_path):

@@ -1,6 +1,7 @@
 """The distillation step and loop (vsd.py) and `wadi.py train / export` on a tiny SD repository."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loading
 import vsd
 import wadi
 from lorad import adapter_state_dict, load_adapters, merge_adapters
@@ -131,7 +133,7 @@ def test_resume_continues_exactly(repo, tmp_path):
         if not k.startswith("rng."):
             assert torch.equal(a[k], b[k]), k
     # both optimizers are the fused AdamW (vsd.ADAMW), also after a resume restored their param groups
-    from pipeline import file_metadata
+    from loading import file_metadata
     for run in ("straight", "split"):
         groups = json.loads(file_metadata(str(tmp_path / run / "checkpoint-0000004.safetensors"))["param_groups"])
         assert [g[0]["fused"] for g in groups.values()] == [True, True], run
@@ -166,7 +168,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(repo, tmp_path, monkeypatch):
             f.write(b"half a file")
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(vsd, "save_file", crash)
+    monkeypatch.setattr(loading, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "1", "--resume", "latest")
     monkeypatch.undo()
@@ -225,7 +227,7 @@ def test_export_loads_in_diffusers_and_matches_adapted_student(repo, tmp_path):
         teacher = pipe.unet(x, 999, c)
     assert (got - expected).abs().max() / expected.abs().max() < 1e-5
     assert (teacher - expected).abs().max() > 1e-4  # the student is not the teacher
-    from pipeline import file_metadata
+    from loading import file_metadata
     meta = file_metadata(exported)
     assert meta["a_T"] == "0.0047" and meta["backbone"] == "sd15" and meta["base_model"] == repo
 
@@ -256,3 +258,95 @@ def test_two_process_ddp_with_gloo(repo, tmp_path):
     noise = [float(open(os.path.join(out, f"loss-rank{r}.txt")).read()) for r in (0, 1)]
     assert noise[0] != noise[1]  # each rank drew its own noise and prompts
     assert os.path.isfile(os.path.join(out, "student.safetensors"))
+
+
+def test_interrupt_saves_the_step_and_resume_is_exact(repo, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 2 finishes that step, saves it atomically and exits 130 with one line naming the
+    checkpoint; --resume latest then gives exactly the adapters of an uninterrupted run."""
+    assert train_cli(repo, tmp_path / "straight", "--max-steps", "4", "--checkpoint-every", "100") == 0
+    real, calls = vsd.generator_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # as the terminal sends it, in the middle of step 2
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vsd, "generator_loss", interrupted)
+    out = tmp_path / "split"
+    capsys.readouterr()
+    assert train_cli(repo, out, "--max-steps", "4", "--checkpoint-every", "100") == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"interrupted: interrupted at step 2 of 4: saved {out / 'checkpoint-0000002.safetensors'}; "
+                    f"continue with the same command and --resume latest"), line
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-0000002.safetensors"]
+    assert not (out / "student.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.undo()
+    assert train_cli(repo, out, "--max-steps", "4", "--checkpoint-every", "100", "--resume", "latest") == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint-0000004.safetensors"))
+    b = load_file(str(out / "checkpoint-0000004.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    sa, sb = (load_file(str(d / "student.safetensors")) for d in (tmp_path / "straight", out))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_second_interrupt_stops_at_once():
+    with vsd.interruptible() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop["requested"]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_export_gives_the_runs_own_student(repo, tmp_path, capsys):
+    """A run with EMA exports its EMA student, and so does `export --run` (--raw merges the raw adapters)."""
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "4", "--checkpoint-every", "4", "--ema", "0.5", "--lr", "1e-2") == 0
+    trained = load_file(str(out / "student.safetensors"))
+    assert wadi.main(["export", "--run", str(out), "--out", str(tmp_path / "ema.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "ema.safetensors"))
+    assert all(torch.equal(trained[k], exported[k]) for k in trained)
+    assert wadi.main(["export", "--run", str(out), "--raw", "--out", str(tmp_path / "raw.safetensors")]) == 0
+    raw = load_file(str(tmp_path / "raw.safetensors"))
+    assert max((raw[k] - trained[k]).abs().max().item() for k in trained) > 1e-4
+
+
+def test_ema_can_be_switched_on_or_off_at_a_resume(repo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "2") == 0
+    capsys.readouterr()
+    assert train_cli(repo, out, "--max-steps", "3", "--checkpoint-every", "1", "--ema", "0.5",
+                     "--resume", "latest") == 0
+    assert "has no EMA: the student's EMA starts from its adapters at step 2" in capsys.readouterr().out
+    two, three = (load_file(str(out / f"checkpoint-000000{i}.safetensors")) for i in (2, 3))
+    for k in (k for k in three if k.startswith("ema.")):  # e_3 = 0.5 theta_2 + 0.5 theta_3
+        torch.testing.assert_close(three[k], 0.5 * two["student." + k[4:]] + 0.5 * three["student." + k[4:]])
+    assert train_cli(repo, out, "--max-steps", "4", "--checkpoint-every", "1", "--resume", "latest") == 0
+    assert "which this run (EMA off) does not use" in capsys.readouterr().out
+    assert not any(k.startswith("ema.") for k in load_file(str(out / "checkpoint-0000004.safetensors")))
+
+
+def test_run_files_logs_and_messages(repo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "2", "--resume", "latest") == 2  # no checkpoint to resume from
+    assert not out.exists() or "run.json" not in os.listdir(out)  # a failed --resume leaves nothing behind
+    old = os.umask(0o022)
+    try:
+        assert train_cli(repo, out, "--max-steps", "1") == 0
+    finally:
+        os.umask(old)
+    for name in ("checkpoint-0000001.safetensors", "student.safetensors", "run.json", "train.log"):
+        assert oct(os.stat(out / name).st_mode & 0o777) == "0o644", name
+    line = (out / "train.log").read_text().splitlines()[0]
+    assert line.startswith("step 1 loss_G ") and " time 20" in line  # each line carries its date and time
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text((out / "run.json").read_text())
+    assert wadi.main(["export", "--run", str(empty), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --run: no checkpoint-*.safetensors in {empty}")
+    assert wadi.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "is not a train run directory (it has no run.json)" in capsys.readouterr().err
+    assert wadi.main(["export", "--run", str(out), "--out", str(tmp_path) + "/"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""pipeline.py: prompt files as editors and JourneyDB write them, the backbone and base model of a student
+file, students as they are published (pickles), and tokenizer folders as transformers 5 writes them."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import wadi
+from evaluate import caption_hash
+from loading import LoadError
+from pipeline import BACKBONES, load_pipeline, load_tokenizer, read_prompts, student_backbone
+
+PROMPTS = ["a photo of a cat", "a watercolor of a lighthouse, at dawn", "émigré café"]
+
+
+@pytest.mark.parametrize("bom", [False, True])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_text_json_and_jsonl_read_the_same_with_a_bom_or_crlf(bom, newline, tmp_path):
+    """Windows editors save with a byte-order mark and CRLF line ends: neither changes the prompts or the
+    caption hash that evaluate.py logs."""
+    prefix = "\ufeff" if bom else ""
+    files = {"p.txt": newline.join(PROMPTS) + newline, "p.json": json.dumps(PROMPTS, ensure_ascii=False),
+             "p.jsonl": newline.join(json.dumps({"Task2": {"Caption": p}}, ensure_ascii=False) for p in PROMPTS)}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes((prefix + text).encode("utf-8"))
+        got = read_prompts(str(tmp_path / name))
+        assert got == (sorted(PROMPTS) if name.endswith(".jsonl") else PROMPTS), (name, got)
+    assert caption_hash(read_prompts(str(tmp_path / "p.txt"))) == caption_hash(PROMPTS)
+
+
+def test_journeydb_rows_without_a_caption_are_skipped_and_counted(tmp_path):
+    rows = [{"Task2": {"Caption": "zeta"}}, {"Task2": {"Caption": None}}, {"Task2": {"caption": "alpha"}},
+            {"Task2": {"Caption:": "beta"}}, {"Task2": {"Caption": ""}}, {"Task2": {"Caption": "   "}},
+            {"Task2": {}}, {"prompt": "gamma"}, {"img_path": "./000/x.jpg"}]
+    path = tmp_path / "train_anno.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = []
+    assert read_prompts(str(path), log=lines.append) == ["alpha", "beta", "gamma", "zeta"]
+    assert lines == [f"{path}: skipped 5 prompts without a caption"]
+    path.write_text(json.dumps({"Task2": {"Caption": None}}) + "\n")
+    with pytest.raises(LoadError, match="has no prompts"):
+        read_prompts(str(path), log=lines.append)
+
+
+def test_a_student_file_brings_its_backbone_and_base_model(tmp_path):
+    toy_unet = os.path.join(BACKBONES["toy"].repo, "unet", "diffusion_pytorch_model.safetensors")
+    student = str(tmp_path / "student.safetensors")
+    save_file(load_file(toy_unet), student, metadata={"backbone": "toy", "base_model": "/nowhere/on/this/machine"})
+    assert student_backbone(None, None, student, "--unet") == ("toy", BACKBONES["toy"].repo)
+    assert student_backbone("toy", "my/repo", student, "--unet") == ("toy", "my/repo")
+    assert student_backbone(None, None, None, "--unet") == ("sd15", BACKBONES["sd15"].repo)
+    with pytest.raises(LoadError, match="--backbone sd15 contradicts --unet .*a toy student"):
+        student_backbone("sd15", None, student, "--unet")
+    save_file(load_file(toy_unet), student, metadata={"backbone": "toy", "base_model": str(tmp_path)})
+    assert student_backbone(None, None, student, "--unet") == ("toy", str(tmp_path))
+
+    # the command: no --backbone needed, a contradicting one is one line
+    out = str(tmp_path / "x.png")
+    save_file(load_file(toy_unet), student, metadata={"backbone": "toy"})
+    assert wadi.main(["sample", "--unet", student, "--prompt", "a large red circle at the top left", "--out", out]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert wadi.main(["sample", "--unet", student, "--backbone", "sd21", "--prompt", "a", "--out", out]) == 2
+
+
+def test_a_pickled_student_samples_as_its_safetensors_twin(tmp_path):
+    """Published students often ship as pickled state dicts (DMD2's pytorch_model.bin)."""
+    state = load_file(os.path.join(BACKBONES["toy"].repo, "unet", "diffusion_pytorch_model.safetensors"))
+    torch.manual_seed(0)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    save_file(state, str(tmp_path / "student.safetensors"))
+    images = []
+    for name in ("pytorch_model.bin", "student.safetensors"):
+        out = str(tmp_path / f"{name}.png")
+        assert wadi.main(["sample", "--backbone", "toy", "--unet", str(tmp_path / name), "--prompt",
+                          "a small blue cross at the bottom right", "--seed", "4", "--out", out]) == 0
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images) and images[0].std() > 5
+
+
+def test_the_tokenizer_folder_of_transformers_5(tmp_path):
+    """A repo whose tokenizer/ holds only tokenizer.json + tokenizer_config.json (transformers 5's
+    save_pretrained) loads, with the same ids as its vocab.json + merges.txt twin."""
+    import transformers
+    toy = BACKBONES["toy"].repo
+    model = tmp_path / "toy"
+    shutil.copytree(toy, model)
+    shutil.rmtree(model / "tokenizer")
+    transformers.CLIPTokenizer.from_pretrained(os.path.join(toy, "tokenizer")).save_pretrained(model / "tokenizer")
+    assert sorted(os.listdir(model / "tokenizer")) == ["tokenizer.json", "tokenizer_config.json"]
+    prompts = ["a large red circle at the top left", "a small yellow cross at the bottom right", ""]
+    assert load_tokenizer(str(model))(prompts).tolist() == load_tokenizer(toy)(prompts).tolist()
+    assert torch.equal(load_pipeline("toy", str(model)).encode_prompts(prompts),
+                       load_pipeline("toy", toy).encode_prompts(prompts))
