@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from loading import LoadError
 from lorad import (ADAPTERS, DoRALinear, LoRALinear, LoRaDLinear, add_adapters, adapter_state_dict,
                    count_trainable, load_adapters, merge_adapters, rotate_pairs, save_adapters)
+from dit import PixArt
 from unet import UNet
 from tests.test_unet import small_config
 
@@ -162,6 +163,26 @@ def test_trainable_counts_match_paper(backbone, target, rank, expected):
         unet = add_adapters(UNet.from_config(cfg), target, rank)
     assert count_trainable(unet) == expected
     assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+
+
+# SPEC 1.2: the paper's PixArt student (every nn.Linear but adaLN-single's, which holds the 1024-MS
+# micro-condition embedders too) and fake score (the blocks' nn.Linears)
+PIXART_COUNTS = [(256, "dit_student", 128, 81_219_584), (512, "dit_student", 128, 81_219_584),
+                 (1024, "dit_student", 128, 81_219_584), (256, "dit_fake", 32, 20_127_744),
+                 (1024, "dit_fake", 32, 20_127_744)]
+
+
+@pytest.mark.parametrize("resolution,target,rank,expected", PIXART_COUNTS)
+def test_pixart_trainable_counts_match_paper(resolution, target, rank, expected):
+    with open(f"configs/pixart-{resolution}/transformer/config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        model = add_adapters(PixArt.from_config(cfg), target, rank)
+    assert count_trainable(model) == expected
+    names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(model)}
+    assert not any(n.startswith("adaln_single.") for n in names)
+    assert ("proj_out" in names) == ("caption_projection.linear_1" in names) == (target == "dit_student")
+    assert len(names) == {"dit_student": 283, "dit_fake": 280}[target]
 
 
 def test_fake_rule_skips_projections_and_time():
