@@ -263,7 +263,8 @@ class PixArt(nn.Module):
         encoder_hidden_states: (B, L, caption_channels); encoder_attention_mask: (B, L), 1 (or True) for
         tokens to attend to, 0 for padding, None for all; resolution (B, 2) [H, W] in pixels and
         aspect_ratio (B,) or (B, 1) H / W are used by the micro-conditioned 1024-MS model only and, when
-        None, are those of the image this latent decodes to (VAE_SCALE). Returns (B, out_channels, H, W)."""
+        None, are those of the image this latent decodes to (VAE_SCALE). Returns (B, out_channels, H, W);
+        a ValueError when H or W is not a multiple of patch_size."""
         B, p = sample.shape[0], self.config.patch_size
         if sample.shape[-2] % p or sample.shape[-1] % p:
             raise ValueError(f"PixArt: latent size {tuple(sample.shape[-2:])} is not a multiple of the patch size {p}")
