@@ -60,7 +60,7 @@ class PixArtConfig:
         norm_type "ada_norm_single" (that class defaults to a plain layer norm, not PixArt).
         interpolation_scale and use_additional_conditions, when absent or null, follow the sample size
         as in every diffusers version: max(sample_size // 64, 1) and sample_size == 128 (diffusers 0.25
-        had no such keys; none of the PixArt-alpha configs on the Hub sets them)."""
+        had no such keys; no PixArt-alpha config on the Hub sets them, reference A.5)."""
         name = cfg.get("_class_name", CLASS_NAMES[0])
         if name not in CLASS_NAMES:
             raise ValueError(f"unsupported PixArt config: _class_name={name!r} (supported: {CLASS_NAMES})")
@@ -84,6 +84,10 @@ class PixArtConfig:
                              f"patch_size={patch}")
         interpolation_scale = cfg.get("interpolation_scale")
         micro = cfg.get("use_additional_conditions")
+        micro = sample_size == 128 if micro is None else micro
+        if micro and heads * head_dim % 3:
+            raise ValueError(f"unsupported PixArt config: use_additional_conditions with an inner width "
+                             f"{heads * head_dim} not divisible by 3 (the size embeddings are a third each)")
         in_channels = cfg.get("in_channels", 4)
         out_channels = cfg.get("out_channels", 8)
         return cls(in_channels=in_channels, out_channels=in_channels if out_channels is None else out_channels,
@@ -92,7 +96,7 @@ class PixArtConfig:
                    sample_size=sample_size, patch_size=patch, attention_bias=cfg.get("attention_bias", True),
                    norm_eps=cfg.get("norm_eps", 1e-6),
                    interpolation_scale=max(sample_size // 64, 1) if interpolation_scale is None else interpolation_scale,
-                   use_additional_conditions=sample_size == 128 if micro is None else micro)
+                   use_additional_conditions=micro)
 
 
 def sincos_pos_embed_2d(dim, h, w, base_size, interpolation_scale, device=None):

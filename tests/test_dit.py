@@ -193,9 +193,9 @@ def test_bad_latent_size_is_a_clear_error():
 @pytest.mark.parametrize("key,value", [("norm_type", "ada_norm_zero"), ("activation_fn", "geglu"),
                                         ("caption_channels", None), ("cross_attention_dim", 32),
                                         ("_class_name", "DiTTransformer2DModel"), ("norm_elementwise_affine", True),
-                                        ("sample_size", 15)])
+                                        ("sample_size", 15), ("use_additional_conditions", True)])
 def test_unsupported_config_is_a_clear_error(key, value):
     with pytest.raises(ValueError, match=f"unsupported PixArt config: .*{key}"):
-        PixArt.from_config(small_config(**{key: value}))
+        PixArt.from_config(small_config(**{"attention_head_dim": 8, "cross_attention_dim": 16, key: value}))
     with pytest.raises(ValueError, match="norm_type"):  # an old-style config must say it is PixArt
         PixArt.from_config({k: v for k, v in old_style(small_config()).items() if k != "norm_type"})
