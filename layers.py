@@ -137,13 +137,14 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
-def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=1.0, max_period=10000):
+def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=1.0, max_period=10000, dtype=torch.float32):
     """Sinusoidal embedding of (possibly fractional) timesteps t: (B,) -> (B, dim), as in DDPM and
-    diffusers' `get_timestep_embedding` (frequencies exp(-log(max_period) * i / (half - shift)))."""
+    diffusers' `get_timestep_embedding` (frequencies exp(-log(max_period) * i / (half - shift))),
+    computed in `dtype`. With flip_sin_to_cos=False, shift=0 and float64 it is also one axis of the
+    2-D sin-cos position embedding of ViT / DiT (dit.py)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                      / (half - shift))
-    args = t.float()[:, None] * freqs[None]  # (B, half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - shift))
+    args = t.to(dtype)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([args.sin(), args.cos()], dim=-1)
     if flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)

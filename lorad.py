@@ -119,6 +119,8 @@ TARGETS = {
     "unet_student": _in_unet_blocks,
     "unet_fake": lambda name: _in_unet_blocks(name) and not any(
         s in name for s in ("proj_in", "proj_out", "time_emb_proj")),
+    "dit_student": lambda name: not name.startswith("adaln_single."),  # the paper's 81.22M (SPEC 1.2)
+    "dit_fake": lambda name: name.startswith("transformer_blocks."),
 }
 
 

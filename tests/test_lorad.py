@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from loading import LoadError
 from lorad import (ADAPTERS, DoRALinear, LoRALinear, LoRaDLinear, add_adapters, adapter_state_dict,
                    count_trainable, load_adapters, merge_adapters, rotate_pairs, save_adapters)
+from dit import PixArt
 from unet import UNet
 from tests.test_unet import small_config
 
@@ -148,20 +149,40 @@ def test_lora_and_dora_formulas():
                           atol=1e-6)
 
 
-SD_COUNTS = [("sd15", "unet_student", 64, 20_948_992), ("sd15", "unet_student", 128, 41_897_984),
-             ("sd15", "unet_student", 256, 83_795_968), ("sd15", "unet_student", 512, 167_591_936),
-             ("sd15", "unet_fake", 16, 4_689_408), ("sd15", "unet_fake", 32, 9_378_816),
-             ("sd15", "unet_fake", 64, 18_757_632), ("sd21", "unet_student", 256, 94_429_184)]
+# SPEC 1.2. The PixArt student: every nn.Linear but adaLN-single's (which holds the 1024-MS micro-condition
+# embedders too); its fake score: the blocks' nn.Linears.
+COUNTS = [("sd15/unet", "unet_student", 64, 20_948_992), ("sd15/unet", "unet_student", 128, 41_897_984),
+          ("sd15/unet", "unet_student", 256, 83_795_968), ("sd15/unet", "unet_student", 512, 167_591_936),
+          ("sd15/unet", "unet_fake", 16, 4_689_408), ("sd15/unet", "unet_fake", 32, 9_378_816),
+          ("sd15/unet", "unet_fake", 64, 18_757_632), ("sd21/unet", "unet_student", 256, 94_429_184),
+          ("pixart-256/transformer", "dit_student", 128, 81_219_584),
+          ("pixart-512/transformer", "dit_student", 128, 81_219_584),
+          ("pixart-1024/transformer", "dit_student", 128, 81_219_584),
+          ("pixart-256/transformer", "dit_fake", 32, 20_127_744),
+          ("pixart-1024/transformer", "dit_fake", 32, 20_127_744)]
 
 
-@pytest.mark.parametrize("backbone,target,rank,expected", SD_COUNTS)
-def test_trainable_counts_match_paper(backbone, target, rank, expected):
-    with open(f"configs/{backbone}/unet/config.json") as f:
+@pytest.mark.parametrize("config,target,rank,expected", COUNTS)
+def test_trainable_counts_match_paper(config, target, rank, expected):
+    with open(f"configs/{config}/config.json") as f:
+        cfg = json.load(f)
+    network = PixArt if target.startswith("dit") else UNet
+    with torch.device("meta"):
+        model = add_adapters(network.from_config(cfg), target, rank)
+    assert count_trainable(model) == expected
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("target,layers", [("dit_student", 283), ("dit_fake", 280)])
+def test_dit_rules(target, layers):
+    with open("configs/pixart-1024/transformer/config.json") as f:
         cfg = json.load(f)
     with torch.device("meta"):
-        unet = add_adapters(UNet.from_config(cfg), target, rank)
-    assert count_trainable(unet) == expected
-    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+        model = add_adapters(PixArt.from_config(cfg), target, 4)
+    names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(model)}
+    assert len(names) == layers and not any(n.startswith("adaln_single.") for n in names)
+    assert ("proj_out" in names) == ("caption_projection.linear_1" in names) == (target == "dit_student")
+    assert "transformer_blocks.27.attn2.to_k" in names and "transformer_blocks.0.ff.net.2" in names
 
 
 def test_fake_rule_skips_projections_and_time():
