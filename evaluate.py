@@ -7,6 +7,8 @@ SwiftBrushV2:
     python evaluate.py --coco 2014 --steps 25 --guidance 3 --coco-dir DIR --out DIR   (the teacher, DDIM)
     python evaluate.py --coco 2017 --images FOLDER --coco-dir DIR --out DIR      (another project's images)
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
+    python evaluate.py --hps [FILE] --backbone sd15 --unet STUDENT.safetensors --hps-prompts DIR --out DIR
+                                                           (HPS v2.1 on the HPD v2 benchmark: hps.py)
 
 The metrics (metrics.py):
 
@@ -52,6 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toy
+from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, center_crop_resize, clip_score, feature_statistics, frechet_distance,
@@ -256,11 +259,14 @@ def evaluate_toy(args):
 
 
 def build_parser():
-    """The command line; a protocol (--coco) is required, the rest has the paper's defaults."""
+    """The command line; a protocol (--coco, --hps, --toy) is required, the rest has the paper's defaults."""
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     protocol = parser.add_mutually_exclusive_group(required=True)
     protocol.add_argument("--coco", choices=sorted(COCO),
                           help="COCO 2014 (30k captions, Table 1) or COCO 2017 (5k, Table A6)")
+    protocol.add_argument("--hps", nargs="?", const="", metavar="FILE",
+                          help=f"the HPD v2 benchmark scored by HPS v2 / v2.1 (hps.py); FILE: a local copy of the "
+                               f"checkpoint or a folder holding it (default: the Hub repo {HPS_REPO})")
     protocol.add_argument("--toy", action="store_true", help="the toy protocol: FD and prompt accuracy of the "
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
     parser.add_argument("--student", help="--toy: the merged one-step student (wadi.py train's student.safetensors)")
@@ -273,9 +279,14 @@ def build_parser():
     parser.add_argument("--num", "--num-images", type=int, help="evaluate the first N captions (default: 30000 / "
                                                                 "5000; under torchrun write --num-images, as "
                                                                 "torchrun takes --num for its --numa-binding)")
-    parser.add_argument("--out", help="--coco: output folder for metrics.json, grid.png, images/")
+    parser.add_argument("--out", help="--coco, --hps: output folder for metrics.json, grid.png, images/")
     parser.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... "
-                                         "numbered as the captions) instead of generating")
+                                         "numbered as the captions; --hps: one such folder per style) instead "
+                                         "of generating")
+    parser.add_argument("--hps-version", choices=sorted(HPS_FILES), default="2.1",
+                        help="--hps: the HPS checkpoint, v2 or v2.1 (default: %(default)s, the hpsv2 package's)")
+    parser.add_argument("--hps-prompts", metavar="DIR", help="--hps: folder of the HPD v2 benchmark prompts "
+                                                             "(anime.json, concept-art.json, paintings.json, photo.json)")
 
     g = parser.add_argument_group("generation")
     g.add_argument("--backbone", choices=sorted(BACKBONES), default="sd15")
@@ -306,6 +317,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.coco and not (args.coco_dir and args.out):
         parser.error("--coco needs --coco-dir DIR and --out DIR")
+    if args.hps is not None and not args.out:
+        parser.error("--hps needs --out DIR")
     if args.toy and not args.student:
         parser.error("--toy needs --student FILE")
     if args.images and (args.unet or args.model):
@@ -314,7 +327,7 @@ def main(argv=None):
         parser.error(f"--num must be above {1 if args.no_pr else PR_K} (FID needs 2 images, precision/recall "
                      f"with k={PR_K} needs {PR_K + 1})")
     try:
-        evaluate_toy(args) if args.toy else evaluate_coco(args)
+        evaluate_toy(args) if args.toy else evaluate_hps(args) if args.hps is not None else evaluate_coco(args)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
