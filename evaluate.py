@@ -7,6 +7,8 @@ SwiftBrushV2:
     python evaluate.py --coco 2014 --steps 25 --guidance 3 --coco-dir DIR --out DIR   (the teacher, DDIM)
     python evaluate.py --coco 2017 --images FOLDER --coco-dir DIR --out DIR      (another project's images)
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
+    python evaluate.py --hps [FILE] --backbone sd15 --unet STUDENT.safetensors --hps-prompts DIR --out DIR
+                                                           (HPS v2.1 on the HPD v2 benchmark: hps.py)
 
 The metrics (metrics.py):
 
@@ -39,30 +41,27 @@ The COCO protocol (`evaluate_coco`):
   torch.distributed.all_gather_object brings the features to every rank (gloo on CPU, NCCL on GPU);
   rank 0 computes the metrics and writes metrics.json, grid.png and the reference cache.
 """
-import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 import cli
 import toy
+from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
-from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_pipeline, load_unet_file, pick_dtype, read_prompts, \
-    student_a_T, student_backbone
-from vsd import distributed
+from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts
+from protocol import (IMAGE_EXTENSIONS, all_gather, caption_hash, exact_fp32, generate_folders, indexed_images,
+                      interleave, process_device)
 
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: captions and reference images
@@ -72,7 +71,6 @@ CLIP_PREFIX = "A photo depicts "  # GigaGAN's and DMD2's CLIP-score prompt (Hess
 PR_K = 3  # neighbours of the precision/recall manifolds
 GRID = 16  # generated images in grid.png
 CHUNK = 5000  # images held in memory at once while scoring (about 1.3 GB at 256 px)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def coco_captions(coco_dir, split):
@@ -129,108 +127,9 @@ def coco_protocol(year, coco_dir, captions_file=None, num=None):
     return captions[:num], source, references
 
 
-def caption_hash(captions):
-    """sha256 (hex) of the caption list as used: each caption followed by a newline, UTF-8."""
-    return hashlib.sha256("".join(c + "\n" for c in captions).encode()).hexdigest()
-
-
-# -----------------------------------------------------------------------------------------------
-# The COCO protocol: generation
-
-def image_path(directory, index):
-    """Where generated image `index` goes: directory/00042.png."""
-    return os.path.join(directory, f"{index:05d}.png")
-
-
-def indexed_images(directory, n):
-    """Paths of the images 0 .. n-1 of a folder, each found by the number that is its file name
-    (`7.png`, `00007.png`, `000007.jpg`; higher numbers are ignored): a LoadError when one is missing
-    or there twice."""
-    if not os.path.isdir(directory):
-        raise LoadError(f"image folder not found: {directory}")
-    found = {}
-    for name in sorted(os.listdir(directory)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS and re.fullmatch("[0-9]+", stem):
-            if int(stem) in found:
-                raise LoadError(f"{directory} has two images numbered {int(stem)}: {found[int(stem)]} and {name}")
-            found[int(stem)] = name
-    missing = [i for i in range(n) if i not in found]
-    if missing:
-        raise LoadError(f"{directory} lacks {len(missing)} of the {n} images (the first: number {missing[0]}); "
-                        f"images are matched to captions by the number in their file name")
-    return [os.path.join(directory, found[i]) for i in range(n)]
-
-
-def generation_settings(args, unet_file, captions, dtype):
-    """What the generated images depend on, as recorded in images/generation.json and metrics.json."""
-    return {"backbone": args.backbone, "model": args.model or BACKBONES[args.backbone].repo, "unet": args.unet,
-            "a_T": student_a_T(unet_file) if args.steps == 1 else None, "steps": args.steps,
-            "guidance": args.guidance if args.steps > 1 else None,
-            "resolution": args.resolution or BACKBONES[args.backbone].resolution,
-            "dtype": next(k for k, v in DTYPES.items() if v == dtype), "captions_sha256": caption_hash(captions)}
-
-
-def check_settings(directory, settings, rank):
-    """Refuse to add images to a folder that holds images generated with other settings (another
-    model, caption list, step count, ...); rank 0 records the settings in generation.json."""
-    path = os.path.join(directory, "generation.json")
-    if os.path.isfile(path):
-        previous = read_json(path)
-        changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
-        if changed:
-            raise LoadError(f"{directory} holds images generated with other settings ({'; '.join(changed)}); "
-                            f"give another --out")
-    elif rank == 0:
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(f"{path}.tmp", path)
-
-
-def generate_images(pipe, captions, indices, directory, settings, batch_size, show=True):
-    """Write image i (caption i, seed i) as directory/0000i.png for each i of `indices`, a batch at a
-    time. Each file is written under a temporary name and then renamed, so every PNG there is whole."""
-    with tqdm(total=len(indices), desc="generate", unit="img", disable=not show) as bar:
-        for start in range(0, len(indices), batch_size):
-            batch = indices[start:start + batch_size]
-            images = pipe.generate([captions[i] for i in batch], batch, settings["steps"], settings["guidance"],
-                                   settings["a_T"], settings["resolution"])  # (b, H, W, 3) uint8
-            for i, image in zip(batch, images):
-                Image.fromarray(image).save(f"{image_path(directory, i)}.tmp", format="PNG")
-                os.replace(f"{image_path(directory, i)}.tmp", image_path(directory, i))
-            bar.update(len(batch))
-
-
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: scoring, over all ranks
 
-def all_gather(obj, world):
-    """Every rank's `obj` in rank order (torch.distributed.all_gather_object); [obj] in one process."""
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def interleave(parts, n):
-    """Rank r's rows are items r, r + world, ...: the (n, D) array of all items in order."""
-    out = np.empty((n, parts[0].shape[1]), parts[0].dtype)
-    for rank, part in enumerate(parts):
-        out[rank::len(parts)] = part
-    return out
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off for CUDA matmuls and cuDNN convolutions inside the block (restored after), so that the
-    features and distances are true fp32 as in the reference implementations."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def score_images(paths, inception, batch_size, clip=None, tokenizer=None, captions=None):
@@ -272,35 +171,11 @@ def reference_statistics(paths, name, inception, cache_dir, batch_size, rank, wo
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: the command line
 
-def generate_coco(args, captions, directory, device, rank, world):
-    """Generate this rank's share (images rank::world) of the images not yet in `directory` (those there
-    are checked first). Returns the generation settings and how many images all ranks generated."""
-    dtype = pick_dtype(args.dtype, device)
-    unet_file = fetch_file(args.unet, "--unet") if args.unet else None
-    args.backbone, args.model = student_backbone(args.backbone, args.model, unet_file, "--unet")
-    check_steps(args.model, args.steps)
-    settings = generation_settings(args, unet_file, captions, dtype)
-    os.makedirs(directory, exist_ok=True)
-    check_settings(directory, settings, rank)
-    mine = range(rank, len(captions), world)
-    check_images([image_path(directory, i) for i in mine if os.path.isfile(image_path(directory, i))],
-                 "generated images")
-    todo = [i for i in mine if not os.path.isfile(image_path(directory, i))]
-    if todo:
-        pipe = load_pipeline(args.backbone, args.model, unet_file, dtype, device)
-        generate_images(pipe, captions, todo, directory, settings, args.batch_size, show=rank == 0)
-        del pipe
-    return settings, sum(all_gather(len(todo), world))
-
-
 def evaluate_coco(args):
     """The COCO protocol end to end: captions and reference images, generation (unless --images),
     Inception features, FID, CLIP score and precision/recall; rank 0 writes metrics.json and grid.png
     in --out and prints the table."""
-    rank, world, local_rank = distributed()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = process_device()
     captions, source, references = coco_protocol(args.coco, args.coco_dir, args.captions, args.num)
     n, sha = len(captions), caption_hash(captions)
     if not args.no_pr and len(references) <= PR_K:
@@ -317,7 +192,7 @@ def evaluate_coco(args):
     directory, settings, generated = args.images, None, 0
     if not args.images:
         directory = os.path.join(args.out, "images")
-        settings, generated = generate_coco(args, captions, directory, device, rank, world)
+        (settings,), generated = generate_folders(args, [(captions, directory)], device, rank, world)
     if world > 1:
         dist.barrier()
     paths = indexed_images(directory, n)
@@ -387,11 +262,14 @@ def evaluate_toy(args):
 
 
 def build_parser():
-    """The command line; a protocol (--coco or --toy) is required, the rest has the paper's defaults."""
+    """The command line; a protocol (--coco, --hps, --toy) is required, the rest has the paper's defaults."""
     parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     protocol = parser.add_mutually_exclusive_group(required=True)
     protocol.add_argument("--coco", choices=sorted(COCO),
                           help="COCO 2014 (30k captions, Table 1) or COCO 2017 (5k, Table A6)")
+    protocol.add_argument("--hps", nargs="?", const="", metavar="FILE",
+                          help=f"the HPD v2 benchmark scored by HPS v2 / v2.1 (hps.py); FILE: a local copy of the "
+                               f"checkpoint or a folder holding it (default: the Hub repo {HPS_REPO})")
     protocol.add_argument("--toy", action="store_true", help="the toy protocol: FD and prompt accuracy of the "
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
     g = parser.add_argument_group("COCO")
@@ -401,14 +279,19 @@ def build_parser():
     g.add_argument("--num", "--num-images", type=cli.POSITIVE,
                    help="evaluate the first N captions (default: 30000 / 5000; --toy: 2048); under torchrun "
                         "write --num-images, as torchrun takes --num for its --numa-binding")
-    g.add_argument("--out", help="output folder for metrics.json, grid.png, images/")
+    g.add_argument("--out", help="--coco, --hps: output folder for metrics.json, grid.png, images/")
     g.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... numbered as "
-                                    "the captions) instead of generating")
+                                    "the captions; --hps: one such folder per style) instead of generating")
     g = parser.add_argument_group("toy")
     g.add_argument("--student", help="the merged one-step student (wadi.py train's student.safetensors)")
     g.add_argument("--json", help="write the metrics to this file")
     g.add_argument("--no-cache", action="store_true", help="measure the teacher again instead of reading its "
                                                            "stored figures")
+    g = parser.add_argument_group("HPS")
+    g.add_argument("--hps-version", choices=sorted(HPS_FILES), default="2.1",
+                   help="the HPS checkpoint, v2 or v2.1 (v2.1 is the hpsv2 package's default)")
+    g.add_argument("--hps-prompts", metavar="DIR", help="folder of the HPD v2 benchmark prompts (anime.json, "
+                                                        "concept-art.json, paintings.json, photo.json)")
 
     g = parser.add_argument_group("generation")
     g.add_argument("--backbone", choices=sorted(BACKBONES),
@@ -442,6 +325,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.coco and not (args.coco_dir and args.out):
         parser.error("--coco needs --coco-dir DIR and --out DIR")
+    if args.hps is not None and not args.out:
+        parser.error("--hps needs --out DIR")
     if args.toy and not args.student:
         parser.error("--toy needs --student FILE")
     if args.images and (args.unet or args.model):
@@ -450,7 +335,7 @@ def main(argv=None):
         parser.error(f"--num must be above {1 if args.no_pr or args.toy else PR_K} (FID needs 2 images, "
                      f"precision/recall with k={PR_K} needs {PR_K + 1})")
     try:
-        evaluate_toy(args) if args.toy else evaluate_coco(args)
+        evaluate_toy(args) if args.toy else evaluate_hps(args) if args.hps is not None else evaluate_coco(args)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

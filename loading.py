@@ -107,10 +107,12 @@ def weight_format(path):
     return None
 
 
-def read_tensors(path):
+def read_tensors(path, key=None):
     """A state dict from a safetensors file, or from a torch pickle (.pth, .pt, .bin: the official
     releases, DMD2's students) read with torch's weights-only loader, which rebuilds tensors and nothing
-    else. The format is told by the file's content; anything else is a LoadError naming the formats."""
+    else. The format is told by the file's content; anything else is a LoadError naming the formats.
+    With `key`, a pickled dict that has this entry (a training checkpoint such as open_clip's and the
+    HPS v2 releases': {"state_dict": ..., "epoch": ...}) gives the state dict in that entry."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     kind = weight_format(path)
@@ -123,6 +125,8 @@ def read_tensors(path):
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
         raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if key is not None and isinstance(state, dict) and key in state:
+        state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LoadError(f"{path} is not a state dict of tensors")
     return state

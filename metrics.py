@@ -51,12 +51,12 @@ def center_crop_resize(img, size=256):
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 
 
-def read_image(path):
-    """An image file through `center_crop_resize` (256 x 256 RGB uint8, PIL); a LoadError naming the file
-    when it is empty, not an image, or truncated."""
+def read_image(path, transform=center_crop_resize):
+    """An image file through `transform` (default `center_crop_resize`: 256 x 256 RGB uint8, PIL); a
+    LoadError naming the file when it is empty, not an image, or truncated."""
     try:
         with Image.open(path) as img:
-            return center_crop_resize(img)
+            return transform(img)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise LoadError(f"cannot read the image {path}: {image_problem(path, e)}") from None
 
@@ -210,6 +210,17 @@ def precision_recall(real, fake, k=3, batch_size=5000, device=None):
 # CLIP score
 
 @torch.no_grad()
+def clip_cosines(model, tokenizer, pixels, captions):
+    """cos(image embedding, caption embedding) of each pair with an OpenCLIP `model` and its CLIP
+    `tokenizer`: pixels (b, 3, S, S) already preprocessed, b captions through open_clip's tokenization.
+    Returns (b,) float32 on the model's device; the embeddings are normalized in float32."""
+    param = next(model.parameters())
+    ids = open_clip_tokenize(tokenizer, captions, model.config.text.max_position_embeddings).to(param.device)
+    image_emb = F.normalize(model.encode_image(pixels.to(param.device, param.dtype)).float(), dim=-1)  # (b, E)
+    text_emb = F.normalize(model.encode_text(ids).float(), dim=-1)  # (b, E)
+    return (image_emb * text_emb).sum(-1)  # (b,)
+
+
 def clip_score(model, tokenizer, images, captions, batch_size=32):
     """Mean over the pairs of cos(image embedding, caption embedding) with an OpenCLIP `model`
     (`openclip.load_open_clip()`, fp32) and its CLIP `tokenizer` (`openclip.load_open_clip_tokenizer()`):
@@ -218,17 +229,13 @@ def clip_score(model, tokenizer, images, captions, batch_size=32):
     if len(images) != len(captions) or not images:
         raise ValueError(f"clip_score needs as many captions as images, at least one: "
                          f"got {len(images)} images and {len(captions)} captions")
-    param = next(model.parameters())
-    size, context = model.config.vision.image_size, model.config.text.max_position_embeddings
+    size = model.config.vision.image_size
     total = 0.0
     with tqdm(total=len(images), desc="clip score", unit="img") as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            pixels = torch.stack([preprocess_image(img, size) for img in batch]).to(param.device, param.dtype)
-            ids = open_clip_tokenize(tokenizer, captions[start:start + batch_size], context).to(param.device)
-            image_emb = F.normalize(model.encode_image(pixels).float(), dim=-1)  # (b, E)
-            text_emb = F.normalize(model.encode_text(ids).float(), dim=-1)  # (b, E)
-            total += (image_emb * text_emb).sum(-1).double().sum().item()
+            pixels = torch.stack([preprocess_image(img, size) for img in batch])
+            total += clip_cosines(model, tokenizer, pixels, captions[start:start + batch_size]).double().sum().item()
             bar.update(len(batch))
             bar.set_postfix(score=f"{total / min(start + batch_size, len(images)):.4f}")
     return total / len(images)

@@ -1,6 +1,7 @@
 """OpenCLIP's image and text towers (Radford et al. 2021; Cherti et al. 2023, "Reproducible scaling laws
 for contrastive language-image learning"), written from scratch for the CLIP score of the evaluation
-(metrics.clip_score): ViT-g-14 trained on LAION-2B by default.
+(metrics.clip_score): ViT-g-14 trained on LAION-2B by default; ViT-H-14 is the network of the HPS v2 scorer
+(hps.py).
 
 - `OpenCLIP`: both towers of an open_clip ViT CLIP, built from an open_clip model config, with the key
   layout of transformers' `CLIPModel`; its encoder layers are clip.py's (one implementation for the SD
@@ -28,6 +29,13 @@ VIT_G_14 = {
     "embed_dim": 1024,
     "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88, "mlp_ratio": 4.3637,
                    "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+}
+
+# open_clip's model_configs/ViT-H-14.json (the same in the hpsv2 package's copy of open_clip): the HPS v2 scorer
+VIT_H_14 = {
+    "embed_dim": 1024,
+    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
 }
 
@@ -224,7 +232,8 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safet
 
 def read_open_clip_weights(path):
     """(state dict, file) from a weight file (.safetensors, or a torch pickle), or from a local
-    directory or Hub repo holding one of OPEN_CLIP_FILES."""
+    directory or Hub repo holding one of OPEN_CLIP_FILES. A pickled training checkpoint gives its
+    "state_dict" entry, as open_clip's own loader does (the HPS v2 releases are such checkpoints)."""
     file = path
     if not os.path.isfile(path):
         for name in OPEN_CLIP_FILES:
@@ -235,16 +244,16 @@ def read_open_clip_weights(path):
                 continue
         else:
             raise LoadError(f"no open_clip weights in {path} (looked for {', '.join(OPEN_CLIP_FILES)})")
-    return read_tensors(file), file
+    return read_tensors(file, key="state_dict"), file
 
 
-def read_open_clip_config(path):
-    """The `model_cfg` of the `open_clip_config.json` in a local directory or Hub repo, or VIT_G_14
+def read_open_clip_config(path, default=VIT_G_14):
+    """The `model_cfg` of the `open_clip_config.json` in a local directory or Hub repo, or `default`
     when there is no such file."""
     try:
         file = fetch(path, "open_clip_config.json")
     except MissingFile:
-        return VIT_G_14
+        return default
     cfg = read_json(file)
     if "model_cfg" not in cfg:
         raise LoadError(f"{file} has no model_cfg")

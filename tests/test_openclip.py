@@ -1,6 +1,6 @@
 """OpenCLIP (openclip.py) and metrics.clip_score against open_clip_torch (a test-only reference): both
 towers on random weights at a small ViT-B-32-style config, loaded from an open_clip state dict
-through our loader; the ViT-g-14 config and parameter count; open_clip's tokenization and image
+through our loader; the ViT-g-14 and ViT-H-14 configs and parameter counts; open_clip's tokenization and image
 transform; the loader's errors."""
 import json
 import os
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import metrics
 from clip import CLIPTokenizer
-from openclip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, OpenCLIP, convert_open_clip_state_dict, load_open_clip,
+from openclip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, VIT_H_14, OpenCLIP, convert_open_clip_state_dict, load_open_clip,
                       open_clip_tokenize, preprocess_image)
 from loading import LoadError
 from tests.test_clip import ROOT, write_clip_vocab
@@ -89,16 +89,20 @@ def test_towers_match_open_clip(quick_gelu, tmp_path):
     assert (ours.logit_scale == ref.logit_scale).item()
 
 
-def test_vit_g_14_config_and_count_on_meta():
-    path = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "ViT-g-14.json")
+@pytest.mark.parametrize("name,config,count,shape", [
+    ("ViT-g-14", VIT_G_14, 1_366_678_273, (16, 6144, "gelu", 4096)),  # the CLIP score's
+    ("ViT-H-14", VIT_H_14, 986_109_441, (16, 5120, "gelu", 4096)),  # HPS v2's (hps.py)
+])
+def test_full_config_and_count_on_meta(name, config, count, shape):
+    path = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", f"{name}.json")
     with open(path) as f:
-        assert json.load(f) == VIT_G_14
+        assert json.load(f) == config
     with torch.device("meta"):
-        ours = OpenCLIP.from_config(VIT_G_14)
-        ref = open_clip.CLIP(**VIT_G_14)
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 1_366_678_273
+        ours = OpenCLIP.from_config(config)
+        ref = open_clip.CLIP(**config)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == count
     v, t = ours.config.vision, ours.config.text
-    assert (v.num_attention_heads, v.intermediate_size, v.hidden_act, t.intermediate_size) == (16, 6144, "gelu", 4096)
+    assert (v.num_attention_heads, v.intermediate_size, v.hidden_act, t.intermediate_size) == shape
     converted = convert_open_clip_state_dict(ref.state_dict(), ours)  # every key maps, with the right shape
     assert {k: x.shape for k, x in converted.items()} == {k: x.shape for k, x in ours.state_dict().items()}
 

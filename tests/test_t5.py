@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from loading import LoadError, load_component, load_weights
+from loading import LoadError, load_component
 from t5 import MAX_LENGTH, T5Encoder, T5LayerNorm, T5Tokenizer, convert_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
