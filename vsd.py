@@ -15,7 +15,6 @@ Randomness and data order are pure functions of (seed, rank, step), so a resumed
 an uninterrupted one would.
 """
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from diffusion import A_T, guided, one_step, to_eps
 from loading import LoadError, read_safetensors
-from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters
+from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, shared_copy
 from pipeline import file_metadata, image_grid
 
 
@@ -49,13 +48,6 @@ class VSDConfig:
     drop_prob: float = 0.1    # empty prompt for the fake score network's own loss
     max_grad_norm: float = 1.0
     a_T: float = A_T
-
-
-def shared_copy(net):
-    """A new module tree over the same parameter and buffer tensors (nothing is copied): the student
-    and the fake score network are adapters on the teacher's one frozen set of weights."""
-    memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
-    return copy.deepcopy(net, memo)
 
 
 def build_networks(teacher, rank=256, rank_fake=32, adapter="lorad"):

@@ -37,9 +37,9 @@ def test_identity_at_init_exactly():
     torch.manual_seed(0)
     base = nn.Linear(16, 10)
     x = torch.randn(4, 16)
-    for kind in ("lorad", "lora", "dora", "full"):
+    for kind in ADAPTERS:
         layer = ADAPTERS[kind](base, 4)
-        assert torch.allclose(layer.merged_weight(), base.weight, atol=1e-6, rtol=0), kind
+        assert torch.allclose(layer.merged().weight, base.weight, atol=1e-6, rtol=0), kind
         assert torch.allclose(layer(x), base(x), atol=1e-6, rtol=0), kind
     layer = LoRaDLinear(base, 4)
     assert (layer.theta_a == 0).all() and layer.theta_b.abs().sum() > 0  # zeros / Xavier-uniform
