@@ -5,6 +5,7 @@ second copy of a network is never held.
 """
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -68,15 +69,22 @@ def read_safetensors(path, dtype=None):
     return tensors
 
 
-def read_tensors(path):
+def read_tensors(path, mmap=False):
     """A state dict from a .safetensors file, or from a torch pickle (.pth, .pt, .bin) of the
-    official releases read with torch's weights-only loader, which rebuilds tensors and nothing else."""
+    official releases read with torch's weights-only loader, which rebuilds tensors and nothing else.
+    mmap: a pickle's tensors stay in the file, memory-mapped, until used (files in torch's zip format,
+    the default since torch 1.6; older ones are read whole)."""
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap can only be used" in str(e)):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
         raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -120,10 +128,10 @@ def fetch_file(spec):
     return fetch(f"{owner}/{repo}", path)
 
 
-def read_weights(model, component, dtype=None, variant=None):
-    """The state dict of one component (`unet`, `vae`, `text_encoder`, ...) of a repo, from
-    safetensors only (never pickles): diffusers' or transformers' file name, optionally the `variant`
-    (e.g. fp16) first, single-file or sharded with an index."""
+def weight_files(model, component, variant=None):
+    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...) safetensors weights in a
+    repo (never pickles): diffusers' or transformers' file name, optionally the `variant` (e.g. fp16)
+    first, one file or the shards an index names."""
     stems = ("diffusion_pytorch_model", "model")
     names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
     names += [n + ".index.json" for n in names]
@@ -133,11 +141,54 @@ def read_weights(model, component, dtype=None, variant=None):
         except MissingFile:
             continue
         if not name.endswith(".json"):
-            return read_safetensors(path, dtype)
-        shards = sorted(set(read_json(path)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(fetch(model, f"{component}/{shard}"),
-                                                                          dtype).items()}
+            return [path]
+        return [fetch(model, f"{component}/{shard}") for shard in sorted(set(read_json(path)["weight_map"].values()))]
     raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
+
+
+def read_weights(model, component, dtype=None, variant=None):
+    """The state dict of one component of a repo (`weight_files`), floating tensors cast to `dtype`."""
+    return {k: v for path in weight_files(model, component, variant) for k, v in read_safetensors(path, dtype).items()}
+
+
+class LazyTensors(Mapping):
+    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`) by key,
+    each read only when asked for: a whole network can be walked layer by layer without holding it."""
+
+    def __init__(self, paths):
+        self.files, self.pickled = {}, {}
+        for path in paths:
+            if path.endswith(".safetensors"):
+                if not os.path.isfile(path):
+                    raise LoadError(f"weight file not found: {path}")
+                try:
+                    handle = safe_open(path, framework="pt")
+                    self.files.update({k: (handle, path) for k in handle.keys()})
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
+            else:
+                self.pickled.update(read_tensors(path, mmap=True))
+
+    def __getitem__(self, key):
+        if key in self.pickled:
+            return self.pickled[key]
+        handle, path = self.files[key]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LoadError(f"cannot read {key} from {path}: {e}") from None
+
+    def shape(self, key):
+        """The shape of one tensor, without reading it."""
+        if key in self.pickled:
+            return tuple(self.pickled[key].shape)
+        return tuple(self.files[key][0].get_slice(key).get_shape())
+
+    def __iter__(self):
+        return iter([*self.files, *self.pickled])
+
+    def __len__(self):
+        return len(self.files) + len(self.pickled)
 
 
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):
