@@ -5,12 +5,14 @@
     python wadi.py export --run runs/sd15 --out wadi-sd15.safetensors
     python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
+    python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2: norm vs direction)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
 one-step images from a student (the x0 formula of SPEC 1.3) or DDIM images with classifier-free
-guidance from the teacher. Every failure the user can fix (missing or unreachable weights, a corrupt
-checkpoint, a bad prompt file, a non-finite loss) is one line on stderr and exit code 2.
+guidance from the teacher; `analyze` compares a student's weights with its teacher's (analysis.py). Every
+failure the user can fix (missing or unreachable weights, a corrupt checkpoint, a bad prompt file, a
+non-finite loss) is one line on stderr and exit code 2.
 """
 import argparse
 import dataclasses
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import analysis
 import pretrain
 import toy
 from clip import CLIPTextModel
@@ -165,10 +168,10 @@ def cmd_train(args):
                      lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
                      mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                     validate_every=args.validate_every, resume=args.resume)
+                     validate_every=args.validate_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if args.backbone == "toy":
         tc.validation_prompts = tuple(toy.prompt(a) for a in toy.balanced_attributes(8))
-    meta = {"backbone": args.backbone, "base_model": model}
+    meta = {"backbone": args.backbone, "base_model": model, "adapter": args.adapter}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
@@ -195,10 +198,16 @@ def load_run(run_dir, checkpoint="latest"):
 
 def cmd_export(args):
     run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest")
-    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "a_T": VSDConfig().a_T,
+    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "adapter": run["adapter"],
+            "a_T": VSDConfig().a_T,
             "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
     print(f"wrote {args.out} (merged one-step U-Net from {checkpoint})")
+
+
+def cmd_analyze(args):
+    analysis.analyze_command(args.student, args.out, args.teacher, args.json, args.swap, args.swap_out,
+                             args.backbone, args.model, args.adapter)
 
 
 def add_common(p):
@@ -253,6 +262,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)
+    p.add_argument("--keep-checkpoints", type=int, default=TrainConfig.keep_checkpoints,
+                   help="how many of the latest checkpoints to keep (0: all)")
     p.add_argument("--resume", help="a checkpoint file, or `latest` in --out")
     p.add_argument("--eval-samples", type=int, default=toy.REPORT_SAMPLES,
                    help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}); "
@@ -275,6 +286,21 @@ def build_parser():
     p.add_argument("--checkpoint", help="a checkpoint file (default: the latest in --run)")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="paper Fig. 2: a student's weights against its teacher's, norm vs direction")
+    p.add_argument("--student", required=True, help="a denoiser file (safetensors, or a .bin/.pth state dict), "
+                                                    "owner/repo/file on the Hub, or a `train` run directory")
+    p.add_argument("--teacher", help="the same kinds (default: the backbone's base denoiser, unet/ of --model)")
+    p.add_argument("--out", required=True, help="directory for analysis.json, fig2a.png, fig2b.png")
+    p.add_argument("--json", help="write the JSON here instead of OUT/analysis.json")
+    p.add_argument("--swap", choices=analysis.SWAPS, help="also write the student with the teacher's norms "
+                                                          "(its own directions) or the teacher's directions")
+    p.add_argument("--swap-out", help="FILE.safetensors for --swap")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="default: the student's own, else sd15")
+    p.add_argument("--model", help="base model repo or directory (default: the student's own, else the backbone's)")
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), help="which layers the student adapted, for the "
+                                                               "adapted-layer summary (default: its own, else lorad)")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -282,7 +308,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (LoadError, UsageError, TrainingError) as e:
+    except (LoadError, UsageError, TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
