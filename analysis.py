@@ -45,14 +45,13 @@ def as_rows(w):
 def residual_energy(R, fraction=RANK_FRACTION):
     """(energy of s^2, energy of s, K): the share in percent of the top K = floor(fraction * min(R.shape))
     singular values of R (rows, cols), squared and not; (None, None, K) when R is zero. The s^2 are the
-    eigenvalues of the smaller Gram matrix (the product in fp32: it is the cost, and the shares need
-    no more digits), far cheaper than an SVD of the wide convolution matrices."""
+    eigenvalues of the smaller Gram matrix, in float64: the same numbers as an SVD, about 10x faster on
+    the wide convolution matrices (SD1.5's 1280 x 11520)."""
     K = math.floor(fraction * min(R.shape))
-    R32 = R.float()
-    gram = R32 @ R32.T if R.shape[0] <= R.shape[1] else R32.T @ R32  # (min, min)
-    s2 = torch.linalg.eigvalsh(gram.double()).clamp(min=0).flip(0)  # descending
-    if s2.sum() == 0:
+    if not R.any():  # an untouched layer
         return None, None, K
+    gram = R @ R.T if R.shape[0] <= R.shape[1] else R.T @ R  # (min, min)
+    s2 = torch.linalg.eigvalsh(gram).clamp(min=0).flip(0)  # descending
     s = s2.sqrt()
     return (100 * s2[:K].sum() / s2.sum()).item(), (100 * s[:K].sum() / s.sum()).item(), K
 
@@ -121,7 +120,7 @@ def analyze(teacher, student, adapted=frozenset(), swap=None, progress=True):
     Raises LoadError when the keys or shapes differ."""
     if swap not in (None, *SWAPS):
         raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
-    keys = list(student.keys())
+    keys = sorted(student.keys())  # one order whatever the file format (safetensors files sort their keys)
     missing, unexpected = set(teacher.keys()) - set(keys), set(keys) - set(teacher.keys())
     if missing or unexpected:
         raise LoadError(f"the student's keys differ from the teacher's: {len(missing)} missing "

@@ -86,7 +86,7 @@ def read_tensors(path, mmap=False):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
-        raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LoadError(f"{path} is not a state dict of tensors")
     return state
