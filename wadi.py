@@ -199,8 +199,8 @@ def load_run(run_dir, checkpoint="latest"):
 def cmd_export(args):
     run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest")
     meta = {"backbone": run["backbone"], "base_model": run["base_model"], "adapter": run["adapter"],
-            "a_T": VSDConfig().a_T,
-            "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
+            "a_T": VSDConfig().a_T, "prediction_type": pipe.schedule.prediction_type,
+            "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
     print(f"wrote {args.out} (merged one-step U-Net from {checkpoint})")
 
