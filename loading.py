@@ -9,6 +9,7 @@ import json
 import os
 import socket
 from urllib.parse import urlparse
+from collections.abc import Mapping
 
 import torch
 from huggingface_hub import constants, hf_hub_download
@@ -107,12 +108,14 @@ def weight_format(path):
     return None
 
 
-def read_tensors(path, key=None):
+def read_tensors(path, key=None, mmap=False):
     """A state dict from a safetensors file, or from a torch pickle (.pth, .pt, .bin: the official
     releases, DMD2's students) read with torch's weights-only loader, which rebuilds tensors and nothing
     else. The format is told by the file's content; anything else is a LoadError naming the formats.
     With `key`, a pickled dict that has this entry (a training checkpoint such as open_clip's and the
-    HPS v2 releases': {"state_dict": ..., "epoch": ...}) gives the state dict in that entry."""
+    HPS v2 releases': {"state_dict": ..., "epoch": ...}) gives the state dict in that entry. With `mmap`,
+    a pickle's tensors stay in the file, memory-mapped, until used (torch's zip format, the default since
+    torch 1.6; older files are read whole)."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     kind = weight_format(path)
@@ -121,10 +124,18 @@ def read_tensors(path, key=None):
     if kind is None:
         raise LoadError(f"cannot read {path}: neither {WEIGHT_FORMATS} (corrupt or truncated?)")
     try:
-        with open(path, "rb") as f:  # a file object: torch must not guess the format from the name
-            state = torch.load(f, map_location="cpu", weights_only=True)
+        if mmap:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                mmap = False
+        if not mmap:
+            with open(path, "rb") as f:  # a file object: torch must not guess the format from the name
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
-        raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if key is not None and isinstance(state, dict) and key in state:
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -196,10 +207,10 @@ def fetch_file(spec, option):
         raise type(e)(f"{option}: {e}") from None
 
 
-def read_weights(model, component, dtype=None, variant=None):
-    """The state dict of one component (`unet`, `vae`, `text_encoder`, ...) of a repo, from
-    safetensors only (never pickles): diffusers' or transformers' file name, optionally the `variant`
-    (e.g. fp16) first, single-file or sharded with an index."""
+def weight_files(model, component, variant=None):
+    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...) safetensors weights in a
+    repo (never pickles): diffusers' or transformers' file name, optionally the `variant` (e.g. fp16)
+    first, one file or the shards an index names."""
     stems = ("diffusion_pytorch_model", "model")
     names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
     names += [n + ".index.json" for n in names]
@@ -209,14 +220,57 @@ def read_weights(model, component, dtype=None, variant=None):
         except MissingFile:
             continue
         if not name.endswith(".json"):
-            return read_safetensors(path, dtype)
+            return [path]
         index = read_json(path)
         if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
             raise LoadError(f"{path} is a sharded-weights index without a weight_map (key -> shard file)")
-        shards = sorted(set(index["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(fetch(model, f"{component}/{shard}"),
-                                                                          dtype).items()}
+        return [fetch(model, f"{component}/{shard}") for shard in sorted(set(index["weight_map"].values()))]
     raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
+
+
+def read_weights(model, component, dtype=None, variant=None):
+    """The state dict of one component of a repo (`weight_files`), floating tensors cast to `dtype`."""
+    return {k: v for path in weight_files(model, component, variant) for k, v in read_safetensors(path, dtype).items()}
+
+
+class LazyTensors(Mapping):
+    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`) by key,
+    each read only when asked for: a whole network can be walked layer by layer without holding it."""
+
+    def __init__(self, paths):
+        self.files, self.pickled = {}, {}
+        for path in paths:
+            if not os.path.isfile(path):
+                raise LoadError(f"weight file not found: {path}")
+            if weight_format(path) == "safetensors":
+                try:
+                    handle = safe_open(path, framework="pt")
+                    self.files.update({k: (handle, path) for k in handle.keys()})
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
+            else:
+                self.pickled.update(read_tensors(path, mmap=True))
+
+    def __getitem__(self, key):
+        if key in self.pickled:
+            return self.pickled[key]
+        handle, path = self.files[key]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LoadError(f"cannot read {key} from {path}: {e}") from None
+
+    def shape(self, key):
+        """The shape of one tensor, without reading it."""
+        if key in self.pickled:
+            return tuple(self.pickled[key].shape)
+        return tuple(self.files[key][0].get_slice(key).get_shape())
+
+    def __iter__(self):
+        return iter([*self.files, *self.pickled])
+
+    def __len__(self):
+        return len(self.files) + len(self.pickled)
 
 
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):

@@ -12,7 +12,7 @@ encoder, 120 tokens with a padding mask), written from scratch.
 - `T5Tokenizer`: the repo's `tokenizer/spiece.model` through the `sentencepiece` package, plus the 100
   `<extra_id_N>` sentinels, eos appended, no bos; ids and masks equal transformers' `T5Tokenizer` with
   padding="max_length", max_length=120, truncation=True. Captions are neither cleaned nor lower-cased
-  (the official WaDi code; SPEC 1.4).
+  (the official WaDi code).
 Facts and sources: ../shared/reference/pixart-t5.md, section B.
 """
 import math

@@ -370,12 +370,13 @@ def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256)
     return torch.cat(out)
 
 
-def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENERATORS), cached=None):
+def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENERATORS), cached=None, reference=None):
     """{name: {"fd", "accuracy"}} for the generators in `names` on the same n balanced prompts and seeds
-    (`cached` results, e.g. the shipped teacher's, are reused), and a grid: one row per generator."""
+    (`cached` results, e.g. the shipped teacher's, are reused), and a grid: one row per generator.
+    `reference`: the data's `reference_statistics(classifier)` when already computed."""
     attributes = balanced_attributes(n)
     prompts, seeds = [prompt(a) for a in attributes], list(range(seed, seed + n))
-    reference = reference_statistics(classifier)
+    reference = reference or reference_statistics(classifier)
     results, rows = dict(cached or {}), []
     for name in names:
         unet = student if name.startswith("student") else pipe.unet

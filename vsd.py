@@ -15,7 +15,6 @@ Randomness and data order are pure functions of (seed, rank, step), so a resumed
 an uninterrupted one would.
 """
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from diffusion import A_T, guided, one_step, to_eps
 from loading import LoadError, file_metadata, read_safetensors, save_tensors
-from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters
+from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, shared_copy
 from pipeline import image_grid
 
 
@@ -56,18 +55,15 @@ class VSDConfig:
     a_T: float = A_T
 
 
-def shared_copy(net):
-    """A new module tree over the same parameter and buffer tensors (nothing is copied): the student
-    and the fake score network are adapters on the teacher's one frozen set of weights."""
-    memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
-    return copy.deepcopy(net, memo)
-
-
 def build_networks(teacher, rank=256, rank_fake=32, adapter="lorad"):
-    """The student and the fake score network on top of `teacher` (frozen, shared)."""
+    """The student and the fake score network on top of `teacher` (frozen, shared). A layer the adapter
+    cannot take (LoRaD needs an even input width) is a LoadError naming it."""
     teacher.requires_grad_(False)
-    student = add_adapters(shared_copy(teacher), "unet_student", rank, adapter)
-    fake = add_adapters(shared_copy(teacher), "unet_fake", rank_fake, adapter)
+    try:
+        student = add_adapters(shared_copy(teacher), "unet_student", rank, adapter)
+        fake = add_adapters(shared_copy(teacher), "unet_fake", rank_fake, adapter)
+    except ValueError as e:
+        raise LoadError(f"cannot put {adapter} adapters on this denoiser: {e}") from None
     return student, fake
 
 

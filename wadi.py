@@ -6,11 +6,13 @@
     python wadi.py sample --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
     python wadi.py pretrain --backbone toy --out runs/pretrain-toy
+    python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2: norm vs direction)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
 one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqrt(a_T)) or DDIM images with
-classifier-free guidance from the teacher; `pretrain` trains the toy backbone from scratch. Every
+classifier-free guidance from the teacher; `pretrain` trains the toy backbone from scratch; `analyze`
+compares a student's weights with its teacher's (analysis.py). Every
 failure the user can fix (a bad option value, missing or unreachable weights, a corrupt checkpoint, a bad
 prompt file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `train` saves the
 step and exits with 130.
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import analysis
 import cli
 import pretrain
 import toy
@@ -195,10 +198,10 @@ def cmd_train(args):
                      lr=args.lr, lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
                      mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                     validate_every=args.validate_every, resume=args.resume)
+                     validate_every=args.validate_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if args.backbone == "toy":
         tc.validation_prompts = tuple(toy.prompt(a) for a in toy.balanced_attributes(8))
-    meta = {"backbone": args.backbone, "base_model": model}
+    meta = {"backbone": args.backbone, "base_model": model, "adapter": args.adapter}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
@@ -236,10 +239,16 @@ def cmd_export(args):
     check_out_file(args.out, (".safetensors",), "--out")
     run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest", ema=not args.raw)
     weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
-    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "a_T": VSDConfig().a_T,
-            "prediction_type": pipe.schedule.prediction_type, "checkpoint": os.path.basename(checkpoint)}
+    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "adapter": run["adapter"],
+            "a_T": VSDConfig().a_T, "prediction_type": pipe.schedule.prediction_type,
+            "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
     print(f"wrote {args.out} (merged one-step U-Net from {checkpoint}, {weights})")
+
+
+def cmd_analyze(args):
+    analysis.analyze_command(args.student, args.out, args.teacher, args.json, args.swap, args.swap_out,
+                             args.backbone, args.model, args.adapter)
 
 
 def add_common(p, backbone_help="the model family (default: sd15)", default="sd15"):
@@ -324,6 +333,8 @@ def build_parser():
     g.add_argument("--eval-samples", type=cli.integer(2), default=toy.REPORT_SAMPLES,
                    help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}; "
                         f"the shipped teacher's figures are cached for {toy.REPORT_SAMPLES}, default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=cli.NON_NEGATIVE, default=TrainConfig.keep_checkpoints,
+                   help="how many of the latest checkpoints to keep (0: all)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch",
@@ -347,6 +358,25 @@ def build_parser():
     p.add_argument("--raw", action="store_true", help="merge the raw student adapters even when the run kept an EMA")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="paper Fig. 2: a student's weights against its teacher's, norm vs direction",
+                       description="Per output row of every weight: the norm change and the direction change of the "
+                                   "student against its teacher, their SVD energy, the paper's Fig. 2 (a) and (b); "
+                                   "optionally the norm or direction swap of Fig. 2 (c).")
+    p.add_argument("--student", required=True, help="a denoiser file (safetensors, or a .bin/.pth state dict), "
+                                                    "owner/repo/file on the Hub, or a `train` run directory")
+    p.add_argument("--teacher", help="the same kinds (default: the backbone's base denoiser, unet/ of --model)")
+    p.add_argument("--out", required=True, help="directory for analysis.json, fig2a.png, fig2b.png")
+    p.add_argument("--json", help="write the JSON here (default: OUT/analysis.json)")
+    p.add_argument("--swap", choices=analysis.SWAPS, help="also write the student with the teacher's norms "
+                                                          "(its own directions) or the teacher's directions")
+    p.add_argument("--swap-out", help="FILE.safetensors for --swap")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="the model family (default: the student's own, "
+                                                                 "else sd15)")
+    p.add_argument("--model", help="base model repo or directory (default: the student's own, else the backbone's)")
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), help="which layers the student adapted, for the "
+                                                               "adapted-layer summary (default: its own, else lorad)")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

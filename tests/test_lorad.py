@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loading import LoadError
-from lorad import (ADAPTERS, DoRALinear, LoRALinear, LoRaDLinear, add_adapters, adapter_state_dict,
-                   count_trainable, load_adapters, merge_adapters, rotate_pairs, save_adapters)
+from lorad import (ADAPTERS, Adapter, DoRAFrozenNormLinear, DoRALinear, FullModule, LoRALinear, LoRaDLinear,
+                   add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, rotate_pairs,
+                   save_adapters, selected_layers)
 from dit import PixArt
 from unet import UNet
 from tests.test_unet import small_config
@@ -38,9 +39,9 @@ def test_identity_at_init_exactly():
     torch.manual_seed(0)
     base = nn.Linear(16, 10)
     x = torch.randn(4, 16)
-    for kind in ("lorad", "lora", "dora", "full"):
+    for kind in ADAPTERS:
         layer = ADAPTERS[kind](base, 4)
-        assert torch.allclose(layer.merged_weight(), base.weight, atol=1e-6, rtol=0), kind
+        assert torch.allclose(layer.merged().weight, base.weight, atol=1e-6, rtol=0), kind
         assert torch.allclose(layer(x), base(x), atol=1e-6, rtol=0), kind
     layer = LoRaDLinear(base, 4)
     assert (layer.theta_a == 0).all() and layer.theta_b.abs().sum() > 0  # zeros / Xavier-uniform
@@ -116,11 +117,13 @@ def test_odd_width_error_names_layer():
         add_adapters(model, "unet_student", 2)
 
 
-@pytest.mark.parametrize("kind", ["lorad", "lora", "dora", "full"])
+@pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_merged_model_equals_adapted_model(kind):
     torch.manual_seed(0)
-    unet = UNet.from_config(small_config()).eval()
+    unet = UNet.from_config(small_config()).eval()  # SD1.5's layout: proj_in / proj_out are 1x1 convolutions
     add_adapters(unet, "unet_student", 4, kind)
+    convs = [m for m in unet.modules() if isinstance(m, Adapter) and isinstance(m.base, nn.Conv2d)]
+    assert (len(convs) > 0) == (kind != "lorad")  # the baselines adapt the convolutions too
     with torch.no_grad():
         for p in unet.parameters():
             if p.requires_grad:
@@ -149,7 +152,7 @@ def test_lora_and_dora_formulas():
                           atol=1e-6)
 
 
-# SPEC 1.2. The PixArt student: every nn.Linear but adaLN-single's (which holds the 1024-MS micro-condition
+# The paper's counts. The PixArt student: every nn.Linear but adaLN-single's (which holds the 1024-MS micro-condition
 # embedders too); its fake score: the blocks' nn.Linears.
 COUNTS = [("sd15/unet", "unet_student", 64, 20_948_992), ("sd15/unet", "unet_student", 128, 41_897_984),
           ("sd15/unet", "unet_student", 256, 83_795_968), ("sd15/unet", "unet_student", 512, 167_591_936),
@@ -183,6 +186,80 @@ def test_dit_rules(target, layers):
     assert len(names) == layers and not any(n.startswith("adaln_single.") for n in names)
     assert ("proj_out" in names) == ("caption_projection.linear_1" in names) == (target == "dit_student")
     assert "transformer_blocks.27.attn2.to_k" in names and "transformer_blocks.0.ff.net.2" in names
+
+
+# paper Table 2 (SD1.5, rank 256): LoRA 120.9M, DoRA 121.2M, DoRA (frozen norm) 120.9M, FT 860M (all 859,520,964
+# parameters of the U-Net: the whole denoiser is trained)
+TABLE2_COUNTS = [("lora", 120_897_536), ("dora", 121_154_816), ("dora-frozen-norm", 120_897_536),
+                 ("full", 859_520_964), ("lorad", 83_795_968)]
+
+
+@pytest.mark.parametrize("kind,expected", TABLE2_COUNTS)
+def test_table2_counts(kind, expected):
+    with open("configs/sd15/unet/config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        unet = UNet.from_config(cfg)
+        total = sum(p.numel() for p in unet.parameters())
+        lorad_layers = {n for n, _ in selected_layers(unet, "unet_student", "lorad")}
+        layers = dict(selected_layers(unet, "unet_student", kind))
+        add_adapters(unet, "unet_student", 256, kind)
+    assert count_trainable(unet) == expected
+    if kind == "full":
+        assert expected == total
+    elif kind != "lorad":  # the LoRaD layers (every nn.Linear in the blocks) and the 32 1x1 proj_in / proj_out convs
+        convs = {n for n, m in layers.items() if isinstance(m, nn.Conv2d)}
+        assert layers.keys() - convs == lorad_layers and len(lorad_layers) == 182
+        assert len(convs) == 32 and all(n.endswith(("proj_in", "proj_out")) for n in convs)
+        assert all(m.kernel_size == (1, 1) for n, m in layers.items() if n in convs)
+
+
+def test_dora_frozen_norm_trains_directions_only():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 1)
+    layer = DoRAFrozenNormLinear(conv, 2)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_a", "lora_b"}
+    assert "magnitude" not in adapter_state_dict(nn.Sequential(layer)).keys() | set(layer.state_dict())
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    W, W2 = conv.weight.flatten(1), layer.merged_weight()
+    torch.testing.assert_close(W2.norm(dim=1), W.norm(dim=1))  # the norms stay ||W_i||
+    assert (W2 / W2.norm(dim=1, keepdim=True) - W / W.norm(dim=1, keepdim=True)).abs().max() > 0.1  # directions turn
+    x = torch.randn(2, 6, 3, 3)
+    layer(x).square().sum().backward()
+    assert layer.lora_a.grad.abs().sum() > 0 and layer.lora_b.grad.abs().sum() > 0
+
+
+def test_lora_on_a_1x1_convolution_is_lora_on_the_linear_map_per_pixel():
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(8, 6, 1), nn.Linear(8, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        linear.bias.copy_(conv.bias)
+    for kind in ("lora", "dora"):
+        a, b = ADAPTERS[kind](conv, 3), ADAPTERS[kind](linear, 3)
+        assert count_trainable(a) == count_trainable(b) == 3 * (8 + 6) + (6 if kind == "dora" else 0)
+        with torch.no_grad():
+            for p, q in zip(a.parameters(), b.parameters()):
+                if p.requires_grad:
+                    q.copy_(p.normal_())
+        x = torch.randn(2, 8, 4, 5)
+        per_pixel = b(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, 6, 4, 5)
+        torch.testing.assert_close(a(x), per_pixel, rtol=1e-5, atol=1e-5)
+
+
+def test_full_trains_every_parameter_under_the_network_keys():
+    torch.manual_seed(0)
+    unet = UNet.from_config(small_config())
+    keys = set(unet.state_dict())
+    add_adapters(unet, "unet_student", 0, "full")
+    assert set(adapter_state_dict(unet)) == keys  # the adapter tensors carry the network's own keys
+    assert all(isinstance(m, FullModule) for n, m in unet.named_modules() if n.endswith("norm1"))
+    out = unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 3, 32))
+    out.square().mean().backward()
+    grads = {k: p.grad for k, p in adapter_state_dict(unet).items()}
+    assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if "norm" in k or "conv_in" in k)
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if ".base." in n)
 
 
 def test_fake_rule_skips_projections_and_time():

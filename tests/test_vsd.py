@@ -239,6 +239,76 @@ def test_dry_run_prints_paper_counts(backbone, expected, capsys):
     assert all(f"trainable {e}" in out for e in expected) and "GiB" in out
 
 
+@pytest.mark.parametrize("adapter,expected", [("lora", "120.90M"), ("dora", "121.15M"), ("dora-frozen-norm", "120.90M"),
+                                              ("full", "859.52M"), ("lorad", "83.80M")])
+def test_dry_run_prints_the_table2_counts(adapter, expected, capsys):
+    assert wadi.main(["train", "--backbone", "sd15", "--dry-run", "--adapter", adapter]) == 0
+    student = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("student"))
+    assert student.endswith(f"trainable {expected}")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "full"])
+def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
+    """One optimizer step, a checkpoint, a fresh pair of networks restored from it (adapters, EMA, optimizer
+    moments), and the exported merged student equal to the adapted one."""
+    pipe = load_pipeline("sd15", repo)
+    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"])
+
+    def networks():
+        student, fake = build_networks(pipe.unet, 4, 2, kind)
+        opts = {name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, **vsd.ADAMW)
+                for name, net in (("student", student), ("fake", fake))}
+        return student, fake, opts
+
+    torch.manual_seed(0)
+    student, fake, opts = networks()
+    (student(x, 999, c).square().mean() + fake(x, 500, c).square().mean()).backward()
+    for opt in opts.values():
+        opt.step()
+    ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()}
+    with torch.no_grad():
+        for v in ema.values():
+            v.mul_(0.5)
+    path = str(tmp_path / "checkpoint-0000001.safetensors")
+    vsd.save_checkpoint(path, 1, student, fake, opts, ema, {})
+    student2, fake2, opts2 = networks()
+    ema2 = {k: torch.zeros_like(v) for k, v in ema.items()}
+    assert vsd.load_checkpoint(path, student2, fake2, opts2, ema2) == 1
+    for a, b in ((student, student2), (fake, fake2)):
+        sa, sb = adapter_state_dict(a), adapter_state_dict(b)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(ema[k], ema2[k]) for k in ema)
+    for name in opts:
+        s1, s2 = opts[name].state_dict()["state"], opts2[name].state_dict()["state"]
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+    teacher_out = pipe.unet(x, 999, c)
+    assert (student2(x, 999, c) - teacher_out).abs().max() > 1e-4  # the step moved the student
+    vsd.export_student(student2, str(tmp_path / "student.safetensors"), {})
+    merged = load_file(str(tmp_path / "student.safetensors"))
+    assert merged.keys() == pipe.unet.state_dict().keys()
+    from pipeline import load_unet_file
+    with open(os.path.join(repo, "unet", "config.json")) as f:
+        exported = load_unet_file(str(tmp_path / "student.safetensors"), json.load(f))
+    with torch.no_grad():
+        expected, got = student2(x, 999, c), exported(x, 999, c)
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "full"])
+def test_resume_with_ema_continues_exactly_for_every_adapter(repo, tmp_path, kind):
+    common = ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind]
+    assert train_cli(repo, tmp_path / "straight", "--max-steps", "2", *common) == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "1", *common) == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "2", *common, "--resume", "latest") == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint-0000002.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint-0000002.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_bf16_mixed_precision_step(repo, tmp_path):
     assert train_cli(repo, tmp_path / "run", "--max-steps", "1", "--mixed-precision", "bf16") == 0
     ckpt = load_file(str(tmp_path / "run" / "checkpoint-0000001.safetensors"))

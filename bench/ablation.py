@@ -1,0 +1,322 @@
+"""The paper's ablations on the toy backbone: the adapters of Table 2 (LoRaD, LoRA, DoRA, DoRA with frozen
+norms, full fine-tuning at equal VSD steps), the rank table (rows A-F: student and fake score ranks) and the
+swap of Fig. 2(c) (a student, its norm swap and its direction swap). Each subcommand trains its runs with
+`wadi.py train` (in this process, one after the other, each logging to RUN/console.log; finished runs are
+skipped, interrupted ones resumed from their last checkpoint), scores every checkpoint with the toy protocol
+(toy.evaluate_toy, the exported student's EMA adapters), analyzes every student against the teacher
+(analysis.py: NM / DM), and writes OUT/<table>.md, OUT/<table>.json and OUT/<table>-fd.png (FD against step,
+one line per row: the mean over seeds, the band from the lowest to the highest).
+
+    python bench/ablation.py adapters     # 5 adapters x seeds 0 1 2: 15 runs
+    python bench/ablation.py ranks        # rows A-F x seeds 0 1: 12 runs, 2 of them shared with `adapters`
+    python bench/ablation.py swap         # the full and LoRaD students of seed 0 (shared with `adapters`)
+    nohup python bench/ablation.py adapters > runs/ablation/adapters.log 2>&1 &     (in the background)
+    python bench/ablation.py adapters --kinds lorad full --seeds 0 --steps 2 --every 1 --n 16   (a smoke test)
+
+Runs take about 9 min each on 2 free cores (1,200 steps of batch 4, the toy defaults), plus about 1 min of
+scoring; all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed>, so the three tables reuse them.
+Learning rates per adapter (LR below) are the ones the toy probes found stable (README, "The toy backbone").
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import analysis  # noqa: E402
+import toy  # noqa: E402
+import wadi  # noqa: E402
+from loading import load_weights, read_json, read_safetensors  # noqa: E402
+from lorad import ADAPTERS, count_trainable, load_adapters, merge_adapters  # noqa: E402
+from pipeline import BACKBONES  # noqa: E402
+from unet import UNet  # noqa: E402
+from vsd import build_networks, list_checkpoints  # noqa: E402
+
+TOY = wadi.TRAIN_DEFAULTS["toy"]
+# (student lr, fake score lr) per adapter: LoRA at LoRaD's 1e-3 / 1e-2 diverges on the toy, 3e-4 / 3e-3 does
+# not; full fine-tuning of the whole denoiser at 1e-4 / 1e-3 (the README's probes)
+LR = {"lorad": (1e-3, 1e-2), "lora": (3e-4, 3e-3), "dora": (3e-4, 3e-3), "dora-frozen-norm": (3e-4, 3e-3),
+      "full": (1e-4, 1e-3)}
+# paper Table 2 (SD1.5, COCO 2017 5k): #Params, FID, CLIP, NM (%), DM (%)
+PAPER_TABLE2 = {"lora": ("120.9M", 25.27, 0.29, 0.06, 0.83), "dora": ("121.2M", 26.56, 0.30, 0.03, 0.55),
+                "dora-frozen-norm": ("120.9M", 24.52, 0.30, None, 0.92), "full": ("860.0M", 23.30, 0.30, 0.10, 2.21),
+                "lorad": ("83.8M", 20.86, 0.31, None, 2.89)}
+# the rank table (SD1.5, COCO 2014 30k): setting -> (student rank, fake rank, FID, CLIP); on the toy, C is
+# the default (16 / 8): student ranks x 1/16, fake ranks x 1/4
+PAPER_RANKS = {"A": (64, 32, 13.64, 0.30), "B": (128, 32, 13.16, 0.29), "C": (256, 32, 10.79, 0.31),
+               "D": (512, 32, 12.75, 0.30), "E": (256, 16, 17.53, 0.29), "F": (256, 64, 16.98, 0.31)}
+TOY_RANKS = {k: (s * TOY["rank"] // 256, f * TOY["rank_fake"] // 32) for k, (s, f, _, _) in PAPER_RANKS.items()}
+# paper Fig. 2(c), DMD2 on SD1.5: variant -> (FID, CLIP)
+PAPER_SWAP = {"student": (9.4, 0.30), "norm": (10.1, 0.30), "direction": (250.7, 0.12)}
+
+
+def run_dir(args, kind, rank, rank_fake, seed):
+    return os.path.join(args.out, "runs", f"{kind}-r{rank}-f{rank_fake}-s{seed}")
+
+
+def train_run(args, kind, rank, rank_fake, seed):
+    """Train one run with `wadi.py train` unless it is finished (resuming an interrupted one); returns its
+    directory, or raises RuntimeError with the end of its log when training failed."""
+    out = run_dir(args, kind, rank, rank_fake, seed)
+    lr, lr_fake = LR[kind]
+    options = {"adapter": kind, "rank": rank, "rank_fake": rank_fake, "seed": seed, "max_steps": args.steps,
+               "checkpoint_every": args.every, "lr": lr, "lr_fake": lr_fake}
+    if os.path.isfile(os.path.join(out, "run.json")):
+        run = read_json(os.path.join(out, "run.json"))
+        differ = {k: (run.get(k), v) for k, v in options.items() if run.get(k) != v}
+        if differ:
+            raise RuntimeError(f"{out} was trained with other options {differ}; remove it or pick another --out")
+        if os.path.isfile(os.path.join(out, "student.safetensors")):
+            return out
+    argv = ["train", "--backbone", "toy", "--model", args.model, "--out", out, "--adapter", kind, "--rank", str(rank),
+            "--rank-fake", str(rank_fake), "--seed", str(seed), "--max-steps", str(args.steps), "--checkpoint-every",
+            str(args.every), "--validate-every", str(args.every), "--keep-checkpoints", "0", "--lr", str(lr),
+            "--lr-fake", str(lr_fake), "--eval-samples", str(args.n)]
+    if list_checkpoints(out):
+        argv += ["--resume", "latest"]
+    os.makedirs(out, exist_ok=True)
+    print(f"train {out} ({' '.join(argv)})", flush=True)
+    log = os.path.join(out, "console.log")
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        code = wadi.main(argv)
+    if code != 0:
+        raise RuntimeError(f"{out}: train failed: {open(log).read().strip().splitlines()[-1]}")
+    return out
+
+
+def checkpoint_student(out, checkpoint):
+    """(pipe, merged student) of one checkpoint of a run, with the EMA adapters when the run kept them
+    (what `train` exports at the end)."""
+    _, path, pipe, student, _ = wadi.load_run(out, os.path.join(out, checkpoint))
+    ema = {k[4:]: v for k, v in read_safetensors(path).items() if k.startswith("ema.")}
+    if ema:
+        load_adapters(student, ema)
+    return pipe, merge_adapters(student).eval()
+
+
+def step_of(checkpoint):
+    return int(checkpoint[len("checkpoint-"):-len(".safetensors")])
+
+
+def scored_curve(out, args, reference, variants=("student",)):
+    """{variant: [(step, fd, accuracy), ...]} over the run's checkpoints, cached in OUT/curve.json; a variant
+    is the student or its `analysis.SWAPS` swap against the teacher."""
+    cache_path = os.path.join(out, "curve.json")
+    cache = read_json(cache_path) if os.path.isfile(cache_path) else {}
+    classifier = toy.load_classifier(os.path.join(args.model, "classifier"))
+    for checkpoint in list_checkpoints(out):
+        todo = [v for v in variants if str(step_of(checkpoint)) not in cache.get(v, {})]
+        if not todo:
+            continue
+        pipe, student = checkpoint_student(out, checkpoint)
+        for variant in todo:
+            net = student
+            if variant != "student":
+                teacher_state, student_state = pipe.unet.state_dict(), student.state_dict()
+                swapped = analysis.analyze(teacher_state, student_state, swap=variant, progress=False)[1]
+                with torch.device("meta"):
+                    net = UNet.from_config(read_json(os.path.join(args.model, "unet", "config.json")))
+                net = load_weights(net, swapped, what=f"{variant} swap").eval()
+            results, _ = toy.evaluate_toy(pipe, net, classifier, args.n, toy.PROTOCOL["seed"], toy.PROTOCOL["guidance"],
+                                          names=("student_1",), reference=reference)
+            cache.setdefault(variant, {})[str(step_of(checkpoint))] = results["student_1"]
+        with open(cache_path, "w") as f:
+            json.dump(cache, f, indent=1)
+    return {v: sorted((int(s), r["fd"], r["accuracy"]) for s, r in cache[v].items()) for v in variants}
+
+
+def analyzed(out, args):
+    """The summary of `wadi.py analyze` of the run's student against the teacher (cached in OUT/analysis/)."""
+    path = os.path.join(out, "analysis", "analysis.json")
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(os.path.join(out, "student.safetensors")):
+        with open(os.path.join(out, "console.log"), "a") as f, contextlib.redirect_stdout(f), \
+                contextlib.redirect_stderr(f):
+            analysis.analyze_command(out, os.path.join(out, "analysis"))
+    return read_json(path)["summary"]
+
+
+def trainable(args, kind, rank, rank_fake):
+    """(student, fake score) trainable parameters, counted on the meta device."""
+    with torch.device("meta"):
+        teacher = UNet.from_config(read_json(os.path.join(args.model, "unet", "config.json")))
+        return tuple(count_trainable(net) for net in build_networks(teacher, rank, rank_fake, kind))
+
+
+def seed_runs(args, kind, rank, rank_fake, reference, variants=("student",)):
+    """One row's runs: per seed its final metrics, curve and analysis (or the error that stopped it)."""
+    runs = []
+    for seed in args.seeds:
+        try:
+            out = train_run(args, kind, rank, rank_fake, seed)
+        except RuntimeError as e:
+            print(f"  {e}", flush=True)
+            runs.append({"seed": seed, "error": str(e)})
+            continue
+        metrics = read_json(os.path.join(out, "metrics.json"))
+        curve = scored_curve(out, args, reference, variants)
+        runs.append({"seed": seed, "dir": out, "metrics": metrics, "curve": curve, "analysis": analyzed(out, args)})
+    return runs
+
+
+def mean_spread(values):
+    """(mean, sample std over seeds or None for one value) of the values that are not None."""
+    values = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+    if not len(values):
+        return None, None
+    return values.mean().item(), values.std().item() if len(values) > 1 else None
+
+
+def cell(mean_std, digits=2):
+    mean, std = mean_std
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def paper_cell(v, digits=2):
+    return "-" if v is None else v if isinstance(v, str) else f"{v:.{digits}f}"
+
+
+def row_figures(runs, variant="student"):
+    """The row's FD, accuracy, NM and DM (all layers) as (mean, spread) over its finished seeds; the final FD and
+    accuracy are the last checkpoint's (the exported student's)."""
+    done = [r for r in runs if "error" not in r]
+    final = [r["curve"][variant][-1] for r in done if r["curve"][variant]]
+    return {"fd": mean_spread([f[1] for f in final]), "accuracy": mean_spread([f[2] for f in final]),
+            "nm": mean_spread([r["analysis"]["norm_mean"] for r in done]),
+            "dm": mean_spread([r["analysis"]["direction_mean"] for r in done]),
+            "seeds": len(done), "failed": [r["seed"] for r in runs if "error" in r]}
+
+
+def plot_curves(rows, path, title):
+    """FD against step: one line per row (mean over seeds, band from min to max); the teacher's FDs dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    teacher = None
+    for label, runs, variant in rows:
+        curves = [dict((s, fd) for s, fd, _ in r["curve"][variant]) for r in runs if "error" not in r]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        fds = torch.tensor([[c[s] for s in steps] for c in curves])  # (seeds, steps)
+        ax.plot(steps, fds.mean(0), marker="o", markersize=3, label=label)
+        ax.fill_between(steps, fds.min(0).values, fds.max(0).values, alpha=0.15)
+        teacher = teacher or next(r["metrics"] for r in runs if "error" not in r)
+    if teacher:
+        for name, style in (("teacher_25", "--"), ("teacher_1", ":")):
+            ax.axhline(teacher[name]["fd"], color="gray", linestyle=style, label=f"{name} ({teacher[name]['fd']:.1f})")
+    ax.set(xlabel="VSD step", ylabel="FD (toy classifier features)", title=title)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_table(args, name, header, lines, rows, payload, title):
+    """OUT/<name>.md (the table and the command), OUT/<name>.json and OUT/<name>-fd.png."""
+    command = "python bench/ablation.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    md = [f"# {title}", "", f"`{command}`", "", "| " + " | ".join(header) + " |",
+          "|" + "---|" * len(header), *("| " + " | ".join(map(str, line)) + " |" for line in lines), ""]
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"command": command, "options": {k: v for k, v in vars(args).items() if k not in ("argv", "func")},
+                   "rows": payload}, f, indent=1)
+    plot_curves(rows, os.path.join(args.out, f"{name}-fd.png"), title)
+    print("\n".join(md[4:]))
+    print(f"wrote {os.path.join(args.out, name)}.md, .json, -fd.png")
+
+
+def cmd_adapters(args, reference):
+    header = ["adapter", "student params", "FD", "accuracy", "NM (%)", "DM (%)", "seeds",
+              "paper #Params", "paper FID", "paper CLIP", "paper NM", "paper DM"]
+    lines, rows, payload = [], [], []
+    for kind in args.kinds:
+        rank, rank_fake = TOY["rank"], TOY["rank_fake"]
+        runs = seed_runs(args, kind, rank, rank_fake, reference)
+        fig, params = row_figures(runs), trainable(args, kind, rank, rank_fake)[0]
+        paper = PAPER_TABLE2[kind]
+        lines.append([kind, f"{params:,}", cell(fig["fd"]), cell(fig["accuracy"], 3), cell(fig["nm"], 4),
+                      cell(fig["dm"], 4), f"{fig['seeds']}" + (f" (failed: {fig['failed']})" if fig["failed"] else ""),
+                      paper[0], *(paper_cell(v) for v in paper[1:])])
+        rows.append((kind, runs, "student"))
+        payload.append({"adapter": kind, "rank": rank, "rank_fake": rank_fake, "student_params": params, **fig,
+                        "paper": dict(zip(("params", "fid", "clip", "nm", "dm"), paper)), "runs": runs})
+    write_table(args, "adapters", header, lines, rows, payload,
+                f"Table 2 on the toy: adapters at {args.steps} VSD steps, seeds {args.seeds}")
+
+
+def cmd_ranks(args, reference):
+    header = ["setting", "student rank", "student params", "fake rank", "fake params", "FD", "accuracy", "seeds",
+              "paper ranks", "paper FID", "paper CLIP"]
+    lines, rows, payload = [], [], []
+    for setting in args.rows:
+        rank, rank_fake = TOY_RANKS[setting]
+        runs = seed_runs(args, "lorad", rank, rank_fake, reference)
+        fig, (params, fake_params) = row_figures(runs), trainable(args, "lorad", rank, rank_fake)
+        s, f, fid, clip = PAPER_RANKS[setting]
+        lines.append([setting, rank, f"{params:,}", rank_fake, f"{fake_params:,}", cell(fig["fd"]),
+                      cell(fig["accuracy"], 3), fig["seeds"], f"{s} / {f}", fid, clip])
+        rows.append((f"{setting} ({rank} / {rank_fake})", runs, "student"))
+        payload.append({"setting": setting, "rank": rank, "rank_fake": rank_fake, "student_params": params,
+                        "fake_params": fake_params, **fig,
+                        "paper": {"rank": s, "rank_fake": f, "fid": fid, "clip": clip}, "runs": runs})
+    write_table(args, "ranks", header, lines, rows, payload,
+                f"Rank table on the toy (LoRaD, student / fake score ranks), seeds {args.seeds}")
+
+
+def cmd_swap(args, reference):
+    header = ["student", "variant", "FD", "accuracy", "seeds", "paper FID (DMD2)", "paper CLIP (DMD2)"]
+    lines, rows, payload = [], [], []
+    variants = ("student", *analysis.SWAPS)
+    names = {"student": "the student", "norm": "norm from the teacher", "direction": "direction from the teacher"}
+    for kind in args.kinds:
+        runs = seed_runs(args, kind, TOY["rank"], TOY["rank_fake"], reference, variants)
+        figures = {}
+        for variant in variants:
+            fig = figures[variant] = row_figures(runs, variant)
+            lines.append([kind, names[variant], cell(fig["fd"]), cell(fig["accuracy"], 3), fig["seeds"],
+                          *PAPER_SWAP[variant]])
+            rows.append((f"{kind}: {names[variant]}", runs, variant))
+        payload.append({"adapter": kind, "variants": {v: {"fd": f["fd"], "accuracy": f["accuracy"]} for v, f in
+                                                      figures.items()}, "paper": PAPER_SWAP, "runs": runs})
+    write_table(args, "swap", header, lines, rows, payload,
+                f"Fig. 2(c) on the toy: students, their norm swap and direction swap, seeds {args.seeds}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="table", required=True)
+    tables = {"adapters": (cmd_adapters, [0, 1, 2]), "ranks": (cmd_ranks, [0, 1]), "swap": (cmd_swap, [0])}
+    for name, (func, seeds) in tables.items():
+        q = sub.add_parser(name)
+        q.add_argument("--out", default=os.path.join("runs", "ablation"), help="tables here, runs in OUT/runs/")
+        q.add_argument("--seeds", type=int, nargs="+", default=seeds)
+        q.add_argument("--steps", type=int, default=TOY["max_steps"], help="VSD steps of every run")
+        q.add_argument("--every", type=int, default=TOY["checkpoint_every"],
+                       help="checkpoint (and score) every N steps")
+        q.add_argument("--n", type=int, default=toy.REPORT_SAMPLES, help="samples per score (toy protocol)")
+        q.add_argument("--model", default=BACKBONES["toy"].repo, help="the toy repo (teacher and classifier)")
+        q.add_argument("--threads", type=int, default=2)
+        if name == "ranks":
+            q.add_argument("--rows", nargs="+", choices=sorted(PAPER_RANKS), default=sorted(PAPER_RANKS))
+        else:
+            q.add_argument("--kinds", nargs="+", choices=list(ADAPTERS),
+                           default=list(ADAPTERS) if name == "adapters" else ["full", "lorad"])
+        q.set_defaults(func=func)
+    args = p.parse_args(argv)
+    args.argv = argv
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    reference = toy.reference_statistics(toy.load_classifier(os.path.join(args.model, "classifier")))
+    args.func(args, reference)
+
+
+if __name__ == "__main__":
+    main()
