@@ -359,8 +359,11 @@ def cache_teacher_metrics(cache_dir, protocol, weights, results):
                           results)
 
 
-def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=256):
-    """Images (N, 3, 32, 32) in [-1, 1] from `unet` in `pipe`, image i from prompts[i] and seeds[i]."""
+def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=32):
+    """Images (N, 3, 32, 32) in [-1, 1] from `unet` in `pipe`, image i from prompts[i] and seeds[i]. Batches
+    of 32 (64 through the U-Net with CFG) keep every activation small enough for the C allocator to reuse
+    its memory: at 256 each step's tensors were fresh mappings from the kernel, and a third of the CPU time
+    went to page faults (BENCHMARKS.md)."""
     pipe = dataclasses.replace(pipe, unet=unet)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"generate ({steps} step{'s' * (steps > 1)})",

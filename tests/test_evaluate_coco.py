@@ -291,7 +291,9 @@ def test_errors_are_one_line(env, tmp_path, capsys):
     cases = [(["--captions", str(tmp_path / "captions.txt")], f"captions file not found: {tmp_path / 'captions.txt'}"),
              (["--inception", str(tmp_path / "fid.pth")], f"file not found: {tmp_path / 'fid.pth'}"),
              (["--clip", str(tmp_path / "no-clip")], f"model directory {tmp_path / 'no-clip'} not found"),
-             (["--num", "7"], "has 6 captions, fewer than the 7 to evaluate")]
+             (["--num", "7"], "has 6 captions, fewer than the 7 to evaluate"),
+             (["--steps", "1000"], "--steps 1000: 1000 DDIM steps with this scheduler's 'leading' spacing and "
+                                   "steps_offset 1 would start at t = 1000")]
     for extra, message in cases:
         assert evaluate.main(coco_args(env, tmp_path / "o", *generate_args(env)) + extra) == 2
         err = capsys.readouterr().err

@@ -420,3 +420,22 @@ def test_run_files_logs_and_messages(repo, tmp_path, capsys):
     assert "is not a train run directory (it has no run.json)" in capsys.readouterr().err
     assert wadi.main(["export", "--run", str(out), "--out", str(tmp_path) + "/"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_validation_grids_show_the_ema_student(repo, tmp_path, monkeypatch):
+    """With EMA on, samples/step-N.png is drawn by the EMA student (what the run exports), not the raw one:
+    the adapters the student holds while `validate` draws are the checkpoint's EMA."""
+    seen, real = [], vsd.validate
+
+    def recording(pipe, student, *args):
+        seen.append({k: v.detach().clone() for k, v in adapter_state_dict(student).items()})
+        return real(pipe, student, *args)
+
+    monkeypatch.setattr(vsd, "validate", recording)
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "2",
+                     "--ema", "0.5", "--lr", "1e-2") == 0
+    ckpt = load_file(str(out / "checkpoint-0000002.safetensors"))
+    assert len(seen) == 1 and (out / "samples" / "step-0000002.png").exists()
+    assert all(torch.equal(v, ckpt["ema." + k]) for k, v in seen[0].items())
+    assert any(not torch.equal(ckpt["ema." + k], ckpt["student." + k]) for k in seen[0])  # EMA != raw here
