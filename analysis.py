@@ -11,8 +11,8 @@ with m_i = ||W_i|| (teacher W, student W'):
   energy sum(s_k^2, k < K) / sum(s^2) in percent at K = floor(0.3 * min(rows, cols));
 - the swaps (Fig. 2(c)): the student with the teacher's norms and its own directions (`norm`), or with
   the teacher's directions and its own norms (`direction`); every other tensor stays the student's.
-The paper does not give these formulas (its Suppl. E could not be read); `reference/paper-analysis.md`
-section 1 says why these readings were chosen, and the JSON carries the other readings it lists too:
+The paper does not give these formulas (its Suppl. E could not be read); docs/analysis.md says why
+these readings were chosen, and the JSON carries the other plausible readings too:
 the absolute norm change, the unit-vector distance ||V'_i - V_i||, the energy of the unsquared s, the
 mean of the per-layer stds and the statistics pooled over all rows.
 

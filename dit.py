@@ -14,7 +14,8 @@ Built from a diffusers `transformer/config.json` dict, either `PixArtTransformer
 PixArt-alpha, and the diffusers 0.25 that the official WaDi code pins). State-dict keys are exactly
 diffusers' `PixArtTransformer2DModel` (the position embedding is computed, not stored), so the Hub
 weights and WaDi's released `rotated_transformer.safetensors` load with strict=True. Numbers and
-sources: ../shared/reference/pixart-t5.md, section A.
+sources: diffusers' `PixArtTransformer2DModel` (and `Transformer2DModel` of diffusers 0.25) and PixArt-alpha's
+`diffusion/model/nets/PixArt.py`.
 """
 from dataclasses import dataclass
 

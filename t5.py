@@ -13,7 +13,8 @@ encoder, 120 tokens with a padding mask), written from scratch.
   `<extra_id_N>` sentinels, eos appended, no bos; ids and masks equal transformers' `T5Tokenizer` with
   padding="max_length", max_length=120, truncation=True. Captions are neither cleaned nor lower-cased
   (the official WaDi code).
-Facts and sources: ../shared/reference/pixart-t5.md, section B.
+Sources: transformers' `T5EncoderModel` and `T5Tokenizer` (models/t5/), PixArt-alpha's
+`diffusion/model/t5.py`.
 """
 import math
 import os
