@@ -121,23 +121,25 @@ def fetch_file(spec):
 
 
 def read_weights(model, component, dtype=None, variant=None):
-    """The state dict of one component (`unet`, `vae`, `text_encoder`, ...) of a repo, from
-    safetensors only (never pickles): diffusers' or transformers' file name, optionally the `variant`
-    (e.g. fp16) first, single-file or sharded with an index."""
+    """The state dict of one component (`unet`, `vae`, `text_encoder`, ...; "" for a repo that is one model at
+    its root, as a ControlNet's) of a repo, from safetensors only (never pickles): diffusers' or transformers'
+    file name, optionally the `variant` (e.g. fp16) first, single-file or sharded with an index."""
     stems = ("diffusion_pytorch_model", "model")
     names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
     names += [n + ".index.json" for n in names]
+    folder = f"{component}/" if component else ""
     for name in names:
         try:
-            path = fetch(model, f"{component}/{name}")
+            path = fetch(model, folder + name)
         except MissingFile:
             continue
         if not name.endswith(".json"):
             return read_safetensors(path, dtype)
         shards = sorted(set(read_json(path)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(fetch(model, f"{component}/{shard}"),
+        return {k: v for shard in shards for k, v in read_safetensors(fetch(model, folder + shard),
                                                                           dtype).items()}
-    raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
+    raise LoadError(f"no safetensors weights for {component or 'the model'} in {model} (looked for "
+                    f"{', '.join(folder + n for n in names[:2])}, ...)")
 
 
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):

@@ -1,0 +1,155 @@
+"""controlnet.py against diffusers' ControlNetModel, and unet.py's residual inputs against UNet2DConditionModel's."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet import ControlledUNet, ControlNet, check_fits, load_controlnet, prepare_control_image, \
+    read_control_images
+from loading import LoadError, load_weights
+from unet import UNet, skip_channels
+from tests.test_unet import ONLY_CROSS, SD21_STYLE, reference, relative_error, small_config
+
+
+def controlnet_config(**overrides):
+    """A small ControlNet config (diffusers keys): the test U-Net's encoder half, a two-level conditioning
+    embedding (the control image is twice the sample's size)."""
+    cfg = {k: v for k, v in small_config(**overrides).items() if k not in ("up_block_types", "out_channels")}
+    return {**cfg, "_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [8, 16]}
+
+
+def reference_controlnet(cfg, seed=0):
+    """diffusers' ControlNet with random weights everywhere: the zero convolutions are not zero."""
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    ref = ControlNetModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5))
+    return ref
+
+
+def inputs(cfg, batch=2, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    context = torch.randn(batch, 7, cfg["cross_attention_dim"], generator=g)
+    image = torch.rand(batch, 3, 2 * size, 2 * size, generator=g)
+    return x, torch.tensor([3, 977])[:batch], context, image
+
+
+@pytest.mark.parametrize("overrides", [{}, SD21_STYLE, ONLY_CROSS], ids=["sd15_style", "sd21_style", "only_cross"])
+def test_parity_with_diffusers_controlnet(overrides, tmp_path):
+    cfg = controlnet_config(**overrides)
+    ref = reference_controlnet(cfg)
+    ref.save_pretrained(str(tmp_path))  # config.json + diffusion_pytorch_model.safetensors, read as a user would
+    ours = load_controlnet(str(tmp_path))
+    x, t, context, image = inputs(cfg)
+    with torch.no_grad():
+        expected = ref(x, t, context, image, conditioning_scale=0.5, return_dict=False)
+        got = ours(x, t, context, image, conditioning_scale=0.5)
+    assert len(got[0]) == len(expected[0]) == len(skip_channels(ours.config)) == 9
+    for a, b in zip([*got[0], got[1]], [*expected[0], expected[1]]):
+        assert b.abs().max() > 0.1
+        assert relative_error(a, b) < 1e-5
+
+
+def test_unet_with_residuals_matches_diffusers():
+    cfg = small_config()
+    ref = reference(cfg)
+    ours = load_weights(UNet.from_config(cfg), ref.state_dict()).eval()
+    x, t, context, _ = inputs(cfg)
+    g = torch.Generator().manual_seed(2)
+    sizes = [16] * 3 + [8] * 3 + [4] * 3  # conv_in, two resnets and a downsampler per level but the last
+    down = [torch.randn(2, c, s, s, generator=g) for c, s in zip(skip_channels(ours.config), sizes)]
+    mid = torch.randn(2, 64, 4, 4, generator=g)
+    with torch.no_grad():
+        expected = ref(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        got = ours(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        plain = ours(x, t, context)
+    assert relative_error(got, expected) < 1e-5
+    assert relative_error(plain, expected) > 0.01  # the residuals matter
+    with pytest.raises(ValueError, match="both"):
+        ours(x, t, context, down_block_additional_residuals=down)
+
+
+def test_controlled_unet_equals_diffusers_pipeline_step():
+    """ControlNet then U-Net on a CFG batch [uncond; cond] with one control image per sample, as diffusers'
+    pipeline feeds them: the image repeated for both halves."""
+    cfg = small_config()
+    ref_unet, ref_cn = reference(cfg), reference_controlnet(controlnet_config(), seed=3)
+    unet = load_weights(UNet.from_config(cfg), ref_unet.state_dict()).eval()
+    cn = load_weights(ControlNet.from_config(controlnet_config()), ref_cn.state_dict()).eval()
+    x, _, context, image = inputs(cfg)
+    batch_x, batch_c = torch.cat([x, x]), torch.cat([torch.zeros_like(context), context])
+    with torch.no_grad():
+        down, mid = ref_cn(batch_x, 500, batch_c, torch.cat([image, image]), conditioning_scale=0.7, return_dict=False)
+        expected = ref_unet(batch_x, 500, batch_c, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+        got = ControlledUNet(unet, cn, image, 0.7)(batch_x, 500, batch_c)
+    assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sd-controlnet-canny"])
+def test_full_config_on_meta_matches_diffusers(name):
+    from diffusers import ControlNetModel
+    with open(f"configs/{name}/config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        ours, ref = ControlNet.from_config(cfg), ControlNetModel.from_config(cfg)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 361_279_120
+    with open("configs/sd15/unet/config.json") as f:
+        with torch.device("meta"):
+            check_fits(ours, UNet.from_config(json.load(f)), downscale=8)  # SD1.5's VAE: 8x smaller latents
+    with open("configs/sd21/unet/config.json") as f:
+        with torch.device("meta"), pytest.raises(LoadError, match=r"cross_attention_dim 768 != 1024"):
+            check_fits(ours, UNet.from_config(json.load(f)), downscale=8)
+
+
+def test_from_unet_copies_the_encoder_and_starts_as_a_no_op():
+    cfg = small_config()
+    unet = load_weights(UNet.from_config(cfg), reference(cfg).state_dict()).eval()
+    cn = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    assert torch.equal(cn.down_blocks[1].attentions[0].proj_in.weight, unet.down_blocks[1].attentions[0].proj_in.weight)
+    x, t, context, image = inputs(cfg)
+    with torch.no_grad():
+        down, mid = cn(x, t, context, image)
+        assert all(not r.any() for r in [*down, mid])
+        assert torch.equal(ControlledUNet(unet, cn, image)(x, t, context), unet(x, t, context))
+
+
+@pytest.mark.parametrize("key,value", [("controlnet_conditioning_channel_order", "bgr"),
+                                        ("global_pool_conditions", True), ("mid_block_type", "UNetMidBlock2D")])
+def test_unsupported_config_is_a_clear_error(key, value):
+    with pytest.raises(ValueError, match=f"unsupported ControlNet config: {key}={value!r}"):
+        ControlNet.from_config({**controlnet_config(), key: value})
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(LoadError, match="file not found"):
+        load_controlnet(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**controlnet_config(), "global_pool_conditions": True}))
+    with pytest.raises(LoadError, match="cannot build a ControlNet from the config of .*global_pool_conditions"):
+        load_controlnet(str(tmp_path))
+    with pytest.raises(LoadError, match="control image not found"):
+        read_control_images([str(tmp_path / "nope.png")], 32)
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(LoadError, match="cannot read the control image"):
+        read_control_images([str(tmp_path / "bad.png")], 32)
+
+
+def test_control_image_prepared_as_diffusers(tmp_path):
+    from diffusers.image_processor import VaeImageProcessor
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 28), dtype=np.uint8)),  # greyscale, not square
+              Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8))]  # RGBA
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    expected = torch.cat([processor.preprocess(im, height=48, width=48) for im in images])
+    got = prepare_control_image(images, 48)
+    assert got.shape == (2, 3, 48, 48) and torch.equal(got, expected)
+    path = str(tmp_path / "edge.png")
+    images[0].save(path)
+    assert torch.equal(read_control_images([path], 48), expected[:1])
