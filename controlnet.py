@@ -42,6 +42,12 @@ class ControlNetConfig(UNetConfig):
                    conditioning_embedding_out_channels=tuple(cfg.get("conditioning_embedding_out_channels",
                                                                      (16, 32, 96, 256))))
 
+    @classmethod
+    def for_unet(cls, unet_config, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)):
+        """The config of a ControlNet copied from a U-Net with config `unet_config` (a UNetConfig)."""
+        return cls(**{**vars(unet_config), "up_block_types": ()}, conditioning_channels=conditioning_channels,
+                   conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
+
     @property
     def downscale(self):
         """How much smaller than the control image the denoiser's input is (8 for SD's latents, 1 in pixel space)."""
@@ -90,9 +96,7 @@ class ControlNet(UNetEncoder):
     def from_unet(cls, unet, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)):
         """A new ControlNet for `unet` (diffusers' `ControlNetModel.from_unet`): its encoder half copied, the
         zero convolutions and the conditioning embedding's last conv zero, so that it starts as a no-op."""
-        cfg = ControlNetConfig(**{**vars(unet.config), "up_block_types": ()},
-                               conditioning_channels=conditioning_channels,
-                               conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
+        cfg = ControlNetConfig.for_unet(unet.config, conditioning_channels, conditioning_embedding_out_channels)
         net = cls(cfg).to(next(unet.parameters()).device)
         for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
             getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
@@ -144,26 +148,26 @@ def check_fits(controlnet, unet, downscale, what="the ControlNet"):
         raise LoadError(f"{what} does not fit this U-Net ({'; '.join(wrong)}): a ControlNet for another backbone?")
 
 
-def load_controlnet(spec, unet_config=None, dtype=torch.float32, device="cpu"):
+def load_controlnet(spec, unet=None, downscale=1, dtype=torch.float32, device="cpu"):
     """A ControlNet from `spec`: a directory or Hugging Face repo in diffusers' layout (config.json and
     diffusion_pytorch_model.safetensors at its root, e.g. lllyasviel/sd-controlnet-canny), or one safetensors
-    file in diffusers keys (a local path or owner/repo/file on the Hub) whose config is the config.json beside
-    it, else `unet_config` (a U-Net config dict: the ControlNet of `ControlNet.from_unet`'s defaults). Frozen, in
-    eval mode; a LoadError for anything the user can fix."""
+    file in diffusers keys (a local path or owner/repo/file on the Hub) with its config.json beside it. Given
+    the `unet` it will steer, a file without config.json gets `ControlNet.from_unet`'s config, and the
+    ControlNet must fit it (`check_fits` with `downscale`) before any weight is read. Frozen, in eval mode;
+    a LoadError for anything the user can fix."""
     repo = os.path.isdir(spec) or (spec.count("/") == 1 and not spec.startswith((".", "/", "~")))
-    if repo:
-        cfg = read_json(fetch(spec, "config.json"))
-    else:
-        path = fetch_file(spec)
-        beside = os.path.join(os.path.dirname(path), "config.json")
-        if not os.path.isfile(beside) and unet_config is None:
-            raise LoadError(f"no config.json beside {spec}")
-        cfg = read_json(beside) if os.path.isfile(beside) else unet_config
+    path = None if repo else fetch_file(spec)
+    config_file = fetch(spec, "config.json") if repo else os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.isfile(config_file) and unet is None:
+        raise LoadError(f"no config.json beside {spec}")
     try:
         with torch.device("meta"):
-            net = ControlNet.from_config(cfg)
+            net = ControlNet(ControlNetConfig.from_dict(read_json(config_file)) if os.path.isfile(config_file)
+                             else ControlNetConfig.for_unet(unet.config))
     except (ValueError, KeyError, TypeError) as e:
         raise LoadError(f"cannot build a ControlNet from the config of {spec}: {e}") from None
+    if unet is not None:
+        check_fits(net, unet, downscale, f"the ControlNet {spec}")
     state = read_weights(spec, "", dtype) if repo else read_safetensors(path, dtype)
     load_weights(net, state, what=f"ControlNet {spec}")
     return net.to(device).eval().requires_grad_(False)

@@ -5,6 +5,8 @@
     python wadi.py export --run runs/sd15 --out wadi-sd15.safetensors
     python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
+    python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --controlnet lllyasviel/sd-controlnet-canny \
+        --control-image edges.png --prompt "a bird" --out bird.png
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
@@ -27,7 +29,8 @@ import toy
 from clip import CLIPTextModel
 from loading import LoadError, fetch_file, read_json
 from lorad import ADAPTERS, count_trainable
-from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, pick_dtype, read_prompts, student_a_T
+from pipeline import BACKBONES, DTYPES, image_grid, load_control, load_pipeline, pick_dtype, read_prompts, \
+    student_a_T
 from unet import UNet
 from vae import AutoencoderKL
 from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, VSDConfig, build_networks, distributed, export_student, \
@@ -69,14 +72,24 @@ def cmd_sample(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     unet = fetch_file(args.unet) if args.unet else None
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UsageError("--controlnet and --control-image go together")
+    if args.control_image and len(args.control_image) not in (1, len(prompts)):
+        raise UsageError(f"give one --control-image for all prompts or one per prompt ({len(prompts)} prompts, "
+                         f"{len(args.control_image)} images)")
     pipe = load_pipeline(args.backbone, args.model, unet, dtype, device)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
+    controlnet, control = None, None
+    if args.controlnet:
+        controlnet, control = load_control(pipe, args.controlnet, args.control_image, args.resolution)
+        control = control.repeat_interleave(args.num_per_prompt, 0) if len(control) > 1 else control  # one per job
     images = []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sample", unit="batch"):
         batch = jobs[start:start + args.batch_size]
+        image = control[start:start + args.batch_size] if control is not None and len(control) > 1 else control
         images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, args.guidance, a_T,
-                                    args.resolution))
+                                    args.resolution, controlnet, image, args.control_scale))
     save_images(np.concatenate(images), args.out, args.grid)
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
@@ -228,6 +241,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resolution", type=int, help="pixels (default: the backbone's native resolution)")
     p.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
+    p.add_argument("--controlnet", help="a ControlNet in diffusers' layout: Hub repo (lllyasviel/sd-controlnet-canny), "
+                                        "local directory, or one safetensors file (config.json beside it, else the "
+                                        "U-Net's); the student and the DDIM teacher both take it")
+    p.add_argument("--control-image", action="append", help="--controlnet's condition image (repeatable: one for all "
+                                                            "prompts, or one per prompt)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="scale of the ControlNet's residuals")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)")

@@ -1,6 +1,7 @@
 """controlnet.py against diffusers' ControlNetModel, and unet.py's residual inputs against UNet2DConditionModel's."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -153,3 +154,117 @@ def test_control_image_prepared_as_diffusers(tmp_path):
     path = str(tmp_path / "edge.png")
     images[0].save(path)
     assert torch.equal(read_control_images([path], 48), expected[:1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `wadi.py sample --controlnet` on the tiny SD repository of tests/repo.py
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    from tests.repo import write_tiny_sd_repo
+    return write_tiny_sd_repo(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="module")
+def saved_controlnet(tmp_path_factory):
+    """A tiny ControlNet for the tiny repo's U-Net, saved by diffusers; its conditioning embedding halves the
+    image, as the tiny VAE does."""
+    from tests.repo import TEXT_DIM
+    directory = str(tmp_path_factory.mktemp("controlnet"))
+    reference_controlnet(controlnet_config(cross_attention_dim=TEXT_DIM, sample_size=8), seed=4).save_pretrained(directory)
+    return directory
+
+
+def edge_image(path, seed=0):
+    """A greyscale 24 x 40 'edge map' PNG: resized to the output resolution and made RGB on the way in."""
+    edges = np.random.default_rng(seed).integers(0, 2, (24, 40), dtype=np.uint8) * 255
+    Image.fromarray(edges).save(path)
+    return path
+
+
+def diffusers_parts(repo, controlnet_dir, prompt):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    from pipeline import load_pipeline
+    ids = load_pipeline("sd15", repo, vae=False).tokenizer([prompt, ""])  # our tokenizer: tests/test_clip.py
+    with torch.no_grad():
+        text, null = CLIPTextModel.from_pretrained(os.path.join(repo, "text_encoder"))(ids).last_hidden_state.chunk(2)
+    return (UNet2DConditionModel.from_pretrained(os.path.join(repo, "unet")),
+            ControlNetModel.from_pretrained(controlnet_dir), AutoencoderKL.from_pretrained(os.path.join(repo, "vae")),
+            text, null)
+
+
+def test_sample_one_step_with_controlnet_equals_diffusers(repo, saved_controlnet, tmp_path):
+    import wadi
+    from diffusers.image_processor import VaeImageProcessor
+    image = edge_image(str(tmp_path / "edges.png"))
+    out = str(tmp_path / "one.png")
+    assert wadi.main(["sample", "--model", repo, "--controlnet", saved_controlnet, "--control-image", image,
+                      "--control-scale", "0.5", "--prompt", "a red cat", "--out", out, "--resolution", "32",
+                      "--seed", "3"]) == 0
+    got = np.asarray(Image.open(out))
+
+    unet, cn, vae, text, _ = diffusers_parts(repo, saved_controlnet, "a red cat")
+    cond = VaeImageProcessor(vae_scale_factor=2, do_convert_rgb=True, do_normalize=False).preprocess(
+        Image.open(image), height=32, width=32)
+    z = torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(3))[None]
+    with torch.no_grad():
+        down, mid = cn(z, 999, text, cond, conditioning_scale=0.5, return_dict=False)
+        eps = unet(z, 999, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        x0 = (z - (1 - 0.0047) ** 0.5 * eps) / 0.0047 ** 0.5  # SPEC 1.3, T = 999
+        expected = vae.decode(x0 / vae.config.scaling_factor).sample
+        plain = unet(z, 999, text).sample
+    expected = ((expected.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert (eps - plain).abs().max() > 0.1  # the ControlNet changes the image
+
+
+def test_sample_ddim_with_controlnet_equals_diffusers_pipeline(repo, saved_controlnet, tmp_path):
+    """The teacher: DDIM + CFG, two prompts with one control image each, against diffusers'
+    StableDiffusionControlNetPipeline on the same latents and text embeddings."""
+    import wadi
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    images = [edge_image(str(tmp_path / f"edges{i}.png"), seed=i) for i in range(2)]
+    out = str(tmp_path / "ddim")
+    assert wadi.main(["sample", "--model", repo, "--controlnet", saved_controlnet, "--control-image", images[0],
+                      "--control-image", images[1], "--prompt", "a red cat", "--prompt", "a dog", "--out", out,
+                      "--resolution", "32", "--steps", "3", "--guidance", "3", "--batch-size", "2"]) == 0
+    got = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(2)])
+
+    unet, cn, vae, text0, null = diffusers_parts(repo, saved_controlnet, "a red cat")
+    text1 = diffusers_parts(repo, saved_controlnet, "a dog")[3]
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(repo, "scheduler"))
+    pipe = StableDiffusionControlNetPipeline(vae, None, None, unet, cn, scheduler, None, None,
+                                             requires_safety_checker=False)
+    z = torch.stack([torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)])
+    expected = pipe(prompt_embeds=torch.cat([text0, text1]), negative_prompt_embeds=torch.cat([null, null]),
+                    image=[Image.open(p) for p in images], height=32, width=32, num_inference_steps=3,
+                    guidance_scale=3.0, latents=z, output_type="np").images
+    assert np.abs(got.astype(int) - (expected * 255).round().astype(int)).max() <= 1
+
+
+def test_sample_controlnet_errors_are_one_line(repo, saved_controlnet, tmp_path, capsys):
+    import wadi
+    from tests.repo import TEXT_DIM
+    image = edge_image(str(tmp_path / "edges.png"))
+    common = ["sample", "--model", repo, "--prompt", "a", "--out", str(tmp_path / "x.png"), "--resolution", "32"]
+
+    def error(*args):
+        assert wadi.main([*common, *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+        return lines[0]
+
+    assert "go together" in error("--controlnet", saved_controlnet)
+    assert "one per prompt (1 prompts, 2 images)" in error("--controlnet", saved_controlnet, "--control-image", image,
+                                                          "--control-image", image)
+    assert "control image not found: nope.png" in error("--controlnet", saved_controlnet, "--control-image", "nope.png")
+    assert "file not found: none.safetensors" in error("--controlnet", "none.safetensors", "--control-image", image)
+    other = str(tmp_path / "other")
+    reference_controlnet(controlnet_config(cross_attention_dim=2 * TEXT_DIM)).save_pretrained(other)
+    assert "does not fit this U-Net (cross_attention_dim 64 != 32)" in error("--controlnet", other,
+                                                                              "--control-image", image)
+    canny = str(tmp_path / "canny")  # SD1.5's ControlNet config, no weights: the fit is checked before reading them
+    os.makedirs(canny)
+    shutil.copy("configs/sd-controlnet-canny/config.json", canny)
+    assert "a ControlNet for another backbone" in error("--controlnet", canny, "--control-image", image)
