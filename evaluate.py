@@ -6,6 +6,7 @@ SwiftBrushV2:
         [--captions captions.txt] --out DIR
     python evaluate.py --coco 2014 --steps 25 --guidance 3 --coco-dir DIR --out DIR   (the teacher, DDIM)
     python evaluate.py --coco 2017 --images FOLDER --coco-dir DIR --out DIR      (another project's images)
+    python evaluate.py --toy-controlnet --student STUDENT.safetensors --out DIR   (the toy ControlNet, toy.py)
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
 
 The metrics (metrics.py):
@@ -56,6 +57,7 @@ from tqdm import tqdm
 
 import toy
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
+from controlnet import load_controlnet
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, center_crop_resize, clip_score, feature_statistics, frechet_distance,
                      load_statistics, precision_recall, preprocessing_hash, save_statistics, weights_hash)
@@ -378,6 +380,25 @@ def evaluate_toy(args):
             json.dump(results, f, indent=2)
 
 
+def evaluate_toy_controlnet(args):
+    """The toy ControlNet protocol (toy.CONTROL_PROTOCOL): position accuracy of teacher and --student with
+    --controlnet on --num (default 512) prompts without position, printed, and metrics.json + grid.png in --out."""
+    model = args.model or BACKBONES["toy"].repo
+    pipe = load_pipeline("toy", model)
+    student = load_unet_file(fetch_file(args.student), read_json(fetch(model, "unet/config.json")))
+    controlnet = load_controlnet(args.controlnet or os.path.join(model, "controlnet"), pipe.unet, pipe.downscale)
+    protocol = {**toy.CONTROL_PROTOCOL, "n": args.num or toy.CONTROL_PROTOCOL["n"]}
+    results, rows = toy.evaluate_toy_controlnet(pipe, student, controlnet, toy.load_classifier(
+        os.path.join(model, "classifier")), **protocol)
+    print(toy.control_table(results))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump({"protocol": protocol, "results": results}, f, indent=2)
+    image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
+        os.path.join(args.out, "grid.png"))
+    print(f"rows of {os.path.join(args.out, 'grid.png')}: mask | " + " | ".join(results))
+
+
 def build_parser():
     """The command line; a protocol (--coco) is required, the rest has the paper's defaults."""
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
@@ -386,7 +407,10 @@ def build_parser():
                           help="COCO 2014 (30k captions, Table 1) or COCO 2017 (5k, Table A6)")
     protocol.add_argument("--toy", action="store_true", help="the toy protocol: FD and prompt accuracy of the "
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
+    protocol.add_argument("--toy-controlnet", action="store_true", help="the toy ControlNet protocol: position "
+                                                                        "accuracy with the object's mask as condition")
     parser.add_argument("--student", help="--toy: the merged one-step student (wadi.py train's student.safetensors)")
+    parser.add_argument("--controlnet", help="--toy-controlnet: the ControlNet (default: MODEL/controlnet)")
     parser.add_argument("--json", help="--toy: write the metrics to this file")
     parser.add_argument("--no-cache", action="store_true", help="--toy: measure the teacher again instead of "
                                                                 "reading the figures pretraining stored")
@@ -396,7 +420,8 @@ def build_parser():
     parser.add_argument("--num", "--num-images", type=int, help="evaluate the first N captions (default: 30000 / "
                                                                 "5000; under torchrun write --num-images, as "
                                                                 "torchrun takes --num for its --numa-binding)")
-    parser.add_argument("--out", help="--coco: output folder for metrics.json, grid.png, images/")
+    parser.add_argument("--out", help="--coco: output folder for metrics.json, grid.png, images/; "
+                                      "--toy-controlnet: for metrics.json, grid.png")
     parser.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... "
                                          "numbered as the captions) instead of generating")
 
@@ -429,15 +454,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.coco and not (args.coco_dir and args.out):
         parser.error("--coco needs --coco-dir DIR and --out DIR")
-    if args.toy and not args.student:
-        parser.error("--toy needs --student FILE")
+    if (args.toy or args.toy_controlnet) and not args.student:
+        parser.error("--toy and --toy-controlnet need --student FILE")
+    if args.toy_controlnet and not args.out:
+        parser.error("--toy-controlnet needs --out DIR")
     if args.images and (args.unet or args.model):
         parser.error("--images scores existing images: --unet and --model are for generating them")
     if args.num is not None and args.num <= (1 if args.no_pr else PR_K):
         parser.error(f"--num must be above {1 if args.no_pr else PR_K} (FID needs 2 images, precision/recall "
                      f"with k={PR_K} needs {PR_K + 1})")
     try:
-        evaluate_toy(args) if args.toy else evaluate_coco(args)
+        if args.toy:
+            evaluate_toy(args)
+        elif args.toy_controlnet:
+            evaluate_toy_controlnet(args)
+        else:
+            evaluate_coco(args)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

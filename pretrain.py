@@ -26,6 +26,8 @@ from tqdm import tqdm
 import toy
 from clip import CLIPTextModel, CLIPTokenizer
 from diffusion import NoiseSchedule
+from controlnet import ControlNet
+from loading import read_json
 from pipeline import load_pipeline
 from unet import UNet
 
@@ -112,3 +114,50 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
     write_json(os.path.join(out, toy.TEACHER_METRICS), {"protocol": protocol, "results": results})
     log(toy.metrics_table(results))
+
+
+# the toy ControlNet's conditioning embedding: one level, so the mask stays 32 x 32 (pixel space: no VAE to match)
+CONTROLNET_EMBEDDING = (16,)
+
+
+def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=0, log=print):
+    """Train a ControlNet for the frozen toy teacher in `model` (Zhang et al. 2023: a trainable copy of the
+    U-Net's encoder half, zero convolutions, `ControlNet.from_unet`) with the teacher's denoising loss on fresh
+    toy data: the condition is the object's silhouette (`toy.control_sample`), the prompt names size, colour and
+    shape but not the position, and is dropped 10% of the time (so that CFG keeps working). Writes `out` in
+    diffusers' ControlNetModel layout (config.json, diffusion_pytorch_model.safetensors in fp16)."""
+    torch.manual_seed(seed)
+    pipe = load_pipeline("toy", model)
+    unet, schedule = pipe.unet, pipe.schedule  # frozen: gradients pass through it to the residuals
+    controlnet = ControlNet.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING).train()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    log(f"training a toy ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.2f}M parameters, "
+        f"{steps} steps of {batch_size}")
+    bar = tqdm(range(steps), desc="pretrain controlnet", dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in bar:
+        x0, prompts, masks = toy.control_sample(batch_size, generator)  # (B, 3, 32, 32) each
+        keep = torch.rand(batch_size, generator=generator) >= 0.1
+        context = pipe.encode_prompts([p if k else "" for p, k in zip(prompts, keep.tolist())])
+        t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        xt = schedule.add_noise(x0, eps, t)
+        down, mid = controlnet(xt, t, context, masks)
+        prediction = unet(xt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        images_per_s = batch_size * (step + 1) / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+
+    unet_config = read_json(os.path.join(model, "unet", "config.json"))
+    config = {**{k: v for k, v in unet_config.items() if k not in ("_class_name", "up_block_types", "out_channels")},
+              "_class_name": "ControlNetModel", "conditioning_channels": 3,
+              "conditioning_embedding_out_channels": list(CONTROLNET_EMBEDDING)}
+    write_json(os.path.join(out, "config.json"), config)
+    save_file({k: v.half().contiguous() for k, v in controlnet.state_dict().items()},
+              os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    log(f"wrote the toy ControlNet to {out}")

@@ -192,7 +192,12 @@ def cmd_train(args):
 
 
 def cmd_pretrain(args):
-    pretrain.pretrain_toy(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    options = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed") if getattr(args, k) is not None}
+    model = args.model or BACKBONES["toy"].repo
+    if args.controlnet:
+        pretrain.pretrain_toy_controlnet(args.out or os.path.join(model, "controlnet"), model, **options)
+    else:
+        pretrain.pretrain_toy(args.out or model, **options)
 
 
 def load_run(run_dir, checkpoint="latest"):
@@ -280,12 +285,16 @@ def build_parser():
                    help="build the networks on the meta device from the built-in configs: counts and memory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch (rebuilds assets/toy)")
+    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch (rebuilds assets/toy), "
+                                        "or with --controlnet a ControlNet for the toy teacher")
     p.add_argument("--backbone", choices=["toy"], default="toy")
-    p.add_argument("--out", default=BACKBONES["toy"].repo)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
+                                                             "the frozen teacher of --model")
+    p.add_argument("--model", help="the toy repo (default: assets/toy)")
+    p.add_argument("--out", help="default: the toy repo, or its controlnet/ with --controlnet")
+    p.add_argument("--steps", type=int, help="default: 1500 (teacher), 400 (--controlnet)")
+    p.add_argument("--batch-size", type=int, help="default: 32 (teacher), 16 (--controlnet)")
+    p.add_argument("--lr", type=float, help="default: 1e-3")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
 
