@@ -24,26 +24,27 @@ from unet import UNetConfig, UNetEncoder, skip_channels
 # ControlNet config keys whose value must be the one given here (what the lllyasviel SD1.5 ControlNets use)
 FIXED = {"controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False,
          "encoder_hid_dim_type": None}
+SD_EMBEDDING = (16, 32, 96, 256)  # diffusers' default conditioning embedding: SD's 8x smaller latents
 
 
 @dataclass
 class ControlNetConfig(UNetConfig):
     conditioning_channels: int = 3                              # channels of the control image
-    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)  # each level after the first halves H and W
+    conditioning_embedding_out_channels: tuple = SD_EMBEDDING  # each level after the first halves H and W
 
     @classmethod
-    def from_dict(cls, cfg, what="ControlNet"):
-        """From a diffusers `ControlNetModel` config.json dict (or a U-Net's, for a ControlNet copied from it)."""
-        base = UNetConfig.from_dict(cfg, what)
+    def from_dict(cls, cfg):
+        """From a diffusers `ControlNetModel` config.json dict."""
+        base = UNetConfig.from_dict(cfg, "ControlNet")
         for key, supported in FIXED.items():
             if cfg.get(key, supported) != supported:
-                raise ValueError(f"unsupported {what} config: {key}={cfg[key]!r} (supported: {supported!r})")
+                raise ValueError(f"unsupported ControlNet config: {key}={cfg[key]!r} (supported: {supported!r})")
         return cls(**vars(base), conditioning_channels=cfg.get("conditioning_channels", 3),
                    conditioning_embedding_out_channels=tuple(cfg.get("conditioning_embedding_out_channels",
-                                                                     (16, 32, 96, 256))))
+                                                                     SD_EMBEDDING)))
 
     @classmethod
-    def for_unet(cls, unet_config, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)):
+    def for_unet(cls, unet_config, conditioning_channels=3, conditioning_embedding_out_channels=SD_EMBEDDING):
         """The config of a ControlNet copied from a U-Net with config `unet_config` (a UNetConfig)."""
         return cls(**{**vars(unet_config), "up_block_types": ()}, conditioning_channels=conditioning_channels,
                    conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
@@ -93,7 +94,7 @@ class ControlNet(UNetEncoder):
         return cls(ControlNetConfig.from_dict(cfg))
 
     @classmethod
-    def from_unet(cls, unet, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)):
+    def from_unet(cls, unet, conditioning_channels=3, conditioning_embedding_out_channels=SD_EMBEDDING):
         """A new ControlNet for `unet` (diffusers' `ControlNetModel.from_unet`): its encoder half copied, the
         zero convolutions and the conditioning embedding's last conv zero, so that it starts as a no-op."""
         cfg = ControlNetConfig.for_unet(unet.config, conditioning_channels, conditioning_embedding_out_channels)

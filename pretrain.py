@@ -53,6 +53,16 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def denoising_batch(x0, prompts, schedule, generator, drop=0.1):
+    """The draws of one step of the denoising objective on clean images x0 (B, C, H, W): each prompt replaced by ""
+    with probability `drop`, t ~ U{0, ..., 999}, eps ~ N(0, I). Returns (x_t, t, prompts, the network's target)."""
+    keep = torch.rand(len(prompts), generator=generator) >= drop
+    prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+    t = torch.randint(0, len(schedule.alphas_cumprod), (len(prompts),), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    return schedule.add_noise(x0, eps, t), t, prompts, schedule.target(x0, eps, t)
+
+
 def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
                  eval_samples=toy.REPORT_SAMPLES, prediction_type="v_prediction", seed=0, log=print):
     """Train the toy classifier and teacher; write the repository to `out`."""
@@ -81,12 +91,8 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     start = time.perf_counter()
     for step in bar:
         x0, prompts, _ = toy.sample(batch_size, generator)  # (B, 3, 32, 32)
-        keep = torch.rand(batch_size, generator=generator) >= 0.1
-        prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
-        t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        prediction = unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts)))
-        loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
+        xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
+        loss = F.mse_loss(unet(xt, t, text(tokenizer(prompts))), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -138,14 +144,11 @@ def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=
     start = time.perf_counter()
     for step in bar:
         x0, prompts, masks = toy.control_sample(batch_size, generator)  # (B, 3, 32, 32) each
-        keep = torch.rand(batch_size, generator=generator) >= 0.1
-        context = pipe.encode_prompts([p if k else "" for p, k in zip(prompts, keep.tolist())])
-        t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        xt = schedule.add_noise(x0, eps, t)
+        xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
+        context = pipe.encode_prompts(prompts)
         down, mid = controlnet(xt, t, context, masks)
         prediction = unet(xt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
+        loss = F.mse_loss(prediction, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)

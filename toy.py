@@ -408,7 +408,8 @@ def evaluate_toy_controlnet(pipe, student, controlnet, classifier, n, seed, guid
     _, coverage = render(attributes, torch.Generator().manual_seed(seed), mask=True)
     masks = control_image(coverage)  # (n, 3, 32, 32)
     prompts, seeds = [unplaced_prompt(a) for a in attributes], list(range(seed, seed + n))
-    results, rows = {}, [masks[:8] * 2 - 1]
+    shown = torch.arange(8) * 21 % min(n, len(all_attributes()))  # in the grid: sizes, colours, shapes, positions
+    results, rows = {}, [masks[shown] * 2 - 1]
     for name in names:
         network, steps, control = CONTROL_GENERATORS[name]
         images = generate_images(pipe, student if network == "student" else pipe.unet, prompts, seeds, steps, guidance,
@@ -416,7 +417,7 @@ def evaluate_toy_controlnet(pipe, student, controlnet, classifier, n, seed, guid
         predictions = classify(classifier, images)[1]
         results[name] = {"position": (predictions[:, 3] == attributes[:, 3]).float().mean().item(),
                          "attributes": (predictions[:, :3] == attributes[:, :3]).all(1).float().mean().item()}
-        rows.append(images[:8])
+        rows.append(images[shown])
     return results, torch.cat(rows)
 
 

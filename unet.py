@@ -171,21 +171,21 @@ class UNetEncoder(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             c_in, c_out, last = ch[max(i - 1, 0)], ch[i], i == n - 1
-            resnets = [self.resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
+            resnets = [self._resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
             cross = kind.startswith("CrossAttn")
-            attns = [self.attention(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
+            attns = [self._attention(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
             sampler = None if last else Downsample2D(c_out, padding=cfg.downsample_padding)
             self.down_blocks.append(UNetBlock(resnets, attns, sampler, down=True))
 
         # diffusers' UNetMidBlock2DCrossAttn always self-attends (only_cross_attention does not reach it)
-        self.mid_block = UNetBlock([self.resnet(ch[-1], ch[-1]), self.resnet(ch[-1], ch[-1])],
-                                   [self.attention(ch[-1], n - 1, False)], None, down=False)
+        self.mid_block = UNetBlock([self._resnet(ch[-1], ch[-1]), self._resnet(ch[-1], ch[-1])],
+                                   [self._attention(ch[-1], n - 1, False)], None, down=False)
 
-    def resnet(self, c_in, c_out):
+    def _resnet(self, c_in, c_out):
         cfg = self.config
         return ResnetBlock2D(c_in, c_out, 4 * cfg.block_out_channels[0], groups=cfg.norm_num_groups, eps=cfg.norm_eps)
 
-    def attention(self, c, level, only_cross):
+    def _attention(self, c, level, only_cross):
         cfg = self.config
         return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
                                   cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention, only_cross)
@@ -247,9 +247,9 @@ class UNet(UNetEncoder):
             resnets = []
             for j in range(cfg.layers_per_block + 1):
                 c_skip = c_skip_in if j == cfg.layers_per_block else c_out
-                resnets.append(self.resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
+                resnets.append(self._resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
             cross = kind.startswith("CrossAttn")
-            attns = [self.attention(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
+            attns = [self._attention(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
             sampler = None if last else Upsample2D(c_out)
             self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
 

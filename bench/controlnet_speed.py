@@ -73,13 +73,13 @@ def sd_pipeline(config, dtype, device, tokenizer_dir):
     return pipe, pipe.unet, nets[2]
 
 
-def toy_pipeline(student, dtype, device):
+def toy_pipeline(student, controlnet, dtype, device):
     pipe = load_pipeline("toy", dtype=dtype, device=device)
     unet_cfg = os.path.join(BACKBONES["toy"].repo, "unet", "config.json")
     with open(unet_cfg) as f:
         student = load_unet_file(student, json.load(f), dtype, device) if student else pipe.unet
-    controlnet = load_controlnet(os.path.join(BACKBONES["toy"].repo, "controlnet"), pipe.unet, pipe.downscale,
-                                 dtype, device)
+    controlnet = load_controlnet(controlnet or os.path.join(BACKBONES["toy"].repo, "controlnet"), pipe.unet,
+                                 pipe.downscale, dtype, device)
     return pipe, student, controlnet
 
 
@@ -97,6 +97,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=sorted(RESOLUTION), default="toy")
     p.add_argument("--student", help="toy: a distilled student (wadi.py train's student.safetensors)")
+    p.add_argument("--controlnet", help="toy: the ControlNet (default: assets/toy/controlnet)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -112,7 +113,7 @@ def main(argv=None):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         if args.config == "toy":
-            pipe, student, controlnet = toy_pipeline(args.student, dtype, device)
+            pipe, student, controlnet = toy_pipeline(args.student, args.controlnet, dtype, device)
         else:  # the toy's word-level tokenizer, padded to SD's 77 tokens
             toy.write_tokenizer(tokenizer_dir)
             with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), "w") as f:

@@ -18,7 +18,8 @@ from tests.test_unet import ONLY_CROSS, SD21_STYLE, reference, relative_error, s
 def controlnet_config(**overrides):
     """A small ControlNet config (diffusers keys): the test U-Net's encoder half, a two-level conditioning
     embedding (the control image is twice the sample's size)."""
-    cfg = {k: v for k, v in small_config(**overrides).items() if k not in ("up_block_types", "out_channels")}
+    unet_only = ("up_block_types", "out_channels", "sample_size")
+    cfg = {k: v for k, v in small_config(**overrides).items() if k not in unet_only}
     return {**cfg, "_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [8, 16]}
 
 
@@ -171,7 +172,7 @@ def saved_controlnet(tmp_path_factory):
     image, as the tiny VAE does."""
     from tests.repo import TEXT_DIM
     directory = str(tmp_path_factory.mktemp("controlnet"))
-    reference_controlnet(controlnet_config(cross_attention_dim=TEXT_DIM, sample_size=8), seed=4).save_pretrained(directory)
+    reference_controlnet(controlnet_config(cross_attention_dim=TEXT_DIM), seed=4).save_pretrained(directory)
     return directory
 
 
@@ -268,3 +269,19 @@ def test_sample_controlnet_errors_are_one_line(repo, saved_controlnet, tmp_path,
     os.makedirs(canny)
     shutil.copy("configs/sd-controlnet-canny/config.json", canny)
     assert "a ControlNet for another backbone" in error("--controlnet", canny, "--control-image", image)
+
+
+@pytest.mark.slow
+def test_toy_student_follows_the_shipped_controlnet(tmp_path):
+    """Issue 17: the default toy student (`wadi.py train --backbone toy`) with the shipped toy ControlNet, trained
+    on the teacher only, puts the object where the mask is at least 0.9x as often as the 25-step teacher with it,
+    and far more often than without it (512 prompts without position; toy.CONTROL_PROTOCOL)."""
+    import evaluate
+    import wadi
+    assert wadi.main(["train", "--backbone", "toy", "--out", str(tmp_path)]) == 0
+    assert evaluate.main(["--toy-controlnet", "--student", str(tmp_path / "student.safetensors"),
+                          "--out", str(tmp_path / "controlnet")]) == 0
+    with open(tmp_path / "controlnet" / "metrics.json") as f:
+        m = {name: r["position"] for name, r in json.load(f)["results"].items()}
+    assert m["student_1_controlnet"] >= 0.9 * m["teacher_25_controlnet"], m
+    assert m["student_1_controlnet"] >= m["student_1"] + 0.5, m  # chance is 0.25

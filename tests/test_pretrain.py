@@ -88,4 +88,17 @@ def test_the_shipped_toy_controlnet_is_what_pretraining_writes():
     assert {k: v for k, v in config.items() if k in unet_config and k != "_class_name"} == {
         k: v for k, v in unet_config.items() if k not in ("_class_name", "up_block_types", "out_channels")}
     pipe = load_pipeline("toy")
-    assert load_controlnet(os.path.join(repo, "controlnet"), pipe.unet, pipe.downscale).controlnet_mid_block.weight.any()
+    controlnet = load_controlnet(os.path.join(repo, "controlnet"), pipe.unet, pipe.downscale)
+    assert controlnet.controlnet_mid_block.weight.any()
+
+
+def test_pretrain_command_routes_to_the_teacher_or_the_controlnet(monkeypatch):
+    import wadi
+    calls = []
+    monkeypatch.setattr(pretrain, "pretrain_toy", lambda *a, **k: calls.append(("teacher", a, k)))
+    monkeypatch.setattr(pretrain, "pretrain_toy_controlnet", lambda *a, **k: calls.append(("controlnet", a, k)))
+    repo = BACKBONES["toy"].repo
+    assert wadi.main(["pretrain", "--backbone", "toy"]) == 0
+    assert wadi.main(["pretrain", "--backbone", "toy", "--controlnet", "--steps", "7"]) == 0
+    assert calls == [("teacher", (repo,), {"seed": 0}),  # the functions' own defaults otherwise
+                     ("controlnet", (os.path.join(repo, "controlnet"), repo), {"steps": 7, "seed": 0})]
