@@ -6,6 +6,7 @@ SwiftBrushV2:
         [--captions captions.txt] --out DIR
     python evaluate.py --coco 2014 --steps 25 --guidance 3 --coco-dir DIR --out DIR   (the teacher, DDIM)
     python evaluate.py --coco 2017 --images FOLDER --coco-dir DIR --out DIR      (another project's images)
+    python evaluate.py --toy-controlnet --student STUDENT.safetensors --out DIR   (the toy ControlNet, toy.py)
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
     python evaluate.py --hps [FILE] --backbone sd15 --unet STUDENT.safetensors --hps-prompts DIR --out DIR
                                                            (HPS v2.1 on the HPD v2 benchmark: hps.py)
@@ -55,6 +56,7 @@ import cli
 import toy
 from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
+from controlnet import load_controlnet
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
@@ -261,6 +263,25 @@ def evaluate_toy(args):
             json.dump(results, f, indent=2)
 
 
+def evaluate_toy_controlnet(args):
+    """The toy ControlNet protocol (toy.CONTROL_PROTOCOL): position accuracy of teacher and --student with
+    --controlnet on --num (default 512) prompts without position, printed, and metrics.json + grid.png in --out."""
+    model = args.model or BACKBONES["toy"].repo
+    pipe = load_pipeline("toy", model)
+    student = load_unet_file(fetch_file(args.student, "--student"), read_json(fetch(model, "unet/config.json")))
+    controlnet = load_controlnet(args.controlnet or os.path.join(model, "controlnet"), pipe.unet, pipe.downsampling())
+    protocol = {**toy.CONTROL_PROTOCOL, "n": args.num or toy.CONTROL_PROTOCOL["n"]}
+    results, rows = toy.evaluate_toy_controlnet(pipe, student, controlnet, toy.load_classifier(
+        os.path.join(model, "classifier")), **protocol)
+    print(toy.control_table(results))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump({"protocol": protocol, "results": results}, f, indent=2)
+    image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
+        os.path.join(args.out, "grid.png"))
+    print(f"rows of {os.path.join(args.out, 'grid.png')}: mask | " + " | ".join(results))
+
+
 def build_parser():
     """The command line; a protocol (--coco, --hps, --toy) is required, the rest has the paper's defaults."""
     parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
@@ -272,6 +293,8 @@ def build_parser():
                                f"checkpoint or a folder holding it (default: the Hub repo {HPS_REPO})")
     protocol.add_argument("--toy", action="store_true", help="the toy protocol: FD and prompt accuracy of the "
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
+    protocol.add_argument("--toy-controlnet", action="store_true", help="the toy ControlNet protocol: position "
+                                                                        "accuracy with the object's mask as condition")
     g = parser.add_argument_group("COCO")
     g.add_argument("--coco-dir", help="COCO folder holding val2014/ or val2017/ and annotations/")
     g.add_argument("--captions", help="caption list, one per line (COCO 2014: GigaGAN's / DMD2's captions.txt; "
@@ -279,11 +302,13 @@ def build_parser():
     g.add_argument("--num", "--num-images", type=cli.POSITIVE,
                    help="evaluate the first N captions (default: 30000 / 5000; --toy: 2048); under torchrun "
                         "write --num-images, as torchrun takes --num for its --numa-binding")
-    g.add_argument("--out", help="--coco, --hps: output folder for metrics.json, grid.png, images/")
+    g.add_argument("--out", help="--coco, --hps, --toy-controlnet: output folder for metrics.json, grid.png, "
+                                 "images/")
     g.add_argument("--images", help="score this folder of generated images (0.png or 00000.png, ... numbered as "
                                     "the captions; --hps: one such folder per style) instead of generating")
     g = parser.add_argument_group("toy")
     g.add_argument("--student", help="the merged one-step student (wadi.py train's student.safetensors)")
+    g.add_argument("--controlnet", help="--toy-controlnet: the ControlNet (default: MODEL/controlnet)")
     g.add_argument("--json", help="write the metrics to this file")
     g.add_argument("--no-cache", action="store_true", help="measure the teacher again instead of reading its "
                                                            "stored figures")
@@ -327,15 +352,24 @@ def main(argv=None):
         parser.error("--coco needs --coco-dir DIR and --out DIR")
     if args.hps is not None and not args.out:
         parser.error("--hps needs --out DIR")
-    if args.toy and not args.student:
-        parser.error("--toy needs --student FILE")
+    if (args.toy or args.toy_controlnet) and not args.student:
+        parser.error("--toy and --toy-controlnet need --student FILE")
+    if args.toy_controlnet and not args.out:
+        parser.error("--toy-controlnet needs --out DIR")
     if args.images and (args.unet or args.model):
         parser.error("--images scores existing images: --unet and --model are for generating them")
-    if args.num is not None and args.num <= (1 if args.no_pr or args.toy else PR_K):
-        parser.error(f"--num must be above {1 if args.no_pr or args.toy else PR_K} (FID needs 2 images, "
+    if args.num is not None and args.num <= (1 if args.no_pr or args.toy or args.toy_controlnet else PR_K):
+        parser.error(f"--num must be above {1 if args.no_pr or args.toy or args.toy_controlnet else PR_K} (FID needs 2 images, "
                      f"precision/recall with k={PR_K} needs {PR_K + 1})")
     try:
-        evaluate_toy(args) if args.toy else evaluate_hps(args) if args.hps is not None else evaluate_coco(args)
+        if args.toy:
+            evaluate_toy(args)
+        elif args.toy_controlnet:
+            evaluate_toy_controlnet(args)
+        elif args.hps is not None:
+            evaluate_hps(args)
+        else:
+            evaluate_coco(args)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ def save_tensors(tensors, path, metadata=None):
     permissions of the user's umask like any other output (safetensors itself creates files 0600)."""
     tmp = f"{path}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
+              metadata={k: str(v) for k, v in metadata.items()} if metadata else None)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
@@ -208,15 +208,16 @@ def fetch_file(spec, option):
 
 
 def weight_files(model, component, variant=None):
-    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...) safetensors weights in a
-    repo (never pickles): diffusers' or transformers' file name, optionally the `variant` (e.g. fp16)
-    first, one file or the shards an index names."""
+    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...; "" for a repo that is one model
+    at its root, as a ControlNet's) safetensors weights in a repo (never pickles): diffusers' or transformers'
+    file name, optionally the `variant` (e.g. fp16) first, one file or the shards an index names."""
     stems = ("diffusion_pytorch_model", "model")
     names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
     names += [n + ".index.json" for n in names]
+    folder = f"{component}/" if component else ""
     for name in names:
         try:
-            path = fetch(model, f"{component}/{name}")
+            path = fetch(model, folder + name)
         except MissingFile:
             continue
         if not name.endswith(".json"):
@@ -224,8 +225,9 @@ def weight_files(model, component, variant=None):
         index = read_json(path)
         if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
             raise LoadError(f"{path} is a sharded-weights index without a weight_map (key -> shard file)")
-        return [fetch(model, f"{component}/{shard}") for shard in sorted(set(index["weight_map"].values()))]
-    raise LoadError(f"no safetensors weights for {component} in {model} (looked for {', '.join(names[:2])}, ...)")
+        return [fetch(model, folder + shard) for shard in sorted(set(index["weight_map"].values()))]
+    raise LoadError(f"no safetensors weights for {component or 'the model'} in {model} (looked for "
+                    f"{', '.join(folder + n for n in names[:2])}, ...)")
 
 
 def read_weights(model, component, dtype=None, variant=None):

@@ -1,6 +1,7 @@
-"""A backbone assembled from its repo (README "One-step sampling"): the denoiser, the VAE (absent for the pixel-space toy),
-the text encoder with its tokenizer and the noise schedule, plus what every command does with them:
-encode prompts, decode latents to images, save images and grids.
+"""A backbone assembled from its repo (README "One-step sampling"): the denoiser, the VAE (absent for the
+pixel-space toy), the text encoder with its tokenizer and the noise schedule, plus what every command does
+with them: encode prompts, decode latents to images, save images and grids; optionally a ControlNet
+(controlnet.py) steering the denoiser, for the one-step student and the DDIM teacher alike.
 """
 import json
 import os
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
+from controlnet import ControlledUNet, load_controlnet, read_control_images
 from diffusion import A_T, NoiseSchedule, ddim_sample, one_step
 from loading import LoadError, MissingFile, build, fetch, file_metadata, load_component, load_weights, read_json, \
     read_tensors
@@ -67,17 +69,21 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(device))
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None):
+    def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None, controlnet=None,
+                 control_image=None, control_scale=1.0):
         """uint8 images (B, H, W, 3), image i for prompts[i] from the noise of seeds[i] (`seeded_noise`):
-        one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`."""
+        one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`. With a
+        `controlnet`, the denoiser is steered by `control_image` (1 or B, 3, H, W) in [0, 1] at the output
+        resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step."""
         param = next(self.unet.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
         context = self.encode_prompts(prompts)
+        net = self.unet if controlnet is None else ControlledUNet(self.unet, controlnet, control_image, control_scale)
         if steps == 1:
-            x0 = one_step(self.unet, z, context, self.schedule.prediction_type, a_T)
+            x0 = one_step(net, z, context, self.schedule.prediction_type, a_T)
         else:
             null = self.encode_prompts([""]).expand(len(prompts), -1, -1)
-            x0 = ddim_sample(self.unet, self.schedule, z, context, null, steps, guidance)
+            x0 = ddim_sample(net, self.schedule, z, context, null, steps, guidance)
         return self.decode(x0)
 
     @torch.no_grad()
@@ -180,6 +186,15 @@ def check_steps(model, steps, option="--steps"):
             load_schedule(model).ddim_timesteps(steps)
         except ValueError as e:
             raise LoadError(f"{option} {steps}: {e}") from None
+
+
+def load_control(pipe, spec, image_paths, resolution=None):
+    """The ControlNet `spec` (`controlnet.load_controlnet`: a repo, directory or file) in the pipeline's dtype
+    and device, checked to fit its U-Net, and the control images `image_paths` as (N, 3, H, W) in [0, 1] at the
+    output resolution. LoadError for a missing, unreadable or unfit file."""
+    param = next(pipe.unet.parameters())
+    net = load_controlnet(spec, pipe.unet, pipe.downsampling(), param.dtype, param.device)
+    return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
 def load_unet_file(path, cfg, dtype=torch.float32, device="cpu"):

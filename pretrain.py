@@ -25,7 +25,8 @@ from tqdm import tqdm
 import toy
 from clip import CLIPTextModel, CLIPTokenizer
 from diffusion import NoiseSchedule
-from loading import save_tensors
+from controlnet import ControlNet
+from loading import read_json, save_tensors
 from pipeline import load_pipeline
 from unet import UNet
 
@@ -49,6 +50,16 @@ def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def denoising_batch(x0, prompts, schedule, generator, drop=0.1):
+    """The draws of one step of the denoising objective on clean images x0 (B, C, H, W): each prompt replaced by ""
+    with probability `drop`, t ~ U{0, ..., 999}, eps ~ N(0, I). Returns (x_t, t, prompts, the network's target)."""
+    keep = torch.rand(len(prompts), generator=generator) >= drop
+    prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+    t = torch.randint(0, len(schedule.alphas_cumprod), (len(prompts),), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    return schedule.add_noise(x0, eps, t), t, prompts, schedule.target(x0, eps, t)
 
 
 def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
@@ -79,12 +90,8 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     start = time.perf_counter()
     for step in bar:
         x0, prompts, _ = toy.sample(batch_size, generator)  # (B, 3, 32, 32)
-        keep = torch.rand(batch_size, generator=generator) >= 0.1
-        prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
-        t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        prediction = unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts)))
-        loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
+        xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
+        loss = F.mse_loss(unet(xt, t, text(tokenizer(prompts))), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -110,3 +117,47 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
     toy.store_teacher_metrics(os.path.join(out, toy.TEACHER_METRICS), protocol, toy.teacher_fingerprint(pipe), results)
     log(toy.metrics_table(results))
+
+
+# the toy ControlNet's conditioning embedding: one level, so the mask stays 32 x 32 (pixel space: no VAE to match)
+CONTROLNET_EMBEDDING = (16,)
+
+
+def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=0, log=print):
+    """Train a ControlNet for the frozen toy teacher in `model` (Zhang et al. 2023: a trainable copy of the
+    U-Net's encoder half, zero convolutions, `ControlNet.from_unet`) with the teacher's denoising loss on fresh
+    toy data: the condition is the object's silhouette (`toy.control_sample`), the prompt names size, colour and
+    shape but not the position, and is dropped 10% of the time (so that CFG keeps working). Writes `out` in
+    diffusers' ControlNetModel layout (config.json, diffusion_pytorch_model.safetensors in fp16)."""
+    torch.manual_seed(seed)
+    pipe = load_pipeline("toy", model)
+    unet, schedule = pipe.unet, pipe.schedule  # frozen: gradients pass through it to the residuals
+    controlnet = ControlNet.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING).train()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    log(f"training a toy ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.2f}M parameters, "
+        f"{steps} steps of {batch_size}")
+    bar = tqdm(range(steps), desc="pretrain controlnet", dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in bar:
+        x0, prompts, masks = toy.control_sample(batch_size, generator)  # (B, 3, 32, 32) each
+        xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
+        context = pipe.encode_prompts(prompts)
+        down, mid = controlnet(xt, t, context, masks)
+        prediction = unet(xt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        loss = F.mse_loss(prediction, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        images_per_s = batch_size * (step + 1) / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+
+    unet_config = read_json(os.path.join(model, "unet", "config.json"))
+    config = {**{k: v for k, v in unet_config.items() if k not in ("_class_name", "up_block_types", "out_channels")},
+              "_class_name": "ControlNetModel", "conditioning_channels": 3,
+              "conditioning_embedding_out_channels": list(CONTROLNET_EMBEDDING)}
+    write_json(os.path.join(out, "config.json"), config)
+    save_tensors({k: v.half() for k, v in controlnet.state_dict().items()},
+                 os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    log(f"wrote the toy ControlNet to {out}")

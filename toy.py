@@ -16,6 +16,9 @@ generated images the way FID and a prompt-following check score real ones.
   their prompt. Compare sets with every prompt equally often (`balanced_attributes`): then FD between
   two samples of the data is small (about 0.2 for 2048 images) and blur, noise, a colour cast or lost
   diversity raise it many times over.
+- ControlNet protocol (`evaluate_toy_controlnet`, paper Fig. 5 on the toy): prompts that name size, colour and
+  shape but not the position ("a large red circle"), the object's silhouette (`render(..., mask=True)`) as the
+  ControlNet's condition; the position accuracy is how often the classifier finds the object where the mask is.
 """
 import dataclasses
 import glob
@@ -114,9 +117,10 @@ def _shape_distance(shape, dx, dy, r):
     return distance  # (B, H, W)
 
 
-def render(attributes, generator):
+def render(attributes, generator, mask=False):
     """Images (B, 3, 32, 32) in [-1, 1] showing the given attributes (B, 4); everything else is
-    drawn from `generator` (the same generator state gives the same images)."""
+    drawn from `generator` (the same generator state gives the same images). With `mask`, also the
+    object's coverage (B, 1, 32, 32) in [0, 1]: its silhouette, anti-aliased at the edge."""
     size, colour, shape, position = attributes.T
     b, n = len(attributes), RESOLUTION
 
@@ -144,7 +148,8 @@ def render(attributes, generator):
     obj = rgb[:, :, None, None] + ((light[:, 0] * dx + light[:, 1] * dy) / r)[:, None]  # (B, 3, H, W)
     image = UPSAMPLE @ (grey + ramp[:, None] + blotches) @ UPSAMPLE.T  # (B, 3, H, W), the background
     image.lerp_(obj, coverage)  # the object over it; in place, as below: batches of thousands are common
-    return image.add_(noise).clamp_(-1, 1)  # (B, 3, 32, 32)
+    image = image.add_(noise).clamp_(-1, 1)  # (B, 3, 32, 32)
+    return (image, coverage) if mask else image
 
 
 def sample(n, generator):
@@ -359,16 +364,19 @@ def cache_teacher_metrics(cache_dir, protocol, weights, results):
                           results)
 
 
-def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=32):
-    """Images (N, 3, 32, 32) in [-1, 1] from `unet` in `pipe`, image i from prompts[i] and seeds[i]. Batches
-    of 32 (64 through the U-Net with CFG) keep every activation small enough for the C allocator to reuse
-    its memory: at 256 each step's tensors were fresh mappings from the kernel, and a third of the CPU time
-    went to page faults (BENCHMARKS.md)."""
+def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=32, controlnet=None, control_image=None):
+    """Images (N, 3, 32, 32) in [-1, 1] from `unet` in `pipe`, image i from prompts[i] and seeds[i] (and
+    control_image[i], (N, 3, 32, 32) in [0, 1], through `controlnet` when given). Batches of 32 (64 through
+    the U-Net with CFG) keep every activation small enough for the C allocator to reuse its memory: at 256
+    each step's tensors were fresh mappings from the kernel, and a third of the CPU time went to page faults
+    (BENCHMARKS.md)."""
     pipe = dataclasses.replace(pipe, unet=unet)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"generate ({steps} step{'s' * (steps > 1)})",
                       unit="batch", leave=False):
-        images = pipe.generate(prompts[start:start + batch_size], seeds[start:start + batch_size], steps, guidance)
+        control = None if controlnet is None else control_image[start:start + batch_size]
+        images = pipe.generate(prompts[start:start + batch_size], seeds[start:start + batch_size], steps, guidance,
+                               controlnet=controlnet, control_image=control)
         out.append(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # (B, 3, 32, 32)
     return torch.cat(out)
 
@@ -395,4 +403,60 @@ def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENER
 def metrics_table(results):
     lines = [f"{'generator':<12} {'FD':>8} {'accuracy':>9}"]
     lines += [f"{name:<12} {r['fd']:8.3f} {r['accuracy']:9.3f}" for name, r in results.items()]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
+# The ControlNet protocol: the prompt names size, colour and shape; the object's place comes from a mask
+
+CONTROL_GENERATORS = {  # name: (network, sampling steps, with the ControlNet)
+    "teacher_25_controlnet": ("teacher", 25, True), "teacher_1_controlnet": ("teacher", 1, True),
+    "student_1_controlnet": ("student", 1, True), "student_1": ("student", 1, False)}
+CONTROL_PROTOCOL = {"n": 512, "seed": 0, "guidance": TEACHER_GUIDANCE}  # evaluate_toy_controlnet's arguments
+
+
+def unplaced_prompt(attributes):
+    """The prompt of one attribute row without its position, e.g. "a large red circle"."""
+    return prompt(attributes).split(" at the ")[0]
+
+
+def control_image(coverage):
+    """Masks (B, 1, H, W) in [0, 1] -> the ControlNet's input (B, 3, H, W) in [0, 1]: what a greyscale PNG of
+    the mask becomes through `controlnet.prepare_control_image` (8-bit levels, RGB)."""
+    return (coverage * 255).round().div(255).expand(-1, 3, -1, -1)
+
+
+def control_sample(n, generator):
+    """n fresh dataset items for ControlNet training: images (n, 3, 32, 32) in [-1, 1], prompts without the
+    position (list of n str), control images of the objects' silhouettes (n, 3, 32, 32) in [0, 1]."""
+    attributes = torch.stack([torch.randint(len(values), (n,), generator=generator) for values in ATTRIBUTES], 1)
+    images, coverage = render(attributes, generator, mask=True)
+    return images, [unplaced_prompt(row) for row in attributes], control_image(coverage)
+
+
+def evaluate_toy_controlnet(pipe, student, controlnet, classifier, n, seed, guidance, names=tuple(CONTROL_GENERATORS)):
+    """{name: {"position", "attributes"}}: how often the classifier finds the object at the mask's position, and
+    its size, colour and shape those of the prompt, for the generators in `names` (CONTROL_GENERATORS) on the same
+    n prompts without position, masks (`balanced_attributes(n)`: every position equally often; shapes drawn
+    with `seed`) and noise seeds; and a grid, one row of 8 per mask | generator (images (rows * 8, 3, 32, 32))."""
+    attributes = balanced_attributes(n)
+    _, coverage = render(attributes, torch.Generator().manual_seed(seed), mask=True)
+    masks = control_image(coverage)  # (n, 3, 32, 32)
+    prompts, seeds = [unplaced_prompt(a) for a in attributes], list(range(seed, seed + n))
+    shown = torch.arange(8) * 21 % min(n, len(all_attributes()))  # in the grid: sizes, colours, shapes, positions
+    results, rows = {}, [masks[shown] * 2 - 1]
+    for name in names:
+        network, steps, control = CONTROL_GENERATORS[name]
+        images = generate_images(pipe, student if network == "student" else pipe.unet, prompts, seeds, steps, guidance,
+                                 controlnet=controlnet if control else None, control_image=masks)
+        predictions = classify(classifier, images)[1]
+        results[name] = {"position": (predictions[:, 3] == attributes[:, 3]).float().mean().item(),
+                         "attributes": (predictions[:, :3] == attributes[:, :3]).all(1).float().mean().item()}
+        rows.append(images[shown])
+    return results, torch.cat(rows)
+
+
+def control_table(results):
+    lines = [f"{'generator':<22} {'position':>9} {'size+colour+shape':>18}"]
+    lines += [f"{name:<22} {r['position']:9.3f} {r['attributes']:18.3f}" for name, r in results.items()]
     return "\n".join(lines)

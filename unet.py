@@ -3,7 +3,9 @@
 Built from a diffusers `unet/config.json` dict (SD1.5 and SD2.1 are covered: per-block head counts,
 linear or 1x1-conv projections, attention upcasting, any cross-attention width) with `state_dict()` keys
 identical to diffusers' `UNet2DConditionModel`, so official weight files, the released WaDi one-step
-files included, load with strict=True. The blocks come from layers.py.
+files included, load with strict=True. The blocks come from layers.py. `UNetEncoder` is the half a ControlNet
+copies (conv_in, time embedding, down and mid blocks); `UNet` adds the up blocks and takes a ControlNet's
+residuals (controlnet.py) under diffusers' names.
 """
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ class UNetConfig:
     out_channels: int
     block_out_channels: tuple
     down_block_types: tuple
-    up_block_types: tuple
+    up_block_types: tuple      # empty for a ControlNet (no up blocks)
     layers_per_block: int
     heads: tuple               # attention heads per down block (diffusers' `attention_head_dim` for SD)
     transformer_layers: tuple  # transformer blocks per attention, per down block
@@ -55,26 +57,29 @@ class UNetConfig:
     sample_size: int
 
     @classmethod
-    def from_dict(cls, cfg):
+    def from_dict(cls, cfg, what="UNet"):
+        """From a diffusers config dict; `what` names the network in errors (a ControlNet's config has no
+        up blocks: `up_block_types` is then empty)."""
         for key, supported in FIXED.items():
             value = cfg.get(key, supported)
             if isinstance(value, list) and len(set(value)) == 1:
                 value = value[0]
             if value != supported:
-                raise ValueError(f"unsupported UNet config: {key}={value!r} (supported: {supported!r})")
+                raise ValueError(f"unsupported {what} config: {key}={value!r} (supported: {supported!r})")
         for key, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
-            bad = [b for b in cfg[key] if b not in allowed]
+            bad = [b for b in cfg.get(key, ()) if b not in allowed]
             if bad:
-                raise ValueError(f"unsupported UNet config: {key} contains {bad} (supported: {allowed})")
+                raise ValueError(f"unsupported {what} config: {key} contains {bad} (supported: {allowed})")
         n = len(cfg["block_out_channels"])
         # diffusers names the head *count* `attention_head_dim` in the SD configs; num_attention_heads wins if set
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         cross = cfg.get("cross_attention_dim", 1280)
         if isinstance(cross, (list, tuple)):
-            raise ValueError("unsupported UNet config: per-block cross_attention_dim")
+            raise ValueError(f"unsupported {what} config: per-block cross_attention_dim={cross!r}")
         return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
                    block_out_channels=tuple(cfg["block_out_channels"]),
-                   down_block_types=tuple(cfg["down_block_types"]), up_block_types=tuple(cfg["up_block_types"]),
+                   down_block_types=tuple(cfg["down_block_types"]),
+                   up_block_types=tuple(cfg.get("up_block_types", ())),
                    layers_per_block=cfg.get("layers_per_block", 2), heads=_per_block(heads, n),
                    transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n),
                    cross_attention_dim=cross,
@@ -150,77 +155,56 @@ class UNetBlock(nn.Module):
             setattr(self, "downsamplers" if down else "upsamplers", nn.ModuleList([sampler]))
 
 
-class UNet(nn.Module):
-    """`forward(sample, timestep, encoder_hidden_states)`: the noise (or v) prediction, (B, C, H, W)."""
+class UNetEncoder(nn.Module):
+    """The half of the U-Net that a ControlNet copies (Zhang et al. 2023, Sec. 3.2): `conv_in`, the timestep
+    embedding, the down blocks and the mid block. `UNet` adds the up blocks; `controlnet.ControlNet` adds the
+    conditioning-image embedding and the zero convolutions. Both run the shared half with `embed_time` and `encode`."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
-        temb = 4 * ch[0]
-        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
-
-        def resnet(c_in, c_out):
-            return ResnetBlock2D(c_in, c_out, temb, **norm)
-
-        def attn(c, level, only_cross):
-            return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
-                                      cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention,
-                                      only_cross)
-
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             c_in, c_out, last = ch[max(i - 1, 0)], ch[i], i == n - 1
-            resnets = [resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
+            resnets = [self._resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
             cross = kind.startswith("CrossAttn")
-            attns = [attn(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
+            attns = [self._attention(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
             sampler = None if last else Downsample2D(c_out, padding=cfg.downsample_padding)
             self.down_blocks.append(UNetBlock(resnets, attns, sampler, down=True))
 
         # diffusers' UNetMidBlock2DCrossAttn always self-attends (only_cross_attention does not reach it)
-        self.mid_block = UNetBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attn(ch[-1], n - 1, False)],
-                                   None, down=False)
+        self.mid_block = UNetBlock([self._resnet(ch[-1], ch[-1]), self._resnet(ch[-1], ch[-1])],
+                                   [self._attention(ch[-1], n - 1, False)], None, down=False)
 
-        self.up_blocks = nn.ModuleList()
-        rev, rev_heads = ch[::-1], n - 1
-        for i, kind in enumerate(cfg.up_block_types):
-            c_out, c_prev, c_skip_in, last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)], i == n - 1
-            level = rev_heads - i  # the down level this up level mirrors: same heads and transformer depth
-            resnets = []
-            for j in range(cfg.layers_per_block + 1):
-                c_skip = c_skip_in if j == cfg.layers_per_block else c_out
-                resnets.append(resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
-            cross = kind.startswith("CrossAttn")
-            attns = [attn(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
-            sampler = None if last else Upsample2D(c_out)
-            self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
+    def _resnet(self, c_in, c_out):
+        cfg = self.config
+        return ResnetBlock2D(c_in, c_out, 4 * cfg.block_out_channels[0], groups=cfg.norm_num_groups, eps=cfg.norm_eps)
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    @classmethod
-    def from_config(cls, cfg: dict):
-        return cls(UNetConfig.from_dict(cfg))
+    def _attention(self, c, level, only_cross):
+        cfg = self.config
+        return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
+                                  cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention, only_cross)
 
     def _run(self, module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        # sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D)
-        B = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+    def embed_time(self, sample, timestep):
+        """The timestep embedding (B, 4 * C0) of `timestep` (scalar or (B,)) for a batch `sample` (B, C, H, W)."""
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
-        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
-        context = encoder_hidden_states
+        return self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
 
-        h = self.conv_in(sample)
+    def encode(self, h, emb, context):
+        """The down blocks and the mid block from conv_in's output h (B, C0, H, W): the mid block's output and
+        the skip tensors, one per resnet and downsampler plus h itself (`skip_channels` wide)."""
         skips = [h]
         for block in self.down_blocks:
             for j, res in enumerate(block.resnets):
@@ -231,11 +215,64 @@ class UNet(nn.Module):
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
                 skips.append(h)
-
         mid = self.mid_block
         h = self._run(mid.resnets[0], h, emb)
         h = self._run(mid.attentions[0], h, context)
-        h = self._run(mid.resnets[1], h, emb)
+        return self._run(mid.resnets[1], h, emb), skips  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
+
+
+def skip_channels(cfg: UNetConfig):
+    """The widths of `UNetEncoder.encode`'s skip tensors, in order: what a ControlNet's residuals must match."""
+    ch = cfg.block_out_channels
+    widths = [ch[0]]
+    for i, c in enumerate(ch):
+        widths += [c] * (cfg.layers_per_block + (i < len(ch) - 1))
+    return tuple(widths)
+
+
+class UNet(UNetEncoder):
+    """`forward(sample, timestep, encoder_hidden_states)`: the noise (or v) prediction, (B, C, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        if len(cfg.up_block_types) != n:
+            raise ValueError(f"unsupported UNet config: up_block_types={list(cfg.up_block_types)!r} "
+                             f"(one per entry of block_out_channels, {n})")
+        self.up_blocks = nn.ModuleList()
+        rev, rev_heads = ch[::-1], n - 1
+        for i, kind in enumerate(cfg.up_block_types):
+            c_out, c_prev, c_skip_in, last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)], i == n - 1
+            level = rev_heads - i  # the down level this up level mirrors: same heads and transformer depth
+            resnets = []
+            for j in range(cfg.layers_per_block + 1):
+                c_skip = c_skip_in if j == cfg.layers_per_block else c_out
+                resnets.append(self._resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
+            cross = kind.startswith("CrossAttn")
+            attns = [self._attention(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
+            sampler = None if last else Upsample2D(c_out)
+            self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        return cls(UNetConfig.from_dict(cfg))
+
+    def forward(self, sample, timestep, encoder_hidden_states, down_block_additional_residuals=None,
+                mid_block_additional_residual=None):
+        """sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D). A ControlNet's
+        residuals (diffusers' names and semantics, both or neither): one per skip tensor, added to it, and one
+        added to the mid block's output."""
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("give both down_block_additional_residuals and mid_block_additional_residual, or neither")
+        emb = self.embed_time(sample, timestep)
+        context = encoder_hidden_states
+        h, skips = self.encode(self.conv_in(sample), emb, context)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+            h = h + mid_block_additional_residual
 
         for block in self.up_blocks:
             for j, res in enumerate(block.resnets):

@@ -6,6 +6,8 @@
     python wadi.py sample --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
     python wadi.py pretrain --backbone toy --out runs/pretrain-toy
+    python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --controlnet lllyasviel/sd-controlnet-canny \
+        --control-image edges.png --prompt "a bird" --out bird.png
     python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2: norm vs direction)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
@@ -33,8 +35,8 @@ import toy
 from clip import CLIPTextModel
 from loading import LoadError, fetch_file, read_json, read_tensors
 from lorad import ADAPTERS, count_trainable, load_adapters
-from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_pipeline, pick_dtype, read_prompts, \
-    student_a_T, student_backbone
+from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_control, load_pipeline, pick_dtype, \
+    read_prompts, student_a_T, student_backbone
 from unet import UNet
 from vae import AutoencoderKL
 from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, TrainingInterrupted, VSDConfig, build_networks, \
@@ -77,17 +79,27 @@ def cmd_sample(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     unet = fetch_file(args.unet, "--unet") if args.unet else None
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UsageError("--controlnet and --control-image go together")
+    if args.control_image and len(args.control_image) not in (1, len(prompts)):
+        raise UsageError(f"give one --control-image for all prompts or one per prompt ({len(prompts)} prompts, "
+                         f"{len(args.control_image)} images)")
     backbone, model = student_backbone(args.backbone, args.model, unet, "--unet")
     check_steps(model, args.steps)
     pipe = load_pipeline(backbone, model, unet, dtype, device)
     resolution = check_resolution(pipe, args.resolution)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
+    controlnet, control = None, None
+    if args.controlnet:
+        controlnet, control = load_control(pipe, args.controlnet, args.control_image, resolution)
+        control = control.repeat_interleave(args.num_per_prompt, 0) if len(control) > 1 else control  # one per job
     images = []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sample", unit="batch"):
         batch = jobs[start:start + args.batch_size]
+        image = control[start:start + args.batch_size] if control is not None and len(control) > 1 else control
         images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, args.guidance, a_T,
-                                    resolution))
+                                    resolution, controlnet, image, args.control_scale))
     save_images(np.concatenate(images), args.out, args.grid)
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
@@ -212,10 +224,21 @@ def cmd_train(args):
 
 
 def cmd_pretrain(args):
-    if os.path.isfile(os.path.join(args.out, "unet", "config.json")) and not args.overwrite:
-        raise UsageError(f"--out {args.out} already holds a model (unet/config.json); pass --overwrite to replace "
-                         f"it (the shipped assets/toy too), or give another --out")
-    pretrain.pretrain_toy(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if args.controlnet:
+        out, defaults = args.out or os.path.join("runs", "pretrain-toy-controlnet"), dict(steps=400, batch_size=16)
+        existing = os.path.join(out, "config.json")
+    else:
+        out, defaults = args.out or os.path.join("runs", "pretrain-toy"), dict(steps=1500, batch_size=32)
+        existing = os.path.join(out, "unet", "config.json")
+    if os.path.isfile(existing) and not args.overwrite:
+        raise UsageError(f"--out {out} already holds a model ({os.path.relpath(existing, out)}); pass --overwrite to "
+                         f"replace it (the shipped assets/toy too), or give another --out")
+    options = {**defaults, **{k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None},
+               "lr": args.lr, "seed": args.seed}
+    if args.controlnet:
+        pretrain.pretrain_toy_controlnet(out, args.model or BACKBONES["toy"].repo, **options)
+    else:
+        pretrain.pretrain_toy(out, **options)
 
 
 def load_run(run_dir, checkpoint="latest", ema=False):
@@ -285,6 +308,13 @@ def build_parser():
     g.add_argument("--guidance", type=cli.SCALE, default=7.5, help="CFG scale for DDIM")
     g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
     g.add_argument("--batch-size", type=cli.POSITIVE, default=4, help="images per forward pass")
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", help="a ControlNet in diffusers' layout: Hub repo (lllyasviel/sd-controlnet-canny), "
+                                        "local directory, or one safetensors file (config.json beside it, else the "
+                                        "U-Net's); the student and the DDIM teacher both take it")
+    g.add_argument("--control-image", action="append", help="--controlnet's condition image (repeatable: one for all "
+                                                            "prompts, or one per prompt)")
+    g.add_argument("--control-scale", type=cli.SCALE, default=1.0, help="scale of the ControlNet's residuals")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="VSD distillation into a one-step student (paper defaults)",
@@ -337,16 +367,21 @@ def build_parser():
                    help="how many of the latest checkpoints to keep (0: all)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch",
+    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch, or with --controlnet "
+                                        "a ControlNet for the toy teacher",
                        description="Train the toy backbone (teacher, text encoder, tokenizer, classifier) and "
-                                   "measure the teacher; writes a model directory in the SD layout.")
+                                   "measure the teacher; writes a model directory in the SD layout. With --controlnet, "
+                                   "train a ControlNet for the frozen toy teacher instead (diffusers' layout).")
     p.add_argument("--backbone", choices=["toy"], default="toy", help="only the toy is pretrained here")
-    p.add_argument("--out", default=os.path.join("runs", "pretrain-toy"),
-                   help="the model directory to write (use it with --model); the shipped one is assets/toy")
+    p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
+                                                             "the frozen teacher of --model")
+    p.add_argument("--model", help="--controlnet: the toy repo whose teacher it steers (default: assets/toy)")
+    p.add_argument("--out", help="the directory to write (default: runs/pretrain-toy, runs/pretrain-toy-controlnet "
+                                 "with --controlnet; the shipped ones are assets/toy and assets/toy/controlnet)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
-    p.add_argument("--steps", type=cli.POSITIVE, default=1500, help="teacher training steps")
-    p.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images per teacher step")
-    p.add_argument("--lr", type=cli.RATE, default=1e-3, help="teacher learning rate (AdamW, 5%% warm-up)")
+    p.add_argument("--steps", type=cli.POSITIVE, help="training steps (default: 1500, --controlnet 400)")
+    p.add_argument("--batch-size", type=cli.POSITIVE, help="images per step (default: 32, --controlnet 16)")
+    p.add_argument("--lr", type=cli.RATE, default=1e-3, help="learning rate (AdamW)")
     p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
     p.set_defaults(func=cmd_pretrain)
 

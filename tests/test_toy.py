@@ -99,6 +99,26 @@ def test_pixels_show_the_attributes():
     assert (width_top[cross] < 0.8 * cols[cross].sum(1)).all()  # the top arm is narrower than the cross
 
 
+def test_the_mask_is_the_objects_silhouette():
+    attributes = toy.balanced_attributes(512)
+    images, coverage = toy.render(attributes, torch.Generator().manual_seed(0), mask=True)
+    assert torch.equal(images, toy.render(attributes, torch.Generator().manual_seed(0)))  # the same draws
+    assert coverage.shape == (512, 1, 32, 32) and coverage.min() == 0 and coverage.max() == 1
+    inside, outside = coverage[:, 0] == 1, coverage[:, 0] == 0
+    saturated = object_pixels(images)
+    assert (saturated & outside).sum() == 0 and (saturated & inside).sum() / inside.sum() > 0.95
+    control = toy.control_image(coverage)
+    assert control.shape == (512, 3, 32, 32) and torch.equal(control * 255, (control * 255).round())
+    assert (control[:, 0] - coverage[:, 0]).abs().max() <= 0.5 / 255
+
+
+def test_control_sample_and_unplaced_prompts():
+    images, prompts, masks = toy.control_sample(16, torch.Generator().manual_seed(0))
+    assert images.shape == masks.shape == (16, 3, 32, 32) and len(prompts) == 16
+    assert toy.unplaced_prompt(toy.parse_prompt("a large red circle at the top left")) == "a large red circle"
+    assert all(len(p.split()) == 4 and "the" not in p for p in prompts)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer
 

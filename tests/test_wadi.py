@@ -228,5 +228,5 @@ def test_pretrain_never_overwrites_a_model_unasked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a model" in err and "--overwrite" in err
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
-    args = wadi.build_parser().parse_args(["pretrain"])
-    assert args.out == os.path.join("runs", "pretrain-toy") and not args.overwrite
+    assert wadi.main(["pretrain", "--controlnet", "--out", str(model / "controlnet"), "--steps", "1"]) == 2
+    assert "already holds a model (config.json)" in capsys.readouterr().err
