@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, \
-    timestep_embedding
+    mask_bias, timestep_embedding
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -101,9 +101,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation="geglu")
 
-    def forward(self, x, context):  # x: (B, HW, C), context: (B, L, D)
+    def forward(self, x, context, text_bias=None):  # x: (B, HW, C), context: (B, L, D), text_bias: (B, 1, 1, L)
+        # diffusers masks the text in attn2 only: with only_cross, attn1 attends to all L tokens
         x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, mask=text_bias)
         return x + self.ff(self.norm3(x))
 
 
@@ -120,7 +121,7 @@ class Transformer2DModel(nn.Module):
             [BasicTransformerBlock(ch, heads, context_dim, upcast, only_cross) for _ in range(layers)])
         self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x, context):  # x: (B, C, H, W)
+    def forward(self, x, context, text_bias=None):  # x: (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -129,7 +130,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, text_bias)
         if self.linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
@@ -151,7 +152,9 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """`forward(sample, timestep, encoder_hidden_states)`: the noise (or v) prediction, (B, C, H, W)."""
+    """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise (or v)
+    prediction, (B, C, H, W)."""
+    adapter_rules = "unet"  # lorad.TARGETS["unet_student"] / ["unet_fake"]: which layers get adapters
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -211,14 +214,16 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        # sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D)
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None):
+        # sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D),
+        # encoder_attention_mask: (B, L) 1 on tokens, 0 on padding (None: all), applied as diffusers does
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
         emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
         context = encoder_hidden_states
+        bias = None if encoder_attention_mask is None else mask_bias(encoder_attention_mask, sample.dtype)
 
         h = self.conv_in(sample)
         skips = [h]
@@ -226,7 +231,7 @@ class UNet(nn.Module):
             for j, res in enumerate(block.resnets):
                 h = self._run(res, h, emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context)
+                    h = self._run(block.attentions[j], h, context, bias)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
@@ -234,14 +239,14 @@ class UNet(nn.Module):
 
         mid = self.mid_block
         h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, context)
+        h = self._run(mid.attentions[0], h, context, bias)
         h = self._run(mid.resnets[1], h, emb)
 
         for block in self.up_blocks:
             for j, res in enumerate(block.resnets):
                 h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context)
+                    h = self._run(block.attentions[j], h, context, bias)
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
 
