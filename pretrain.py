@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import toy
 from clip import CLIPTextModel, CLIPTokenizer
-from diffusion import NoiseSchedule
+from diffusion import NoiseSchedule, Text, predict
 from loading import save_tensors
 from pipeline import load_pipeline
 from unet import UNet
@@ -83,7 +83,7 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
         prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
         t = torch.randint(0, len(schedule.alphas_cumprod), (batch_size,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
-        prediction = unet(schedule.add_noise(x0, eps, t), t, text(tokenizer(prompts)))
+        prediction = predict(unet, schedule.add_noise(x0, eps, t), t, Text(text(tokenizer(prompts))))
         loss = F.mse_loss(prediction, schedule.target(x0, eps, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
