@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from dit import CLASS_NAMES as PIXART_CLASSES, PixArt
 from loading import LazyTensors, LoadError, fetch, fetch_file, file_metadata, key_listing, read_json, weight_files
 from lorad import ADAPTERS, selected_layers
-from pipeline import BACKBONES
+from pipeline import BACKBONES, DENOISERS
 from unet import UNet
 
 RANK_FRACTION = 0.3  # Fig. 2(b): the energy kept by 30% of the full rank
@@ -199,7 +200,8 @@ def plot_figures(report, out_dir, title=""):
 
 def weight_source(spec, option):
     """(files, info) of a denoiser given on the command line: a `train` run directory (its merged
-    student.safetensors; info is its run.json), a directory in the Hugging Face layout (its unet/), or
+    student.safetensors; info is its run.json), a directory in the Hugging Face layout (its unet/ or
+    transformer/), or
     one file (a local path or owner/repo/file on the Hub: safetensors, or a .bin/.pth/.pt state dict;
     info is a safetensors file's metadata: backbone, base_model, adapter when we wrote it). `option` is the
     command-line option that named it, for the messages."""
@@ -210,26 +212,31 @@ def weight_source(spec, option):
                 raise LoadError(f"the run {spec} has no student.safetensors yet (a finished run writes it; "
                                 f"`wadi.py export --run {spec} --out FILE` merges a checkpoint)")
             return [student], read_json(os.path.join(spec, "run.json"))
-        return weight_files(spec, "unet"), {}
+        folder = next((f for f in DENOISERS if os.path.isfile(os.path.join(spec, f, "config.json"))), "unet")
+        return weight_files(spec, folder), {}
     path = fetch_file(spec, option)
     return [path], file_metadata(path)
 
 
 def denoiser_config(backbone, model=None):
-    """The denoiser config: the backbone's built-in copy, or `model`'s unet/config.json."""
-    if model in (None, BACKBONES[backbone].repo):
-        return read_json(os.path.join(BACKBONES[backbone].configs, "unet", "config.json"))
-    return read_json(fetch(model, "unet/config.json"))
+    """The denoiser config: the backbone's built-in copy, or `model`'s unet/ or transformer/config.json."""
+    spec = BACKBONES[backbone]
+    if model in (None, spec.repo):
+        return read_json(os.path.join(spec.configs, spec.denoiser, "config.json"))
+    return read_json(fetch(model, f"{spec.denoiser}/config.json"))
 
 
 def adapted_weights(config, kind):
-    """The >=2-D weight keys that an adapter of `kind` changes in a student built from `config`
-    (lorad.selected_layers on the meta device), or None for a network this module cannot build."""
-    if config.get("_class_name") != "UNet2DConditionModel":
+    """The >=2-D weight keys that an adapter of `kind` changes in a student built from `config` (a U-Net or
+    PixArt; lorad.selected_layers on the meta device by the network's adapter rules), or None for a
+    network this module cannot build."""
+    name = config.get("_class_name")
+    cls = UNet if name == "UNet2DConditionModel" else PixArt if name in PIXART_CLASSES else None
+    if cls is None:
         return None
     with torch.device("meta"):
-        net = UNet.from_config(config)
-    return {f"{name}.{p}" for name, layer in selected_layers(net, "unet_student", kind)
+        net = cls.from_config(config)
+    return {f"{name}.{p}" for name, layer in selected_layers(net, f"{cls.adapter_rules}_student", kind)
             for p, t in layer.named_parameters(recurse=False) if t.dim() >= 2}
 
 
@@ -252,10 +259,11 @@ def analyze_command(student, out, teacher=None, json_path=None, swap=None, swap_
     adapter = adapter or info.get("adapter", "lorad")
     if adapter not in ADAPTERS:
         raise LoadError(f"unknown adapter {adapter!r} (known: {', '.join(ADAPTERS)})")
-    teacher_files = weight_source(teacher, "--teacher")[0] if teacher else weight_files(model or BACKBONES[backbone].repo, "unet")
+    base, folder = model or BACKBONES[backbone].repo, BACKBONES[backbone].denoiser
+    teacher_files = weight_source(teacher, "--teacher")[0] if teacher else weight_files(base, folder)
     adapted = adapted_weights(denoiser_config(backbone, model), adapter)
     report, swapped = analyze(LazyTensors(teacher_files), LazyTensors(student_files), adapted or frozenset(), swap)
-    report = {"teacher": teacher or f"{model or BACKBONES[backbone].repo}/unet", "student": student,
+    report = {"teacher": teacher or f"{base}/{folder}", "student": student,
               "adapter": adapter, **report}
     os.makedirs(out, exist_ok=True)
     json_path = json_path or os.path.join(out, "analysis.json")

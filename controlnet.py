@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import mask_bias
 from loading import LoadError, fetch, fetch_file, load_weights, read_json, read_tensors, read_weights
 from unet import UNetConfig, UNetEncoder, skip_channels
 
@@ -106,17 +107,21 @@ class ControlNet(UNetEncoder):
             nn.init.zeros_(zero.bias)
         return net
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0):
-        # sample: (B, C, h, w), controlnet_cond: (B, C_cond, h * downscale, w * downscale) in [0, 1]
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                encoder_attention_mask=None):
+        # sample: (B, C, h, w), controlnet_cond: (B, C_cond, h * downscale, w * downscale) in [0, 1],
+        # encoder_attention_mask: (B, L) or None, as the U-Net's
         emb = self.embed_time(sample, timestep)
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)  # (B, C0, h, w)
-        h, skips = self.encode(h, emb, encoder_hidden_states)
+        bias = None if encoder_attention_mask is None else mask_bias(encoder_attention_mask, sample.dtype)
+        h, skips = self.encode(h, emb, encoder_hidden_states, bias)
         down = [conv(s) * conditioning_scale for conv, s in zip(self.controlnet_down_blocks, skips)]
         return down, self.controlnet_mid_block(h) * conditioning_scale
 
 
 class ControlledUNet(nn.Module):
-    """`net(sample, timestep, encoder_hidden_states)` for diffusion.py's samplers: the ControlNet on the control
+    """`net(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)` for diffusion.predict: the
+    ControlNet on the control
     image, then the U-Net with its residuals. `image` (N, C_cond, H, W) in [0, 1] is repeated to the batch: one
     image for every sample, or one per sample, repeated once more for CFG's batch of [unconditional; conditional]
     (diffusers' StableDiffusionControlNetPipeline: both halves see the image)."""
@@ -126,14 +131,14 @@ class ControlledUNet(nn.Module):
         self.unet, self.controlnet, self.scale = unet, controlnet, scale
         self.image = image
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None):
         image = self.image.to(sample.device, sample.dtype)
         if sample.shape[0] % image.shape[0]:
             raise ValueError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
         image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)  # (B, C_cond, H, W)
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, image, self.scale)
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid)
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, image, self.scale, encoder_attention_mask)
+        return self.unet(sample, timestep, encoder_hidden_states, encoder_attention_mask,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
 def check_fits(controlnet, unet, downscale, what="the ControlNet"):

@@ -1,7 +1,8 @@
 """The diffusion process in one place: the noise schedule read from a diffusers scheduler config
-(DDPM, Ho et al. 2020), forward noising, conversions between eps / v / x0 predictions, classifier-free
-guidance (Ho & Salimans 2022), WaDi's one-step generator (paper Sec. 3.3) and the DDIM sampler
-(Song et al. 2021) used for the multi-step teacher.
+(DDPM, Ho et al. 2020), forward noising, conversions between eps / v / x0 predictions, the one call of a
+denoiser (`predict`, with a batch's text conditioning `Text`), classifier-free guidance (Ho & Salimans
+2022), WaDi's one-step generator (paper Sec. 3.3) and the DDIM sampler (Song et al. 2021) used for the
+multi-step teacher.
 """
 from dataclasses import dataclass
 
@@ -90,6 +91,40 @@ class NoiseSchedule:
         return a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
+@dataclass
+class Text:
+    """A batch's text conditioning: `embeds` (B, L, D) and `mask` (B, L), 1 on tokens and 0 on padding
+    (T5: PixArt's cross-attention skips the padding), or None when every position counts (CLIP)."""
+    embeds: torch.Tensor
+    mask: torch.Tensor = None
+
+    def to(self, device=None, dtype=None):
+        """Moved to `device`; the embeddings cast to `dtype` (the mask stays integer)."""
+        mask = None if self.mask is None else self.mask.to(device=device)
+        return Text(self.embeds.to(device=device, dtype=dtype), mask)
+
+    def expand(self, n):
+        """One prompt's conditioning (1, L, D) as a batch of n (a view, nothing copied)."""
+        return Text(self.embeds.expand(n, -1, -1), None if self.mask is None else self.mask.expand(n, -1))
+
+    def cat(self, other):
+        """This batch, then `other` (same L): (B + B', L, D)."""
+        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
+        return Text(torch.cat([self.embeds, other.embeds]), mask)
+
+    def where(self, condition, other):
+        """Per sample, this batch's row where `condition` (B,) is True, else `other`'s."""
+        mask = None if self.mask is None else torch.where(condition[:, None], self.mask, other.mask)
+        return Text(torch.where(condition[:, None, None], self.embeds, other.embeds), mask)
+
+
+def predict(net, x, t, text: Text):
+    """The denoiser's prediction (B, C, H, W) for x (B, C, H, W) at timesteps t (scalar or (B,)) under
+    `text`: the first C output channels of net(x, t, embeds, mask) (PixArt's learned-variance channels
+    follow them and are dropped here, as diffusers' PixArtAlphaPipeline keeps `chunk(2)[0]`)."""
+    return net(x, t, text.embeds, text.mask)[:, :x.shape[1]]
+
+
 def to_eps(pred, x_t, a, prediction_type):
     """The noise prediction from a network output at noise level a (tensor broadcasting to x_t)."""
     if prediction_type == "epsilon":
@@ -101,22 +136,22 @@ def to_x0(eps, x_t, a):
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def guided(net, x, t, context, null_context, scale):
+def guided(net, x, t, text: Text, null: Text, scale):
     """Classifier-free guidance: net(x, t, c0) + s * (net(x, t, c) - net(x, t, c0)), both in one batch."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-    uncond, cond = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_context, context])).chunk(2)
+    uncond, cond = predict(net, torch.cat([x, x]), torch.cat([t, t]), null.cat(text)).chunk(2)
     return uncond + scale * (cond - uncond)
 
 
-def one_step(net, z, context, prediction_type="epsilon", a_T=A_T):
+def one_step(net, z, text: Text, prediction_type="epsilon", a_T=A_T):
     """WaDi's generator: x0 = (z - sqrt(1 - a_T) eps(z, T, c)) / sqrt(a_T), z ~ N(0, I), T = 999."""
     a = torch.tensor(a_T, device=z.device, dtype=torch.float32)
-    eps = to_eps(net(z, T_MAX, context).float(), z.float(), a, prediction_type)
+    eps = to_eps(predict(net, z, T_MAX, text).float(), z.float(), a, prediction_type)
     return to_x0(eps, z.float(), a)
 
 
 @torch.no_grad()
-def ddim_sample(net, schedule: NoiseSchedule, z, context, null_context, steps=25, guidance=7.5, progress=None):
+def ddim_sample(net, schedule: NoiseSchedule, z, text: Text, null: Text, steps=25, guidance=7.5, progress=None):
     """Deterministic DDIM (eta = 0) with CFG, step for step diffusers' DDIMScheduler under this schedule's
     config: its timesteps (`NoiseSchedule.ddim_timesteps`), the previous timestep t - T // steps whatever
     the spacing, a_prev = final_alpha_cumprod past the start, x0 clamped when clip_sample is set (the
@@ -125,7 +160,7 @@ def ddim_sample(net, schedule: NoiseSchedule, z, context, null_context, steps=25
     ratio = len(schedule.alphas_cumprod) // steps
     x = z.float()
     for t in (progress(timesteps) if progress else timesteps):
-        pred = guided(net, x.to(z.dtype), t, context, null_context, guidance).float()
+        pred = guided(net, x.to(z.dtype), t, text, null, guidance).float()
         a = schedule.alphas_cumprod[t]
         a_prev = schedule.alphas_cumprod[t - ratio] if t >= ratio else torch.tensor(schedule.final_alpha_cumprod)
         eps = to_eps(pred, x, a, schedule.prediction_type)

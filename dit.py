@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layers import Attention, FeedForward, TimestepEmbedding, timestep_embedding
+from layers import Attention, FeedForward, TimestepEmbedding, mask_bias, timestep_embedding
 
 VAE_SCALE = 8  # PixArt's VAE (the SD VAE) maps H x W pixels to an (H/8) x (W/8) latent
 TIME_DIM = 256  # width of the sinusoidal timestep (and size) embedding
@@ -219,6 +219,7 @@ class PixArt(nn.Module):
     """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None, resolution=None,
     aspect_ratio=None)` -> (B, out_channels, H, W): channels [:in_channels] are the noise prediction,
     the rest the learned variance (callers keep the first in_channels, as diffusers' pipeline)."""
+    adapter_rules = "dit"  # lorad.TARGETS["dit_student"] / ["dit_fake"]: which layers get adapters
 
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
@@ -283,9 +284,7 @@ class PixArt(nn.Module):
         x = self.pos_embed(sample)  # (B, N, D)
         t_mod, embedded_t = self.adaln_single(t, resolution, aspect_ratio, x.dtype)  # (B, 6D), (B, D)
         y = self.caption_projection(encoder_hidden_states)  # (B, L, D)
-        text_bias = None
-        if encoder_attention_mask is not None:  # 1 = keep, 0 = pad -> additive bias, as diffusers
-            text_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        text_bias = None if encoder_attention_mask is None else mask_bias(encoder_attention_mask, x.dtype)  # (B, 1, 1, L)
         for block in self.transformer_blocks:
             x = self._run(block, x, y, text_bias, t_mod)
         return self.unpatchify(self.final_layer(x, embedded_t), h, w)  # (B, C_out, H, W)

@@ -61,7 +61,7 @@ from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
-from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts
+from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts
 from protocol import (IMAGE_EXTENSIONS, all_gather, caption_hash, exact_fp32, generate_folders, indexed_images,
                       interleave, process_device)
 
@@ -322,13 +322,15 @@ def build_parser():
     g.add_argument("--backbone", choices=sorted(BACKBONES),
                    help="the model family (default: the one recorded in --unet's metadata, else sd15)")
     g.add_argument("--model", help="base model: Hugging Face repo id or local directory (default: the backbone's)")
-    g.add_argument("--unet", help="one-step student U-Net in diffusers keys, safetensors or a PyTorch state dict: a "
-                                  "local path or owner/repo/file on the Hub (default: the base model's U-Net)")
+    g.add_argument("--unet", "--transformer", dest="unet",
+                   help="one-step student U-Net (or PixArt transformer) in diffusers keys, safetensors or a PyTorch "
+                        "state dict: a local path or owner/repo/file on the Hub (default: the base model's own)")
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG (the teacher)")
     g.add_argument("--guidance", type=cli.SCALE, default=3.0,
                    help="CFG scale for DDIM (Table 1's teacher and the toy protocol: 3)")
-    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
+                                                          "pixart: 256, 512 or 1024 picks that model)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
     g.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images per batch (generation and features)")
 
@@ -339,8 +341,8 @@ def build_parser():
                                                           "weight file with vocab.json and merges.txt beside it")
     g.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
     g.add_argument("--no-pr", action="store_true", help="skip precision and recall")
-    g.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        os.path.join("~", ".cache"))), "wadi"), help="reference statistics and toy teacher figures")
+    g.add_argument("--cache-dir", default=CACHE_DIR, help="reference statistics, toy teacher figures, pixart's T5 "
+                                                         "prompt embeddings")
     return parser
 
 

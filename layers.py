@@ -26,6 +26,13 @@ def attention(q, k, v, heads, mask=None, causal=False, scale=None, upcast=False)
     return out.transpose(1, 2).flatten(2).to(dtype)  # (B, Lq, heads*d)
 
 
+def mask_bias(mask, dtype):
+    """A text padding mask (B, L), 1 (or True) on tokens and 0 on padding, as the additive attention bias
+    (B, 1, 1, L) that diffusers makes of an `encoder_attention_mask`: 0 on tokens, -10000 on padding (whose
+    softmax weight is then exactly 0 in any float format)."""
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` layout: to_q, to_k, to_v and to_out.0. Self-attention when no context
     is given, cross-attention onto `context` (dim `context_dim`) otherwise."""

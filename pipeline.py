@@ -1,21 +1,28 @@
-"""A backbone assembled from its repo (README "One-step sampling"): the denoiser, the VAE (absent for the
-pixel-space toy), the text encoder with its tokenizer and the noise schedule, plus what every command does
-with them: encode prompts, decode latents to images, save images and grids; optionally a ControlNet
-(controlnet.py) steering the denoiser, for the one-step student and the DDIM teacher alike.
+"""A backbone assembled from its repo (README "One-step sampling"): the denoiser (the SD U-Net or PixArt's
+DiT), the VAE (absent for the pixel-space toy), the text encoder with its tokenizer (CLIP, or T5 with its
+padding mask) and the noise schedule, plus what every command does with them: encode prompts, decode latents
+to images, save images and grids; optionally a ControlNet (controlnet.py) steering the U-Net, for the
+one-step student and the DDIM teacher alike. T5 XXL is too large to keep beside the denoiser: its
+embeddings come from a disk cache (textcache.py) that `Pipeline.prepare_prompts` fills once.
 """
+import gc
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+import textcache
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from controlnet import ControlledUNet, load_controlnet, read_control_images
-from diffusion import A_T, NoiseSchedule, ddim_sample, one_step
+from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
+from dit import PixArt
 from loading import LoadError, MissingFile, build, fetch, file_metadata, load_component, load_weights, read_json, \
-    read_tensors
+    read_tensors, weight_files
+from t5 import T5Encoder, T5Tokenizer, convert_state_dict as convert_t5_state_dict
 from unet import UNet
 from vae import AutoencoderKL, rename_legacy_keys
 
@@ -27,14 +34,36 @@ class Backbone:
     repo: str          # default weights: a Hugging Face repo id, or a directory shipped with the project
     resolution: int    # native image resolution in pixels
     configs: str       # built-in copies of the repo's configs: models build with no download
+    denoiser: str = "unet"  # the denoiser's folder in the repo: unet/ (unet.UNet) or transformer/ (dit.PixArt)
 
 
+def _pixart(repo, resolution):
+    return Backbone(repo, resolution, os.path.join(HERE, "configs", f"pixart-{resolution}"), "transformer")
+
+
+# PixArt-alpha: one model per resolution (SPEC 1.4), chosen by --resolution
+PIXART = {256: _pixart("PixArt-alpha/PixArt-XL-2-256x256", 256), 512: _pixart("PixArt-alpha/PixArt-XL-2-512x512", 512),
+          1024: _pixart("PixArt-alpha/PixArt-XL-2-1024-MS", 1024)}
 BACKBONES = {
     "sd15": Backbone("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, os.path.join(HERE, "configs", "sd15")),
     "sd21": Backbone("stabilityai/stable-diffusion-2-1-base", 512, os.path.join(HERE, "configs", "sd21")),
+    "pixart": PIXART[256],
     # pixel-space toy, shipped with the project (`python wadi.py pretrain --backbone toy` rebuilds it)
     "toy": Backbone(os.path.join(HERE, "assets", "toy"), 32, os.path.join(HERE, "assets", "toy")),
 }
+VARIANTS = {"pixart": PIXART}  # backbones with a model per resolution
+# Hub repos holding only the denoiser, and the repo of the same model's VAE, text encoder, tokenizer and
+# scheduler (reference A.5: the 256 px PixArt repo has only transformer/; the 512 px repo has the same parts)
+COMPANIONS = {"PixArt-alpha/PixArt-XL-2-256x256": "PixArt-alpha/PixArt-XL-2-512x512"}
+DENOISERS = {"unet": UNet, "transformer": PixArt}  # by folder
+# a key only that family's files hold, and what to call it in messages
+FAMILIES = {"unet": ("conv_in.weight", "U-Net", "sd15 or sd21"),
+            "transformer": ("adaln_single.linear.weight", "PixArt transformer", "pixart")}
+# text encoders by kind: class and state-dict rename; CACHED ones are too large to keep beside the
+# denoiser (T5 XXL: 4.76B parameters) and only ever fill the prompt cache
+TEXT_ENCODERS = {"clip": (CLIPTextModel, convert_text_state_dict), "t5": (T5Encoder, convert_t5_state_dict)}
+CACHED = ("t5",)
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(os.path.join("~", ".cache"))), "wadi")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,18 +73,55 @@ TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
+def pick_backbone(name, resolution=None, model=None):
+    """The backbone `name`: PixArt's 256, 512 and 1024 px models are three repos (PIXART), and `model`
+    when it is one of them picks it (and its native resolution), else `resolution`; any other resolution,
+    and every other backbone, has the default."""
+    variants = VARIANTS.get(name, {})
+    return next((b for b in variants.values() if b.repo == model), variants.get(resolution, BACKBONES[name]))
+
+
+def parts_of(model):
+    """The repo or directory holding a model's VAE, text encoder, tokenizer and scheduler: `model` itself,
+    or for a Hub repo that holds only the denoiser its companion (COMPANIONS)."""
+    return COMPANIONS.get(model, model)
+
+
+def text_encoder_kind(cfg):
+    """"t5" for a transformers T5 config (model_type t5, or a T5EncoderModel), else "clip"."""
+    return "t5" if cfg.get("model_type") == "t5" or "T5EncoderModel" in cfg.get("architectures", ()) else "clip"
+
+
+@torch.no_grad()
+def encode_text(encoder, tokenizer, prompts):
+    """Text of a list of prompts, on the encoder's device: CLIP: ids -> last hidden state (no mask);
+    T5: (ids, mask) -> last hidden state (B, 120, D) and the mask ("" has one valid token, eos)."""
+    device = next(encoder.parameters()).device
+    tokens = tokenizer(prompts)
+    if isinstance(tokens, tuple):  # T5: ids and padding mask
+        ids, mask = (t.to(device) for t in tokens)
+        return Text(encoder(ids, mask), mask)
+    return Text(encoder(tokens.to(device)))
+
+
 @dataclass
 class Pipeline:
-    unet: torch.nn.Module
+    unet: torch.nn.Module         # the denoiser: unet.UNet or dit.PixArt
     vae: torch.nn.Module          # None in pixel space
-    text_encoder: torch.nn.Module
-    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module  # None for a CACHED one (T5), built only by prepare_prompts
+    tokenizer: object             # CLIPTokenizer, or T5Tokenizer (ids and mask)
     schedule: NoiseSchedule
     resolution: int               # native image resolution in pixels
+    text_model: str = None        # the repo or directory of text_encoder/ and tokenizer/
+    prompt_cache: textcache.PromptCache = None
 
     def downsampling(self):
         """Pixels per latent pixel along each side: the VAE's 2 ** (levels - 1), 1 in pixel space."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def size_multiple(self):
+        """What an image side must be a multiple of: the downsampling times the denoiser's patch size."""
+        return self.downsampling() * getattr(self.unet.config, "patch_size", 1)
 
     def latent_shape(self, resolution=None):
         """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
@@ -64,9 +130,45 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        """Text embeddings (B, L, D) of a list of prompts."""
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(self.tokenizer(prompts).to(device))
+        """Text of a list of prompts: embeddings (B, L, D) and mask (None for CLIP), from the resident text
+        encoder, else from the prompt cache (on the denoiser's device and dtype), which must hold them:
+        `prepare_prompts` first."""
+        if self.text_encoder is not None:
+            return encode_text(self.text_encoder, self.tokenizer, prompts)
+        missing = [p for p in prompts if self.prompt_cache is None or p not in self.prompt_cache]
+        if missing:
+            raise KeyError(f"{len(missing)} prompts (e.g. {missing[0]!r}) are not in the prompt cache; "
+                           f"Pipeline.prepare_prompts encodes them first")
+        param = next(self.unet.parameters())
+        return self.prompt_cache.lookup(prompts).to(param.device, param.dtype)
+
+    def prepare_prompts(self, prompts, cache_dir=None, rank=0, world=1, batch_size=64):
+        """Make `encode_prompts` answer every one of `prompts` without a large text encoder resident. A
+        resident encoder (CLIP) needs nothing. T5: the prompt cache of this prompt list, encoder, tokenizer
+        and the denoiser's dtype in `cache_dir` (default CACHE_DIR) is opened, after building it when missing:
+        T5 in that dtype on the denoiser's device, `batch_size` prompts at a time, then freed (del,
+        torch.cuda.empty_cache) before anything else runs; one warning line says how many prompts were cut
+        to 120 tokens. Under torchrun every rank calls it with the same list and encodes its share."""
+        if self.text_encoder is not None:
+            return
+        param = next(self.unet.parameters())
+        files = [fetch(self.text_model, "text_encoder/config.json"), *weight_files(self.text_model, "text_encoder"),
+                 fetch(self.text_model, "tokenizer/spiece.model")]
+        max_length = self.tokenizer.max_length
+        path = textcache.cache_path(cache_dir or CACHE_DIR, textcache.cache_key(files, prompts, param.dtype, max_length))
+        if not textcache.exists(path, world):
+            cut = self.tokenizer.truncated(prompts) if rank == 0 else []
+            if cut:
+                print(f"warning: {len(cut)} of {len(prompts)} prompts are longer than {max_length} T5 tokens (eos "
+                      f"included) and are cut to that length", file=sys.stderr)
+            encoder = load_text_encoder(self.text_model, param.dtype, param.device)
+            textcache.write(path, prompts, lambda batch: encode_text(encoder, self.tokenizer, batch),
+                            encoder.config.d_model, param.dtype, max_length, batch_size, rank, world)
+            del encoder
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.prompt_cache = textcache.PromptCache(path, prompts)
 
     @torch.no_grad()
     def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None, controlnet=None,
@@ -77,13 +179,13 @@ class Pipeline:
         resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step."""
         param = next(self.unet.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
-        context = self.encode_prompts(prompts)
+        text = self.encode_prompts(prompts)
         net = self.unet if controlnet is None else ControlledUNet(self.unet, controlnet, control_image, control_scale)
         if steps == 1:
-            x0 = one_step(net, z, context, self.schedule.prediction_type, a_T)
+            x0 = one_step(net, z, text, self.schedule.prediction_type, a_T)
         else:
-            null = self.encode_prompts([""]).expand(len(prompts), -1, -1)
-            x0 = ddim_sample(net, self.schedule, z, context, null, steps, guidance)
+            null = self.encode_prompts([""]).expand(len(prompts))
+            x0 = ddim_sample(net, self.schedule, z, text, null, steps, guidance)
         return self.decode(x0)
 
     @torch.no_grad()
@@ -115,35 +217,50 @@ def has_vae(model):
         return False
 
 
-def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, device="cpu", vae=True):
-    """Load a backbone's parts from `model` (repo id or directory; default: the backbone's repo).
-    `unet_file` replaces the repo's denoiser weights (a one-step student in diffusers keys)."""
-    model = model or BACKBONES[backbone].repo
+def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, device="cpu", vae=True, resolution=None):
+    """Load a backbone's parts from `model` (repo id or directory; default: the backbone's repo for images
+    of `resolution` pixels, `pick_backbone`): the denoiser from its unet/ or transformer/ folder, the rest
+    from `parts_of(model)`. `unet_file` replaces the denoiser's weights (a one-step student in diffusers
+    keys). A CACHED text encoder (T5) is not loaded here: `Pipeline.prepare_prompts` builds it when needed."""
+    spec = pick_backbone(backbone, resolution, model)
+    model = model or spec.repo
+    parts = parts_of(model)
+    cls = DENOISERS[spec.denoiser]
     if unet_file is None:
-        unet = load_component(UNet, model, "unet", dtype, device)
+        unet = load_component(cls, model, spec.denoiser, dtype, device)
     else:
-        unet = load_unet_file(unet_file, read_json(fetch(model, "unet/config.json")), dtype, device)
-    text_encoder = load_component(CLIPTextModel, model, "text_encoder", dtype, device, rename=convert_text_state_dict)
-    tokenizer = load_tokenizer(model)
-    schedule = load_schedule(model)
+        unet = load_unet_file(unet_file, read_json(fetch(model, f"{spec.denoiser}/config.json")), dtype, device, cls)
+    kind = text_encoder_kind(read_json(fetch(parts, "text_encoder/config.json")))
+    text_encoder = None if kind in CACHED else load_text_encoder(parts, dtype, device)
+    tokenizer = load_tokenizer(parts, kind)
+    schedule = load_schedule(parts)
     autoencoder = None
-    if vae and has_vae(model):
-        autoencoder = load_component(AutoencoderKL, model, "vae", torch.float32, device, rename=rename_legacy_keys)
-    return Pipeline(unet, autoencoder, text_encoder, tokenizer, schedule, BACKBONES[backbone].resolution)
+    if vae and has_vae(parts):
+        autoencoder = load_component(AutoencoderKL, parts, "vae", torch.float32, device, rename=rename_legacy_keys)
+    return Pipeline(unet, autoencoder, text_encoder, tokenizer, schedule, spec.resolution, parts)
+
+
+def load_text_encoder(model, dtype=torch.float32, device="cpu"):
+    """The text encoder of a repo's text_encoder/ (CLIP or T5, by its config), frozen."""
+    cls, rename = TEXT_ENCODERS[text_encoder_kind(read_json(fetch(model, "text_encoder/config.json")))]
+    return load_component(cls, model, "text_encoder", dtype, device, rename=rename)
 
 
 def load_schedule(model):
-    """The noise schedule of a repo's `scheduler/scheduler_config.json`; a LoadError naming the file for a
-    setting this project does not implement."""
-    path = fetch(model, "scheduler/scheduler_config.json")
+    """The noise schedule of a model's `scheduler/scheduler_config.json` (in `parts_of(model)`); a LoadError
+    naming the file for a setting this project does not implement."""
+    path = fetch(parts_of(model), "scheduler/scheduler_config.json")
     try:
         return NoiseSchedule.from_config(read_json(path))
     except ValueError as e:
         raise LoadError(f"{path}: {e}") from None
 
 
-def load_tokenizer(model):
-    """The CLIP tokenizer of a repo's `tokenizer/` folder (see TOKENIZER_FILES)."""
+def load_tokenizer(model, kind="clip"):
+    """The tokenizer of a repo's `tokenizer/` folder: T5's `spiece.model` (kind "t5"), else CLIP's files
+    (see TOKENIZER_FILES)."""
+    if kind == "t5":
+        return T5Tokenizer(os.path.dirname(fetch(model, "tokenizer/spiece.model")))
     for files in TOKENIZER_FILES:
         try:
             paths = [fetch(model, f"tokenizer/{name}") for name in files]
@@ -163,11 +280,12 @@ def load_tokenizer(model):
         raise LoadError(f"cannot read the tokenizer of {model}: {type(e).__name__}: {e}") from None
 
 
-def student_backbone(backbone, model, student, option):
+def student_backbone(backbone, model, student, option, resolution=None):
     """(backbone, base model) for a command given a student file (None: none): `backbone`, else the one
     recorded in the file's metadata (our exports record it), else sd15; `model`, else the recorded base
-    model when it can be found here (an existing directory, or a Hub id), else the backbone's repo. A
-    `backbone` that contradicts the file is a LoadError naming the command-line `option`."""
+    model when it can be found here (an existing directory, or a Hub id), else the backbone's repo (for
+    `resolution`: `pick_backbone`). A `backbone` that contradicts the file is a LoadError naming the
+    command-line `option`."""
     meta = file_metadata(student) if student else {}
     recorded = meta.get("backbone") if meta.get("backbone") in BACKBONES else None
     if backbone and recorded and backbone != recorded:
@@ -176,7 +294,7 @@ def student_backbone(backbone, model, student, option):
     backbone = backbone or recorded or "sd15"
     base = meta.get("base_model", "") if recorded else ""
     found = os.path.isdir(base) or (base.count("/") == 1 and not base.startswith((".", "/", "~")))
-    return backbone, model or (base if found else BACKBONES[backbone].repo)
+    return backbone, model or (base if found else pick_backbone(backbone, resolution).repo)
 
 
 def check_steps(model, steps, option="--steps"):
@@ -197,12 +315,20 @@ def load_control(pipe, spec, image_paths, resolution=None):
     return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
-def load_unet_file(path, cfg, dtype=torch.float32, device="cpu"):
-    """A full U-Net state dict in diffusers keys (our exports, the official `rotated_unet-*.safetensors`,
-    or a pickled state dict such as DMD2's `pytorch_model.bin`, read with the weights-only loader)."""
+def load_unet_file(path, cfg, dtype=torch.float32, device="cpu", cls=UNet):
+    """A full denoiser state dict in diffusers keys (our exports, the official `rotated_unet-*.safetensors`
+    or `rotated_transformer.safetensors`, or a pickled state dict such as DMD2's `pytorch_model.bin`, read
+    with the weights-only loader) as a `cls` (UNet or PixArt) built from `cfg`. A file of the other family
+    (a PixArt transformer for a U-Net or the reverse) is a LoadError saying so."""
+    want = next(folder for folder, c in DENOISERS.items() if c is cls)
     with torch.device("meta"):
-        unet = build(UNet, cfg, "unet/config.json")
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_tensors(path).items()}
+        unet = build(cls, cfg, f"{want}/config.json")
+    state = read_tensors(path)
+    for family, (key, name, backbones) in FAMILIES.items():
+        if family != want and key in state and FAMILIES[want][0] not in state:
+            raise LoadError(f"{path} is a {name} (it has {key}), not the {FAMILIES[want][1]} this backbone needs: "
+                            f"it goes with --backbone {backbones}")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_weights(unet, state, what=path)
     return unet.to(device).eval().requires_grad_(False)
 

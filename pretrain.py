@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import toy
 from clip import CLIPTextModel, CLIPTokenizer
-from diffusion import NoiseSchedule
-from controlnet import ControlNet
+from controlnet import ControlledUNet, ControlNet
+from diffusion import NoiseSchedule, Text, predict
 from loading import read_json, save_tensors
 from pipeline import load_pipeline
 from unet import UNet
@@ -91,7 +91,7 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     for step in bar:
         x0, prompts, _ = toy.sample(batch_size, generator)  # (B, 3, 32, 32)
         xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
-        loss = F.mse_loss(unet(xt, t, text(tokenizer(prompts))), target)
+        loss = F.mse_loss(predict(unet, xt, t, Text(text(tokenizer(prompts)))), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -142,9 +142,7 @@ def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=
     for step in bar:
         x0, prompts, masks = toy.control_sample(batch_size, generator)  # (B, 3, 32, 32) each
         xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
-        context = pipe.encode_prompts(prompts)
-        down, mid = controlnet(xt, t, context, masks)
-        prediction = unet(xt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        prediction = predict(ControlledUNet(unet, controlnet, masks), xt, t, pipe.encode_prompts(prompts))
         loss = F.mse_loss(prediction, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from loading import LoadError, fetch_file, read_json
 from metrics import check_images
-from pipeline import BACKBONES, DTYPES, check_steps, load_pipeline, pick_dtype, student_a_T, student_backbone
+from pipeline import DTYPES, check_steps, load_pipeline, pick_backbone, pick_dtype, student_a_T, student_backbone
 from vsd import distributed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -77,10 +77,10 @@ def indexed_images(directory, n):
 
 def generation_settings(args, unet_file, captions, dtype):
     """What the generated images depend on, as recorded in images/generation.json and metrics.json."""
-    return {"backbone": args.backbone, "model": args.model or BACKBONES[args.backbone].repo, "unet": args.unet,
+    spec = pick_backbone(args.backbone, args.resolution, args.model)
+    return {"backbone": args.backbone, "model": args.model or spec.repo, "unet": args.unet,
             "a_T": student_a_T(unet_file) if args.steps == 1 else None, "steps": args.steps,
-            "guidance": args.guidance if args.steps > 1 else None,
-            "resolution": args.resolution or BACKBONES[args.backbone].resolution,
+            "guidance": args.guidance if args.steps > 1 else None, "resolution": args.resolution or spec.resolution,
             "dtype": next(k for k, v in DTYPES.items() if v == dtype), "captions_sha256": caption_hash(captions)}
 
 
@@ -118,11 +118,12 @@ def generate_folders(args, folders, device, rank, world):
     """Generate this rank's share (images rank::world) of the images not yet in each of `folders`, a
     list of (captions, directory); the images already there are checked first. The pipeline
     (args.backbone, args.model, args.unet, args.dtype; backbone and base model default to those recorded in
-    the --unet file) is loaded once, and only when an image is missing. Returns the generation settings of
-    each folder and how many images all ranks generated."""
+    the --unet file) is loaded once, and only when an image is missing; a T5 encodes this rank's captions
+    into the prompt cache in args.cache_dir first and is freed. Returns the generation settings of each
+    folder and how many images all ranks generated."""
     dtype = pick_dtype(args.dtype, device)
     unet_file = fetch_file(args.unet, "--unet") if args.unet else None
-    args.backbone, args.model = student_backbone(args.backbone, args.model, unet_file, "--unet")
+    args.backbone, args.model = student_backbone(args.backbone, args.model, unet_file, "--unet", args.resolution)
     check_steps(args.model, args.steps)
     settings, todo = [], []
     for captions, directory in folders:
@@ -134,7 +135,9 @@ def generate_folders(args, folders, device, rank, world):
                      "generated images")  # those a resumed run keeps, before any long work
         todo.append([i for i in mine if not os.path.isfile(image_path(directory, i))])
     if any(todo):
-        pipe = load_pipeline(args.backbone, args.model, unet_file, dtype, device)
+        pipe = load_pipeline(args.backbone, args.model, unet_file, dtype, device, resolution=args.resolution)
+        # this rank's captions (all of them, so that a resumed run finds the same cache), each rank on its own
+        pipe.prepare_prompts([c for captions, _ in folders for c in captions[rank::world]] + [""], args.cache_dir)
         for (captions, directory), indices, folder_settings in zip(folders, todo, settings):
             generate_images(pipe, captions, indices, directory, folder_settings, args.batch_size, show=rank == 0)
         del pipe

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, \
-    timestep_embedding
+    mask_bias, timestep_embedding
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -106,9 +106,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation="geglu")
 
-    def forward(self, x, context):  # x: (B, HW, C), context: (B, L, D)
+    def forward(self, x, context, text_bias=None):  # x: (B, HW, C), context: (B, L, D), text_bias: (B, 1, 1, L)
+        # diffusers masks the text in attn2 only: with only_cross, attn1 attends to all L tokens
         x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, mask=text_bias)
         return x + self.ff(self.norm3(x))
 
 
@@ -125,7 +126,7 @@ class Transformer2DModel(nn.Module):
             [BasicTransformerBlock(ch, heads, context_dim, upcast, only_cross) for _ in range(layers)])
         self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x, context):  # x: (B, C, H, W)
+    def forward(self, x, context, text_bias=None):  # x: (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -134,7 +135,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, text_bias)
         if self.linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
@@ -202,22 +203,23 @@ class UNetEncoder(nn.Module):
                                    self.config.freq_shift)
         return self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
 
-    def encode(self, h, emb, context):
-        """The down blocks and the mid block from conv_in's output h (B, C0, H, W): the mid block's output and
-        the skip tensors, one per resnet and downsampler plus h itself (`skip_channels` wide)."""
+    def encode(self, h, emb, context, bias=None):
+        """The down blocks and the mid block from conv_in's output h (B, C0, H, W), the text `context` (B, L, D)
+        and its attention bias (B, 1, 1, L) or None: the mid block's output and the skip tensors, one per resnet
+        and downsampler plus h itself (`skip_channels` wide)."""
         skips = [h]
         for block in self.down_blocks:
             for j, res in enumerate(block.resnets):
                 h = self._run(res, h, emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context)
+                    h = self._run(block.attentions[j], h, context, bias)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
                 skips.append(h)
         mid = self.mid_block
         h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, context)
+        h = self._run(mid.attentions[0], h, context, bias)
         return self._run(mid.resnets[1], h, emb), skips  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
 
 
@@ -231,7 +233,9 @@ def skip_channels(cfg: UNetConfig):
 
 
 class UNet(UNetEncoder):
-    """`forward(sample, timestep, encoder_hidden_states)`: the noise (or v) prediction, (B, C, H, W)."""
+    """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise (or v)
+    prediction, (B, C, H, W)."""
+    adapter_rules = "unet"  # lorad.TARGETS["unet_student"] / ["unet_fake"]: which layers get adapters
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
@@ -260,16 +264,18 @@ class UNet(UNetEncoder):
     def from_config(cls, cfg: dict):
         return cls(UNetConfig.from_dict(cfg))
 
-    def forward(self, sample, timestep, encoder_hidden_states, down_block_additional_residuals=None,
-                mid_block_additional_residual=None):
-        """sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D). A ControlNet's
-        residuals (diffusers' names and semantics, both or neither): one per skip tensor, added to it, and one
-        added to the mid block's output."""
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D),
+        encoder_attention_mask: (B, L) 1 on tokens, 0 on padding (None: all), applied to the cross-attention as
+        diffusers does. A ControlNet's residuals (diffusers' names and semantics, both or neither): one per skip
+        tensor, added to it, and one added to the mid block's output."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError("give both down_block_additional_residuals and mid_block_additional_residual, or neither")
         emb = self.embed_time(sample, timestep)
         context = encoder_hidden_states
-        h, skips = self.encode(self.conv_in(sample), emb, context)
+        bias = None if encoder_attention_mask is None else mask_bias(encoder_attention_mask, sample.dtype)
+        h, skips = self.encode(self.conv_in(sample), emb, context, bias)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
             h = h + mid_block_additional_residual
@@ -278,7 +284,7 @@ class UNet(UNetEncoder):
             for j, res in enumerate(block.resnets):
                 h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context)
+                    h = self._run(block.attentions[j], h, context, bias)
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
 

@@ -1,8 +1,9 @@
 """Variational score distillation (SwiftBrush, Nguyen & Tran 2024; WaDi Sec. 3.3): the
 distillation step and the training loop around it.
 
-Three networks share ONE copy of the frozen denoiser weights: the teacher (no adapter), the one-step
-student (LoRaD, rank 256 for SD) and the fake score network (LoRaD, rank 32). One step:
+Three networks share ONE copy of the frozen denoiser weights (a U-Net or PixArt's DiT): the teacher (no
+adapter), the one-step student (LoRaD, rank 256 for SD, 128 for PixArt) and the fake score network (LoRaD,
+rank 32). One step:
 
     x0        = (z - sqrt(1 - a_T) eps_student(z, T, c)) / sqrt(a_T)             T = 999
     xt        = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  t ~ U{20..980}
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffusion import A_T, guided, one_step, to_eps
+from diffusion import A_T, Text, guided, one_step, predict, to_eps
 from loading import LoadError, file_metadata, read_safetensors, save_tensors
 from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, shared_copy
 from pipeline import image_grid
@@ -56,12 +57,14 @@ class VSDConfig:
 
 
 def build_networks(teacher, rank=256, rank_fake=32, adapter="lorad"):
-    """The student and the fake score network on top of `teacher` (frozen, shared). A layer the adapter
-    cannot take (LoRaD needs an even input width) is a LoadError naming it."""
+    """The student and the fake score network on top of `teacher` (frozen, shared), adapted by the rules
+    the network names (`adapter_rules`: lorad.TARGETS["unet_student"], ["dit_fake"], ...). A layer the
+    adapter cannot take (LoRaD needs an even input width) is a LoadError naming it."""
     teacher.requires_grad_(False)
+    rules = teacher.adapter_rules
     try:
-        student = add_adapters(shared_copy(teacher), "unet_student", rank, adapter)
-        fake = add_adapters(shared_copy(teacher), "unet_fake", rank_fake, adapter)
+        student = add_adapters(shared_copy(teacher), f"{rules}_student", rank, adapter)
+        fake = add_adapters(shared_copy(teacher), f"{rules}_fake", rank_fake, adapter)
     except ValueError as e:
         raise LoadError(f"cannot put {adapter} adapters on this denoiser: {e}") from None
     return student, fake
@@ -78,10 +81,10 @@ def draw(generator, batch, shape, cfg: VSDConfig, n_timesteps=1000):
                 drop=torch.rand((batch,), generator=generator, device=dev) < cfg.drop_prob)
 
 
-def generator_loss(student, teacher, fake, schedule, c, c_null, d, cfg: VSDConfig):
+def generator_loss(student, teacher, fake, schedule, c: Text, c_null: Text, d, cfg: VSDConfig):
     """(loss_G, x0): the student's VSD loss on the draws `d`, whose gradient is g dx0/dtheta, and its
     one-step samples x0 (B, C, h, w) fp32; `fake` is used without gradient for the score difference."""
-    dtype = c.dtype
+    dtype = c.embeds.dtype
     pt = schedule.prediction_type
     x0 = one_step(student, d["z"].to(dtype), c, pt, cfg.a_T)  # carries the gradient
     with torch.no_grad():
@@ -93,13 +96,13 @@ def generator_loss(student, teacher, fake, schedule, c, c_null, d, cfg: VSDConfi
     return 0.5 * F.mse_loss(x0, (x0 - g).detach()), x0.detach()
 
 
-def fake_loss(fake, schedule, x0, c, c_null, d):
+def fake_loss(fake, schedule, x0, c: Text, c_null: Text, d):
     """The fake score network's denoising loss on the student's samples x0 (no gradient to the student),
     with the prompt dropped to "" where d["drop"]."""
     xt = schedule.add_noise(x0, d["eps_fake"], d["t_fake"])
     a = schedule.alpha(d["t_fake"], xt)
-    c_fake = torch.where(d["drop"][:, None, None], c_null, c)
-    pred = to_eps(fake(xt.to(c.dtype), d["t_fake"], c_fake).float(), xt, a, schedule.prediction_type)
+    c_fake = c_null.where(d["drop"], c)
+    pred = to_eps(predict(fake, xt.to(c.embeds.dtype), d["t_fake"], c_fake).float(), xt, a, schedule.prediction_type)
     return F.mse_loss(a.sqrt() * pred, a.sqrt() * d["eps_fake"])
 
 
@@ -258,7 +261,7 @@ def update_ema(ema, net, decay):
 
 
 def export_student(student, path, metadata):
-    """The merged one-step student as a full U-Net state dict in diffusers keys (adapters folded in)."""
+    """The merged one-step student as a full denoiser state dict in diffusers keys (adapters folded in)."""
     merged = merge_adapters(shared_copy(student))
     save_tensors(merged.state_dict(), path, metadata)
 
@@ -295,6 +298,7 @@ class TrainConfig:
     validation_prompts: tuple = ("a photo of a cat", "a watercolor painting of a lighthouse at dawn",
                                  "an astronaut riding a horse", "a bowl of ramen, studio lighting")
     resume: str = None
+    cache_dir: str = None         # the prompt-embedding cache of a text encoder too large to keep (PixArt's T5)
 
 
 def distributed():
@@ -319,11 +323,15 @@ def all_mean(x, world):
 
 
 def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log=print):
-    """Distill `pipe.unet` into a one-step student on `prompts`; returns the output directory's files."""
+    """Distill `pipe.unet` into a one-step student on `prompts`; returns (student, fake). Prompts go
+    through `pipe.prepare_prompts` first: a text encoder too large to keep beside training (PixArt's T5)
+    encodes them once into the cache in `tc.cache_dir` and is freed."""
     rank, world, _ = distributed()
     weight_dtype = WEIGHT_DTYPES[tc.mixed_precision]
     teacher = pipe.unet.to(device, weight_dtype).eval().requires_grad_(False)
-    pipe.text_encoder.to(device, weight_dtype)
+    if pipe.text_encoder is not None:
+        pipe.text_encoder.to(device, weight_dtype)
+    pipe.prepare_prompts([*prompts, "", *tc.validation_prompts], tc.cache_dir, rank, world)
     torch.manual_seed(tc.seed)  # identical adapter initialisation on every rank
     student, fake = build_networks(teacher, tc.rank, tc.rank_fake, tc.adapter)
     for net in (student, fake):
@@ -348,7 +356,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
     if tc.resume:
         last_ckpt = find_checkpoint(tc.out, tc.resume)
         step = load_checkpoint(last_ckpt, student, fake, opts, ema, log if rank == 0 else lambda _: None)
-    c_null = pipe.encode_prompts([""]).to(weight_dtype)
+    c_null = pipe.encode_prompts([""]).to(device, weight_dtype)
     shape = pipe.latent_shape(tc.resolution)
     meta = {**(meta or {}), "a_T": vsd.a_T, "prediction_type": pipe.schedule.prediction_type}
     if rank == 0:
@@ -367,9 +375,9 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
                     batch = [prompts[i] for i in batch_indices(len(prompts), tc.seed, position, tc.batch_size)]
                     generator = torch.Generator(device).manual_seed(step_seed(tc.seed, rank, step, micro))
                     d = draw(generator, tc.batch_size, shape, vsd, len(pipe.schedule.alphas_cumprod))
-                    c = pipe.encode_prompts(batch).to(weight_dtype)
+                    c = pipe.encode_prompts(batch).to(device, weight_dtype)
                     last = micro == tc.grad_accum - 1
-                    nulls = c_null.expand(len(batch), -1, -1)
+                    nulls = c_null.expand(len(batch))
                     # the student's backward runs before the fake score's forward: one graph alive at a time
                     with no_sync(student_ddp, world > 1 and not last), autocast:
                         loss_g, x0 = generator_loss(student_ddp, teacher, fake, pipe.schedule, c, nulls, d, vsd)
@@ -419,7 +427,7 @@ def train(pipe, prompts, tc: TrainConfig, vsd: VSDConfig, device, meta=None, log
         if ema is not None:
             load_adapters(student, ema)
         export_student(student, os.path.join(tc.out, "student.safetensors"), meta)
-        log(f"wrote {os.path.join(tc.out, 'student.safetensors')} (merged one-step U-Net, diffusers keys)")
+        log(f"wrote {os.path.join(tc.out, 'student.safetensors')} (merged one-step denoiser, diffusers keys)")
     return student, fake
 
 

@@ -5,13 +5,14 @@
     python wadi.py export --run runs/sd15 --out wadi-sd15.safetensors
     python wadi.py sample --unet STUDENT.safetensors --prompt "a cat" --out cat.png
     python wadi.py sample --backbone sd15 --steps 25 --guidance 7.5 --prompt "a cat" --out teacher.png
+    python wadi.py train --backbone pixart --prompts journeydb.jsonl --out runs/pixart   (PixArt-alpha, 256 px)
     python wadi.py pretrain --backbone toy --out runs/pretrain-toy
     python wadi.py sample --backbone sd15 --unet STUDENT.safetensors --controlnet lllyasviel/sd-controlnet-canny \
         --control-image edges.png --prompt "a bird" --out bird.png
     python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2: norm vs direction)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
-processes); `export` writes a run's merged student as one U-Net file in diffusers keys; `sample` draws
+processes); `export` writes a run's merged student as one denoiser file in diffusers keys; `sample` draws
 one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqrt(a_T)) or DDIM images with
 classifier-free guidance from the teacher; `pretrain` trains the toy backbone from scratch; `analyze`
 compares a student's weights with its teacher's (analysis.py). Every
@@ -32,12 +33,11 @@ import analysis
 import cli
 import pretrain
 import toy
-from clip import CLIPTextModel
 from loading import LoadError, fetch_file, read_json, read_tensors
 from lorad import ADAPTERS, count_trainable, load_adapters
-from pipeline import BACKBONES, DTYPES, check_steps, image_grid, load_control, load_pipeline, pick_dtype, \
-    read_prompts, student_a_T, student_backbone
-from unet import UNet
+from pipeline import BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS, check_steps, image_grid, \
+    load_control, load_pipeline, pick_backbone, pick_dtype, read_prompts, student_a_T, student_backbone, \
+    text_encoder_kind
 from vae import AutoencoderKL
 from vsd import WEIGHT_DTYPES, TrainConfig, TrainingError, TrainingInterrupted, VSDConfig, build_networks, \
     distributed, export_student, find_checkpoint, load_checkpoint, own_adapters, train
@@ -84,10 +84,11 @@ def cmd_sample(args):
     if args.control_image and len(args.control_image) not in (1, len(prompts)):
         raise UsageError(f"give one --control-image for all prompts or one per prompt ({len(prompts)} prompts, "
                          f"{len(args.control_image)} images)")
-    backbone, model = student_backbone(args.backbone, args.model, unet, "--unet")
+    backbone, model = student_backbone(args.backbone, args.model, unet, "--unet", args.resolution)
     check_steps(model, args.steps)
-    pipe = load_pipeline(backbone, model, unet, dtype, device)
+    pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=args.resolution)
     resolution = check_resolution(pipe, args.resolution)
+    pipe.prepare_prompts(prompts + ([""] if args.steps > 1 else []), args.cache_dir)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     controlnet, control = None, None
@@ -106,11 +107,13 @@ def cmd_sample(args):
 
 def check_resolution(pipe, resolution):
     """The resolution to generate at (default: the backbone's), or a UsageError when the denoiser's input
-    grid cannot take it (it must be a multiple of the autoencoder's downsampling)."""
+    grid cannot take it (a multiple of the autoencoder's downsampling, times the patch size of a DiT)."""
     resolution = resolution or pipe.resolution
-    factor = pipe.downsampling()
+    factor = pipe.size_multiple()
     if resolution % factor:
-        raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's downsampling)")
+        patch = " x the denoiser's patch size" if factor != pipe.downsampling() else ""
+        raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's "
+                         f"downsampling{patch})")
     return resolution
 
 
@@ -127,13 +130,16 @@ def check_out_file(path, suffixes, option, directory_ok=False):
 
 def dry_run(args):
     """Build the three networks, the text encoder and the VAE on the meta device from the built-in
-    configs; print parameter counts and a memory estimate."""
-    configs = BACKBONES[args.backbone].configs
+    configs; print parameter counts and a memory estimate (a CACHED text encoder, T5, is freed before
+    training starts and is not counted)."""
+    spec = pick_backbone(args.backbone, args.resolution, args.model)
     with torch.device("meta"):
-        teacher = UNet.from_config(read_json(os.path.join(configs, "unet", "config.json")))
+        teacher = DENOISERS[spec.denoiser].from_config(read_json(os.path.join(spec.configs, spec.denoiser, "config.json")))
         student, fake = build_networks(teacher, args.rank, args.rank_fake, args.adapter)
-        text = CLIPTextModel.from_config(read_json(os.path.join(configs, "text_encoder", "config.json")))
-        vae_config = os.path.join(configs, "vae", "config.json")
+        text_config = read_json(os.path.join(spec.configs, "text_encoder", "config.json"))
+        text_kind = text_encoder_kind(text_config)
+        text = TEXT_ENCODERS[text_kind][0].from_config(text_config)
+        vae_config = os.path.join(spec.configs, "vae", "config.json")
         vae = AutoencoderKL.from_config(read_json(vae_config)) if os.path.isfile(vae_config) else None
     total = sum(p.numel() for p in teacher.parameters())
     nbytes = WEIGHT_DTYPES[args.mixed_precision].itemsize
@@ -143,13 +149,16 @@ def dry_run(args):
         print(f"  {name:<10} total {sum(p.numel() for p in net.parameters()) / 1e6:8.2f}M   "
               f"trainable {count_trainable(net) / 1e6:.2f}M")
     text_n, vae_n = sum(p.numel() for p in text.parameters()), sum(p.numel() for p in vae.parameters()) if vae else 0
+    cached = text_kind in CACHED
     gib = 2 ** 30
-    weights = (total + text_n) * nbytes + vae_n * 4
+    weights = (total + (0 if cached else text_n)) * nbytes + vae_n * 4
     states = trainable * 16 + (count_trainable(student) * 4 if args.ema else 0)  # fp32 param, grad, 2 AdamW
-    print(f"  text encoder {text_n / 1e6:.2f}M, VAE {vae_n / 1e6:.2f}M")
-    print(f"memory per GPU: frozen weights {weights / gib:.2f} GiB (one U-Net copy shared by the three "
+    print(f"  text encoder {text_n / 1e6:.2f}M" + (f" ({text_n * nbytes / gib:.2f} GiB: encodes the prompts once "
+                                                   f"into the cache, freed before training, not counted below)"
+                                                   if cached else "") + f", VAE {vae_n / 1e6:.2f}M")
+    print(f"memory per GPU: frozen weights {weights / gib:.2f} GiB (one denoiser copy shared by the three "
           f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} GiB "
-          f"before activations (batch {args.batch_size} at {args.resolution or BACKBONES[args.backbone].resolution}px; "
+          f"before activations (batch {args.batch_size} at {args.resolution or spec.resolution}px; "
           f"--grad-checkpointing trades compute for most of them)")
 
 
@@ -158,6 +167,7 @@ def dry_run(args):
 TRAIN_DEFAULTS = {
     "paper": dict(batch_size=16, max_steps=0, lr=1e-4, lr_fake=1e-2, rank=256, rank_fake=32, guidance=1.5, ema=0.0,
                   checkpoint_every=500, validate_every=500),
+    "pixart": dict(rank=128),
     "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
                 checkpoint_every=300, validate_every=300),
 }
@@ -203,14 +213,15 @@ def cmd_train(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = WEIGHT_DTYPES[args.mixed_precision]
-    model = args.model or BACKBONES[args.backbone].repo
-    pipe = load_pipeline(args.backbone, model, dtype=dtype, device=device, vae=rank == 0)
+    model = args.model or pick_backbone(args.backbone, args.resolution).repo
+    pipe = load_pipeline(args.backbone, model, dtype=dtype, device=device, vae=rank == 0, resolution=args.resolution)
     tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      max_steps=args.max_steps, epochs=args.epochs, resolution=check_resolution(pipe, args.resolution),
                      lr=args.lr, lr_fake=args.lr_fake, rank=args.rank, rank_fake=args.rank_fake, adapter=args.adapter,
                      mixed_precision=args.mixed_precision, grad_checkpointing=args.grad_checkpointing,
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                     validate_every=args.validate_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume)
+                     validate_every=args.validate_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+                     cache_dir=args.cache_dir)
     if args.backbone == "toy":
         tc.validation_prompts = tuple(toy.prompt(a) for a in toy.balanced_attributes(8))
     meta = {"backbone": args.backbone, "base_model": model, "adapter": args.adapter}
@@ -266,7 +277,7 @@ def cmd_export(args):
             "a_T": VSDConfig().a_T, "prediction_type": pipe.schedule.prediction_type,
             "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
-    print(f"wrote {args.out} (merged one-step U-Net from {checkpoint}, {weights})")
+    print(f"wrote {args.out} (merged one-step denoiser from {checkpoint}, {weights})")
 
 
 def cmd_analyze(args):
@@ -281,6 +292,7 @@ def add_common(p, backbone_help="the model family (default: sd15)", default="sd1
                                    "(default: the backbone's repo, README \"Backbones\")")
     g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--cache-dir", default=CACHE_DIR, help="pixart: where the T5 prompt embeddings are cached")
     return g
 
 
@@ -292,10 +304,11 @@ def build_parser():
                        description="One-step images from a distilled student, or DDIM + CFG images from the teacher.")
     add_common(p, "the model family (default: the one recorded in --unet's metadata, else sd15)", None)
     g = p.add_argument_group("what to draw")
-    g.add_argument("--unet", help="one-step student: a full U-Net in diffusers keys, safetensors or a PyTorch "
-                                  "state dict (our export, the official gudaochangsheng/WaDi/"
-                                  "rotated_unet-sdv1-5.safetensors, DMD2's pytorch_model.bin): a local path or "
-                                  "owner/repo/file on the Hub (default: the base model's own U-Net, the teacher)")
+    g.add_argument("--unet", "--transformer", dest="unet",
+                   help="one-step student: a full U-Net (or PixArt transformer) in diffusers keys, safetensors or a "
+                        "PyTorch state dict (our export, the official gudaochangsheng/WaDi/"
+                        "rotated_unet-sdv1-5.safetensors, DMD2's pytorch_model.bin): a local path or "
+                        "owner/repo/file on the Hub (default: the base model's own denoiser, the teacher)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="prompt file: text (one per line), JSON list, or JourneyDB .jsonl")
     g.add_argument("--num-per-prompt", type=cli.POSITIVE, default=1, help="images per prompt")
@@ -306,7 +319,8 @@ def build_parser():
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
     g.add_argument("--guidance", type=cli.SCALE, default=7.5, help="CFG scale for DDIM")
-    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
+                                                          "pixart: 256, 512 or 1024 picks that model)")
     g.add_argument("--batch-size", type=cli.POSITIVE, default=4, help="images per forward pass")
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet", help="a ControlNet in diffusers' layout: Hub repo (lllyasviel/sd-controlnet-canny), "
@@ -333,7 +347,7 @@ def build_parser():
     g = p.add_argument_group("method")
     g.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad",
                    help="the paper's LoRaD, or a baseline of its Table 2")
-    g.add_argument("--rank", type=cli.POSITIVE, help="student adapter rank (backbone default: 256 / toy 16)")
+    g.add_argument("--rank", type=cli.POSITIVE, help="student adapter rank (backbone default: 256, pixart 128 / toy 16)")
     g.add_argument("--rank-fake", type=cli.POSITIVE, help="fake score adapter rank (backbone default: 32 / toy 8)")
     g.add_argument("--guidance", type=cli.SCALE, help="CFG scale of teacher and fake score "
                                                       "(backbone default: 1.5 / toy 3)")
@@ -350,7 +364,8 @@ def build_parser():
                    help="passes over the prompts when --max-steps is 0")
     g.add_argument("--lr", type=cli.RATE, help="student learning rate (backbone default: 1e-4 / toy 1e-3)")
     g.add_argument("--lr-fake", type=cli.RATE, help="fake score learning rate (backbone default: 1e-2)")
-    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution)")
+    g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
+                                                          "pixart: 256, 512 or 1024 picks that model)")
     g.add_argument("--mixed-precision", choices=list(WEIGHT_DTYPES), default="no",
                    help="frozen weights and activations in half precision; adapters stay fp32")
     g.add_argument("--grad-checkpointing", action="store_true",
@@ -385,8 +400,8 @@ def build_parser():
     p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key U-Net file",
-                       description="Merge a train run's adapters into one U-Net file (diffusers keys): the run's "
+    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key denoiser file",
+                       description="Merge a train run's adapters into one denoiser file (diffusers keys): the run's "
                                    "own student, i.e. its EMA when the run kept one.")
     p.add_argument("--run", required=True, help="the run directory of `train`")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the latest in --run)")
@@ -400,7 +415,8 @@ def build_parser():
                                    "optionally the norm or direction swap of Fig. 2 (c).")
     p.add_argument("--student", required=True, help="a denoiser file (safetensors, or a .bin/.pth state dict), "
                                                     "owner/repo/file on the Hub, or a `train` run directory")
-    p.add_argument("--teacher", help="the same kinds (default: the backbone's base denoiser, unet/ of --model)")
+    p.add_argument("--teacher", help="the same kinds (default: the backbone's base denoiser, unet/ or transformer/ "
+                                     "of --model)")
     p.add_argument("--out", required=True, help="directory for analysis.json, fig2a.png, fig2b.png")
     p.add_argument("--json", help="write the JSON here (default: OUT/analysis.json)")
     p.add_argument("--swap", choices=analysis.SWAPS, help="also write the student with the teacher's norms "

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
-from diffusion import one_step, to_eps, to_x0  # noqa: E402
+from diffusion import one_step, predict, to_eps, to_x0  # noqa: E402
 from wadi import load_run  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     data, prompts, _ = toy.sample(args.n, generator)
     c = pipe.encode_prompts(prompts)
-    c_null = pipe.encode_prompts([""]).expand(args.n, -1, -1)
+    c_null = pipe.encode_prompts([""]).expand(args.n)
     schedule, pt = pipe.schedule, pipe.schedule.prediction_type
     print(f"{checkpoint}: CFG {run['guidance']}, {args.n} images per row; mean pixel value of x0 / x0-predictions")
     scale, table = run["guidance"], {}
@@ -51,7 +51,7 @@ def main(argv=None):
                 a = schedule.alpha(ts, xt)
                 row = table[name][t] = {}
                 for net_name, net in (("T", teacher), ("F", fake)):
-                    u, cond = (to_x0(to_eps(net(xt, ts, context), xt, a, pt), xt, a).mean().item()
+                    u, cond = (to_x0(to_eps(predict(net, xt, ts, context), xt, a, pt), xt, a).mean().item()
                                for context in (c_null, c))
                     # CFG is affine in the prediction, and so is its x0 and the mean of that
                     row.update({net_name + "u": u, net_name + "c": cond, net_name + "g": u + scale * (cond - u)})

@@ -76,7 +76,7 @@ def main():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps) if args.decay == "cosine" else None
     cfg = vsd.VSDConfig(guidance=args.guidance, drop_prob=args.drop_prob)
     all_prompts = [toy.prompt(a) for a in toy.all_attributes()]
-    nulls = pipe.encode_prompts([""]).expand(args.batch_size, -1, -1)
+    nulls = pipe.encode_prompts([""]).expand(args.batch_size)
     shape, pt = pipe.latent_shape(32), pipe.schedule.prediction_type
     print(f"{vars(args)}\nstep 0: {evaluate(student)}", flush=True)
     generator, start = torch.Generator().manual_seed(0), time.perf_counter()

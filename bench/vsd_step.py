@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from diffusion import A_T, T_MAX, NoiseSchedule
+from diffusion import A_T, T_MAX, NoiseSchedule, Text
 from lorad import adapter_state_dict
 from unet import UNet
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
@@ -144,6 +144,7 @@ def build_ours(cfg, args, device, dtype):
 
 def step_ours(nets, opts, schedule, c, c_null, d, vsd, autocast):
     student, teacher, fake = nets
+    c, c_null = Text(c), Text(c_null)
     with autocast:
         loss_g, x0 = generator_loss(student, teacher, fake, schedule, c, c_null, d, vsd)
     loss_g.backward()

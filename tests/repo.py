@@ -1,17 +1,20 @@
-"""Writes a complete tiny Stable Diffusion repository on disk, in the real Hugging Face layout, with
-random weights saved by the reference libraries themselves (diffusers / transformers), so our loader
-is tested on genuine files. The VAE attention keys are renamed to the legacy names (`query`, `key`,
+"""Writes complete tiny Stable Diffusion and PixArt-alpha repositories on disk, in the real Hugging Face
+layout, with random weights saved by the reference libraries themselves (diffusers / transformers), so our
+loader is tested on genuine files. The SD VAE attention keys are renamed to the legacy names (`query`, `key`,
 `value`, `proj_attn`) that the real SD1.5 / SD2.1 VAE files still carry."""
 import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from clip import bytes_to_unicode
+from tests.test_dit import small_config as small_dit_config
 from tests.test_unet import small_config
 
 TEXT_DIM = 32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_json(path, obj):
@@ -34,17 +37,23 @@ def write_byte_tokenizer(directory, pad="<|endoftext|>", max_length=16):
     return len(vocab)
 
 
+def write_vae(root):
+    """A two-level SD-style VAE (x2 downsampling, 4 latent channels) in root/vae/."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
+                        sample_size=16)
+    vae.save_pretrained(os.path.join(root, "vae"))
+
+
 def write_tiny_sd_repo(root, seed=0, prediction_type="epsilon"):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**small_config(cross_attention_dim=TEXT_DIM, sample_size=8))
     unet.save_pretrained(os.path.join(root, "unet"))
 
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
-                        sample_size=16)
-    vae.save_pretrained(os.path.join(root, "vae"))
+    write_vae(root)
     path = os.path.join(root, "vae", "diffusion_pytorch_model.safetensors")
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     state = {}
@@ -63,4 +72,24 @@ def write_tiny_sd_repo(root, seed=0, prediction_type="epsilon"):
     with open("configs/sd15/scheduler/scheduler_config.json") as f:
         write_json(os.path.join(root, "scheduler", "scheduler_config.json"),
                    {**json.load(f), "prediction_type": prediction_type})
+    return root
+
+
+def write_tiny_pixart_repo(root, seed=0):
+    """A PixArt-alpha repo: a 2-block PixArtTransformer2DModel (8 x 8 latents, 16 px images with the x2 VAE),
+    a 2-layer T5 v1.1 encoder saved by transformers in shards, the real T5 `spiece.model` (tests/data/t5),
+    the VAE and PixArt's own DPM-Solver scheduler config."""
+    from diffusers import PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    PixArtTransformer2DModel(**{k: v for k, v in small_dit_config(sample_size=8, caption_channels=TEXT_DIM).items()
+                                if not k.startswith("_")}).save_pretrained(os.path.join(root, "transformer"))
+    write_vae(root)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20))
+    t5.save_pretrained(os.path.join(root, "text_encoder"), max_shard_size="2MB")
+    os.makedirs(os.path.join(root, "tokenizer"))
+    shutil.copy(os.path.join(ROOT, "tests", "data", "t5", "spiece.model"), os.path.join(root, "tokenizer"))
+    shutil.copytree(os.path.join(ROOT, "configs", "pixart-256", "scheduler"), os.path.join(root, "scheduler"))
     return root

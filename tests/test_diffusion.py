@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from diffusion import A_T, NoiseSchedule, ddim_sample, guided, one_step, to_eps, to_x0
+from diffusion import A_T, NoiseSchedule, Text, ddim_sample, guided, one_step, to_eps, to_x0
 
 
 def schedule_config(backbone="sd15", **overrides):
@@ -11,7 +11,7 @@ def schedule_config(backbone="sd15", **overrides):
         return {**json.load(f), **overrides}
 
 
-def toy_net(x, t, c):
+def toy_net(x, t, c, mask=None):
     """A deterministic stand-in denoiser that depends on x, t and the context."""
     return 0.3 * x + c.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 1e-3 * torch.as_tensor(t).float().view(-1, 1, 1, 1)
 
@@ -50,7 +50,7 @@ def test_ddim_matches_diffusers(prediction):
     ref = DDIMScheduler.from_config(cfg)
     torch.manual_seed(0)
     z, c, c0 = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 5), torch.zeros(2, 3, 5)
-    ours = ddim_sample(toy_net, NoiseSchedule.from_config(cfg), z, c, c0, steps=10, guidance=3.0)
+    ours = ddim_sample(toy_net, NoiseSchedule.from_config(cfg), z, Text(c), Text(c0), steps=10, guidance=3.0)
     x = diffusers_ddim(ref, z, c, c0, 10, 3.0)
     assert (ours - x).abs().max() / x.abs().max() < 1e-5
 
@@ -82,7 +82,7 @@ def test_ddim_follows_every_scheduler_key_as_diffusers(key, value, steps):
     ref = DDIMScheduler.from_config(cfg)
     ref.set_timesteps(steps)
     assert schedule.ddim_timesteps(steps) == ref.timesteps.tolist()
-    ours = ddim_sample(toy_net, schedule, z, c, c0, steps=steps, guidance=3.0)
+    ours = ddim_sample(toy_net, schedule, z, Text(c), Text(c0), steps=steps, guidance=3.0)
     want = diffusers_ddim(ref, z, c, c0, steps, 3.0)
     assert (ours - want).abs().max() / want.abs().max() < 1e-5
 
@@ -124,9 +124,9 @@ def test_v_prediction_roundtrip():
 def test_one_step_formula_and_guidance():
     z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 5)
     expected = (z - (1 - A_T) ** 0.5 * toy_net(z, 999, c)) / A_T ** 0.5
-    assert torch.allclose(one_step(toy_net, z, c), expected, atol=1e-4)
+    assert torch.allclose(one_step(toy_net, z, Text(c)), expected, atol=1e-4)
     c0 = torch.zeros_like(c)
-    g = guided(toy_net, z, 10, c, c0, 1.5)
+    g = guided(toy_net, z, 10, Text(c), Text(c0), 1.5)
     manual = toy_net(z, 10, c0) + 1.5 * (toy_net(z, 10, c) - toy_net(z, 10, c0))
     assert torch.allclose(g, manual, atol=1e-6)
 

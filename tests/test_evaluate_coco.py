@@ -22,7 +22,7 @@ import metrics
 import wadi
 from loading import LoadError
 from openclip import load_open_clip, load_open_clip_tokenizer
-from tests.repo import write_tiny_sd_repo
+from tests.repo import write_tiny_pixart_repo, write_tiny_sd_repo
 from tests.test_clip import write_clip_vocab
 from tests.test_inception import random_fid_inception_state
 from tests.test_openclip import SMALL, reference_model, write_repo
@@ -156,6 +156,22 @@ def test_full_run_writes_images_metrics_and_grid(env, first):
     sample = str(env.root / "sample.png")
     assert wadi.main(["sample", *generate_args(env), "--prompt", captions[2], "--seed", "2", "--out", sample]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(sample)), np.asarray(Image.open(paths[2])))
+
+
+def test_pixart_generates_with_t5_from_the_prompt_cache(env, first, tmp_path):
+    """--backbone pixart: T5 encodes the captions into the prompt cache and is freed, the DiT draws image i
+    from caption i and seed i (what `wadi.py sample` draws), and the metrics follow."""
+    repo = write_tiny_pixart_repo(str(tmp_path / "pixart"))
+    out = tmp_path / "run"
+    assert evaluate.main(coco_args(env, out, "--backbone", "pixart", "--model", repo, "--resolution", "16")) == 0
+    m = read_metrics(out)
+    assert (m["generator"]["backbone"], m["generator"]["model"], m["generator"]["a_T"]) == ("pixart", repo, 0.0047)
+    assert m["generated_now"] == NUM and m["reference"]["statistics_cached"] and np.isfinite(m["fid"])
+    assert os.listdir(os.path.join(env.cache, "prompts"))  # the captions' T5 embeddings
+    sample = str(tmp_path / "sample.png")
+    assert wadi.main(["sample", "--backbone", "pixart", "--model", repo, "--resolution", "16", "--prompt",
+                      env.captions[2], "--seed", "2", "--out", sample, "--cache-dir", str(tmp_path / "c")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(sample)), np.asarray(Image.open(out / "images" / "00002.png")))
 
 
 def test_rerun_resumes_and_reuses_the_reference_cache(env, first, tmp_path, capsys):

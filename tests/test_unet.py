@@ -61,6 +61,24 @@ def test_parity_with_diffusers_through_safetensors(overrides, tmp_path):
     assert relative_error(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("overrides", [{}, ONLY_CROSS], ids=["sd15_style", "only_cross_first_level"])
+def test_padded_text_mask_matches_diffusers(overrides):
+    """encoder_attention_mask as diffusers applies it: a -10000 bias on the padded tokens in every attn2
+    (an only-cross attn1 attends to all tokens there too)."""
+    cfg = small_config(**overrides)
+    ref = reference(cfg)
+    ours = load_weights(UNet.from_config(cfg), ref.state_dict()).eval()
+    torch.manual_seed(2)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([3, 977]), torch.randn(2, 7, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        expected = ref(x, t, context, encoder_attention_mask=mask).sample
+        got = ours(x, t, context, mask)
+        unmasked = ref(x, t, context).sample
+    assert relative_error(got, expected) < 1e-5
+    assert relative_error(unmasked, expected) > 1e-3  # the mask matters
+
+
 def test_odd_resolution_and_scalar_timestep():
     cfg = small_config()
     ref = reference(cfg)

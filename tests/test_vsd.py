@@ -62,13 +62,13 @@ def test_three_networks_share_one_copy_of_the_weights(repo):
 def test_step_matches_hand_written_reference(repo):
     pipe, student, fake = networks(repo)
     teacher, ac = pipe.unet, pipe.schedule.alphas_cumprod
-    c = pipe.encode_prompts(["a red cat", "the sea"])
-    c0 = pipe.encode_prompts([""]).expand(2, -1, -1)
+    text, null = pipe.encode_prompts(["a red cat", "the sea"]), pipe.encode_prompts([""]).expand(2)
+    c, c0 = text.embeds, null.embeds
     cfg = VSDConfig()
     d = draw(torch.Generator().manual_seed(1), 2, (4, 8, 8), cfg)
     d["drop"] = torch.tensor([True, False])
-    loss_g, x0_sample = generator_loss(student, teacher, fake, pipe.schedule, c, c0, d, cfg)
-    loss_fake = fake_loss(fake, pipe.schedule, x0_sample, c, c0, d)
+    loss_g, x0_sample = generator_loss(student, teacher, fake, pipe.schedule, text, null, d, cfg)
+    loss_fake = fake_loss(fake, pipe.schedule, x0_sample, text, null, d)
     grads_g = torch.autograd.grad(loss_g, [p for p in student.parameters() if p.requires_grad])
     grads_f = torch.autograd.grad(loss_fake, [p for p in fake.parameters() if p.requires_grad])
 
@@ -221,7 +221,7 @@ def test_export_loads_in_diffusers_and_matches_adapted_student(repo, tmp_path):
     pipe = load_pipeline("sd15", repo)
     student, fake = build_networks(pipe.unet, 4, 2)
     vsd.load_checkpoint(str(out / "checkpoint-0000002.safetensors"), student, fake, {}, None)
-    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"])
+    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"]).embeds
     with torch.no_grad():
         expected, got = student(x, 999, c), ref(x, 999, c).sample
         teacher = pipe.unet(x, 999, c)
@@ -252,7 +252,7 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
     """One optimizer step, a checkpoint, a fresh pair of networks restored from it (adapters, EMA, optimizer
     moments), and the exported merged student equal to the adapted one."""
     pipe = load_pipeline("sd15", repo)
-    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"])
+    x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"]).embeds
 
     def networks():
         student, fake = build_networks(pipe.unet, 4, 2, kind)

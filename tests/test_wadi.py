@@ -39,7 +39,7 @@ def test_pipeline_parts_equal_the_references(repo):
         ref_vae = AutoencoderKL.from_pretrained(os.path.join(repo, "vae"))  # reads the legacy keys too
         z = torch.randn(1, 4, 4, 4)
         ref_image = ref_vae.decode(z / ref_vae.config.scaling_factor).sample
-        assert (pipe.encode_prompts(["a red cat", ""]) - ref_text).abs().max() < 1e-5
+        assert (pipe.encode_prompts(["a red cat", ""]).embeds - ref_text).abs().max() < 1e-5
         assert (pipe.vae.decode(z) - ref_image).abs().max() / ref_image.abs().max() < 1e-5
     assert pipe.latent_shape(32) == (4, 16, 16) and pipe.latent_shape() == (4, 256, 256)  # VAE: x2 down
 
@@ -61,7 +61,7 @@ def test_one_step_file_loads_strictly_and_matches_diffusers(repo, tmp_path):
     pipe = load_pipeline("sd15", repo)
     z = torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(3))[None]
     with torch.no_grad():
-        eps = ref(z, 999, pipe.encode_prompts(["a red cat"])).sample
+        eps = ref(z, 999, pipe.encode_prompts(["a red cat"]).embeds).sample
         x0 = (z - (1 - 0.005) ** 0.5 * eps) / 0.005 ** 0.5  # a_T read from the file's metadata
         expected = pipe.decode(x0)[0]
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
