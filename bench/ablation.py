@@ -12,6 +12,7 @@ one line per row: the mean over seeds, the band from the lowest to the highest).
     python bench/ablation.py swap         # the full and LoRaD students of seed 0 (shared with `adapters`)
     nohup python bench/ablation.py adapters > runs/ablation/adapters.log 2>&1 &     (in the background)
     python bench/ablation.py adapters --kinds lorad full --seeds 0 --steps 2 --every 1 --n 16   (a smoke test)
+    python bench/ablation.py adapters --backbone toy-dit   (the same on the toy DiT, in runs/ablation-toy-dit)
 
 Runs take about 9 min each on 2 free cores (1,200 steps of batch 4, the toy defaults), plus about 1 min of
 scoring; all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed>, so the three tables reuse them.
@@ -31,8 +32,7 @@ import toy  # noqa: E402
 import wadi  # noqa: E402
 from loading import load_weights, read_json, read_safetensors  # noqa: E402
 from lorad import ADAPTERS, count_trainable, load_adapters, merge_adapters  # noqa: E402
-from pipeline import BACKBONES  # noqa: E402
-from unet import UNet  # noqa: E402
+from pipeline import BACKBONES, DENOISERS  # noqa: E402
 from vsd import build_networks, list_checkpoints  # noqa: E402
 
 TOY = wadi.TRAIN_DEFAULTS["toy"]
@@ -71,7 +71,7 @@ def train_run(args, kind, rank, rank_fake, seed):
             raise RuntimeError(f"{out} was trained with other options {differ}; remove it or pick another --out")
         if os.path.isfile(os.path.join(out, "student.safetensors")):
             return out
-    argv = ["train", "--backbone", "toy", "--model", args.model, "--out", out, "--adapter", kind, "--rank", str(rank),
+    argv = ["train", "--backbone", args.backbone, "--model", args.model, "--out", out, "--adapter", kind, "--rank", str(rank),
             "--rank-fake", str(rank_fake), "--seed", str(seed), "--max-steps", str(args.steps), "--checkpoint-every",
             str(args.every), "--validate-every", str(args.every), "--keep-checkpoints", "0", "--lr", str(lr),
             "--lr-fake", str(lr_fake), "--eval-samples", str(args.n)]
@@ -82,6 +82,8 @@ def train_run(args, kind, rank, rank_fake, seed):
     log = os.path.join(out, "console.log")
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         code = wadi.main(argv)
+    if code == 130:  # Ctrl-C or SIGTERM: train saved its step; stop the sweep (running it again resumes)
+        raise KeyboardInterrupt(f"{out} interrupted")
     if code != 0:
         raise RuntimeError(f"{out}: train failed: {open(log).read().strip().splitlines()[-1]}")
     return out
@@ -118,7 +120,7 @@ def scored_curve(out, args, reference, variants=("student",)):
                 teacher_state, student_state = pipe.unet.state_dict(), student.state_dict()
                 swapped = analysis.analyze(teacher_state, student_state, swap=variant, progress=False)[1]
                 with torch.device("meta"):
-                    net = UNet.from_config(read_json(os.path.join(args.model, "unet", "config.json")))
+                    net = denoiser(args)
                 net = load_weights(net, swapped, what=f"{variant} swap").eval()
             results, _ = toy.evaluate_toy(pipe, net, classifier, args.n, toy.PROTOCOL["seed"], toy.PROTOCOL["guidance"],
                                           names=("student_1",), reference=reference)
@@ -138,10 +140,16 @@ def analyzed(out, args):
     return read_json(path)["summary"]
 
 
+def denoiser(args):
+    """The toy's denoiser (U-Net or DiT) built from its config, on the current device."""
+    folder = BACKBONES[args.backbone].denoiser
+    return DENOISERS[folder].from_config(read_json(os.path.join(args.model, folder, "config.json")))
+
+
 def trainable(args, kind, rank, rank_fake):
     """(student, fake score) trainable parameters, counted on the meta device."""
     with torch.device("meta"):
-        teacher = UNet.from_config(read_json(os.path.join(args.model, "unet", "config.json")))
+        teacher = denoiser(args)
         return tuple(count_trainable(net) for net in build_networks(teacher, rank, rank_fake, kind))
 
 
@@ -149,6 +157,10 @@ def seed_runs(args, kind, rank, rank_fake, reference, variants=("student",)):
     """One row's runs: per seed its final metrics, curve and analysis (or the error that stopped it)."""
     runs = []
     for seed in args.seeds:
+        if args.finished and not os.path.isfile(os.path.join(run_dir(args, kind, rank, rank_fake, seed),
+                                                             "student.safetensors")):
+            runs.append({"seed": seed, "error": "not run"})
+            continue
         try:
             out = train_run(args, kind, rank, rank_fake, seed)
         except RuntimeError as e:
@@ -188,7 +200,15 @@ def row_figures(runs, variant="student"):
     return {"fd": mean_spread([f[1] for f in final]), "accuracy": mean_spread([f[2] for f in final]),
             "nm": mean_spread([r["analysis"]["norm_mean"] for r in done]),
             "dm": mean_spread([r["analysis"]["direction_mean"] for r in done]),
-            "seeds": len(done), "failed": [r["seed"] for r in runs if "error" in r]}
+            "seeds": len(done), "failed": [r["seed"] for r in runs if "error" in r and r["error"] != "not run"],
+            "not_run": [r["seed"] for r in runs if r.get("error") == "not run"]}
+
+
+def seeds_cell(fig):
+    """How many seeds a row's figures average, and which failed or were not run (--finished)."""
+    notes = [f"{what}: {', '.join(map(str, fig[key]))}" for key, what in (("failed", "failed"), ("not_run", "not run"))
+             if fig[key]]
+    return f"{fig['seeds']}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def plot_curves(rows, path, title):
@@ -243,7 +263,7 @@ def cmd_adapters(args, reference):
         fig, params = row_figures(runs), trainable(args, kind, rank, rank_fake)[0]
         paper = PAPER_TABLE2[kind]
         lines.append([kind, f"{params:,}", cell(fig["fd"]), cell(fig["accuracy"], 3), cell(fig["nm"], 4),
-                      cell(fig["dm"], 4), f"{fig['seeds']}" + (f" (failed: {fig['failed']})" if fig["failed"] else ""),
+                      cell(fig["dm"], 4), seeds_cell(fig),
                       paper[0], *(paper_cell(v) for v in paper[1:])])
         rows.append((kind, runs, "student"))
         payload.append({"adapter": kind, "rank": rank, "rank_fake": rank_fake, "student_params": params, **fig,
@@ -262,7 +282,7 @@ def cmd_ranks(args, reference):
         fig, (params, fake_params) = row_figures(runs), trainable(args, "lorad", rank, rank_fake)
         s, f, fid, clip = PAPER_RANKS[setting]
         lines.append([setting, rank, f"{params:,}", rank_fake, f"{fake_params:,}", cell(fig["fd"]),
-                      cell(fig["accuracy"], 3), fig["seeds"], f"{s} / {f}", fid, clip])
+                      cell(fig["accuracy"], 3), seeds_cell(fig), f"{s} / {f}", fid, clip])
         rows.append((f"{setting} ({rank} / {rank_fake})", runs, "student"))
         payload.append({"setting": setting, "rank": rank, "rank_fake": rank_fake, "student_params": params,
                         "fake_params": fake_params, **fig,
@@ -281,7 +301,7 @@ def cmd_swap(args, reference):
         figures = {}
         for variant in variants:
             fig = figures[variant] = row_figures(runs, variant)
-            lines.append([kind, names[variant], cell(fig["fd"]), cell(fig["accuracy"], 3), fig["seeds"],
+            lines.append([kind, names[variant], cell(fig["fd"]), cell(fig["accuracy"], 3), seeds_cell(fig),
                           *PAPER_SWAP[variant]])
             rows.append((f"{kind}: {names[variant]}", runs, variant))
         payload.append({"adapter": kind, "variants": {v: {"fd": f["fd"], "accuracy": f["accuracy"]} for v, f in
@@ -296,14 +316,19 @@ def main(argv=None):
     tables = {"adapters": (cmd_adapters, [0, 1, 2]), "ranks": (cmd_ranks, [0, 1]), "swap": (cmd_swap, [0])}
     for name, (func, seeds) in tables.items():
         q = sub.add_parser(name)
-        q.add_argument("--out", default=os.path.join("runs", "ablation"), help="tables here, runs in OUT/runs/")
+        q.add_argument("--backbone", choices=list(toy.BACKBONES), default="toy",
+                       help="the toy U-Net (toy) or the toy DiT (toy-dit)")
+        q.add_argument("--out", help="tables here, runs in OUT/runs/ (default: runs/ablation, "
+                                     "runs/ablation-toy-dit)")
         q.add_argument("--seeds", type=int, nargs="+", default=seeds)
         q.add_argument("--steps", type=int, default=TOY["max_steps"], help="VSD steps of every run")
         q.add_argument("--every", type=int, default=TOY["checkpoint_every"],
                        help="checkpoint (and score) every N steps")
         q.add_argument("--n", type=int, default=toy.REPORT_SAMPLES, help="samples per score (toy protocol)")
-        q.add_argument("--model", default=BACKBONES["toy"].repo, help="the toy repo (teacher and classifier)")
+        q.add_argument("--model", help="the toy repo, teacher and classifier (default: the backbone's)")
         q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--finished", action="store_true", help="tabulate the finished runs only: train nothing, "
+                                                               "list the others as not run")
         if name == "ranks":
             q.add_argument("--rows", nargs="+", choices=sorted(PAPER_RANKS), default=sorted(PAPER_RANKS))
         else:
@@ -312,6 +337,8 @@ def main(argv=None):
         q.set_defaults(func=func)
     args = p.parse_args(argv)
     args.argv = argv
+    args.out = args.out or os.path.join("runs", "ablation" if args.backbone == "toy" else f"ablation-{args.backbone}")
+    args.model = args.model or BACKBONES[args.backbone].repo
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     reference = toy.reference_statistics(toy.load_classifier(os.path.join(args.model, "classifier")))
@@ -319,4 +346,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'stopped'}; the same command resumes", file=sys.stderr)
+        sys.exit(130)

@@ -73,3 +73,20 @@ def test_tables_from_a_tiny_run(tmp_path, quick_reference, capsys):
     capsys.readouterr()
     ablation.main(["adapters", "--kinds", "lorad", *common])
     assert "train " not in capsys.readouterr().out and (run / "train.log").read_text() == lines
+    # --finished tabulates what is there and trains nothing else
+    ablation.main(["adapters", "--kinds", "lorad", "full", "--finished", *common, "--seeds", "0", "1"])
+    assert "train " not in capsys.readouterr().out and os.listdir(tmp_path / "runs") == ["lorad-r16-f8-s0"]
+    table = (tmp_path / "adapters.md").read_text()
+    assert "| 1 (not run: 1) |" in table and "| 0 (not run: 0, 1) |" in table
+
+
+def test_an_interrupted_run_stops_the_sweep(tmp_path, quick_reference, monkeypatch):
+    """Ctrl-C (or SIGTERM) inside a run: `train` saves its step and returns 130; the sweep stops there instead of
+    counting the run as failed and starting the next one."""
+    ablation = load_bench()
+    calls = []
+    monkeypatch.setattr(ablation.wadi, "main", lambda argv: calls.append(argv) or 130)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.main(["adapters", "--kinds", "lorad", "full", "--out", str(tmp_path), "--seeds", "0", "1",
+                       "--threads", "1"])
+    assert len(calls) == 1
