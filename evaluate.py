@@ -61,7 +61,8 @@ from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
-from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts
+from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts, \
+    student_backbone
 from protocol import (IMAGE_EXTENSIONS, all_gather, caption_hash, exact_fp32, generate_folders, indexed_images,
                       interleave, process_device)
 
@@ -240,13 +241,17 @@ def print_table(metrics):
 
 
 def evaluate_toy(args):
-    """The toy protocol (toy.py): the teacher (25-step DDIM with CFG --guidance, and one step) and the
-    student (one step) on the same --num (default 2048) balanced prompts and seeds, printed as a table
+    """The toy protocol (toy.py) for either toy backbone (--backbone, else the one --student records): the
+    teacher (25-step DDIM with CFG --guidance, and one step) and the student (one step) on the same --num (default 2048) balanced prompts and seeds, printed as a table
     and written to --json. The teacher's figures are measured once per teacher and protocol: shipped with
     the model (teacher_metrics.json) or cached in --cache-dir."""
-    model = args.model or BACKBONES["toy"].repo
-    pipe = load_pipeline("toy", model)
-    student = load_unet_file(fetch_file(args.student, "--student"), read_json(fetch(model, "unet/config.json")))
+    student_file = fetch_file(args.student, "--student")
+    backbone, model = student_backbone(args.backbone, args.model, student_file, "--student", default="toy")
+    if backbone not in toy.BACKBONES:
+        raise LoadError(f"--toy scores a toy student ({', '.join(toy.BACKBONES)}), not {backbone}")
+    pipe = load_pipeline(backbone, model)
+    denoiser = BACKBONES[backbone].denoiser
+    student = load_unet_file(student_file, read_json(fetch(model, f"{denoiser}/config.json")), cls=type(pipe.unet))
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
     protocol = {**toy.PROTOCOL, "n": args.num or toy.PROTOCOL["n"], "guidance": args.guidance}
     weights = toy.teacher_fingerprint(pipe)
@@ -254,7 +259,7 @@ def evaluate_toy(args):
                                                                                     args.cache_dir)
     if cached:
         print(f"teacher figures from {source} (the same teacher and protocol; --no-cache measures them again)")
-    results, _ = toy.evaluate_toy(pipe, student, classifier, cached=cached, **protocol)
+    results, _ = toy.evaluate_toy(pipe, student, classifier, cached=cached, cache_dir=args.cache_dir, **protocol)
     if not cached:
         toy.cache_teacher_metrics(args.cache_dir, protocol, weights, results)
     print(toy.metrics_table(results))

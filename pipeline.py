@@ -48,8 +48,11 @@ BACKBONES = {
     "sd15": Backbone("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, os.path.join(HERE, "configs", "sd15")),
     "sd21": Backbone("stabilityai/stable-diffusion-2-1-base", 512, os.path.join(HERE, "configs", "sd21")),
     "pixart": PIXART[256],
-    # pixel-space toy, shipped with the project (`python wadi.py pretrain --backbone toy` rebuilds it)
+    # pixel-space toys, shipped with the project (`python wadi.py pretrain --backbone toy` / `toy-dit` rebuilds them):
+    # SD's layout (U-Net, CLIP) and PixArt's (DiT, T5)
     "toy": Backbone(os.path.join(HERE, "assets", "toy"), 32, os.path.join(HERE, "assets", "toy")),
+    "toy-dit": Backbone(os.path.join(HERE, "assets", "toy-dit"), 32, os.path.join(HERE, "assets", "toy-dit"),
+                        "transformer"),
 }
 VARIANTS = {"pixart": PIXART}  # backbones with a model per resolution
 # Hub repos holding only the denoiser, and the repo of the same model's VAE, text encoder, tokenizer and
@@ -280,9 +283,9 @@ def load_tokenizer(model, kind="clip"):
         raise LoadError(f"cannot read the tokenizer of {model}: {type(e).__name__}: {e}") from None
 
 
-def student_backbone(backbone, model, student, option, resolution=None):
+def student_backbone(backbone, model, student, option, resolution=None, default="sd15"):
     """(backbone, base model) for a command given a student file (None: none): `backbone`, else the one
-    recorded in the file's metadata (our exports record it), else sd15; `model`, else the recorded base
+    recorded in the file's metadata (our exports record it), else `default`; `model`, else the recorded base
     model when it can be found here (an existing directory, or a Hub id), else the backbone's repo (for
     `resolution`: `pick_backbone`). A `backbone` that contradicts the file is a LoadError naming the
     command-line `option`."""
@@ -291,7 +294,7 @@ def student_backbone(backbone, model, student, option, resolution=None):
     if backbone and recorded and backbone != recorded:
         raise LoadError(f"--backbone {backbone} contradicts {option} {student}, a {recorded} student (its metadata "
                         f"says so); leave --backbone out or give the matching one")
-    backbone = backbone or recorded or "sd15"
+    backbone = backbone or recorded or default
     base = meta.get("base_model", "") if recorded else ""
     found = os.path.isdir(base) or (base.count("/") == 1 and not base.startswith((".", "/", "~")))
     return backbone, model or (base if found else pick_backbone(backbone, resolution).repo)

@@ -13,11 +13,19 @@ x0 = sqrt(a_T) z - sqrt(1 - a_T) v, and the error passes through unamplified (RE
 `pipeline.load_pipeline("toy")` reads like any SD repo, and the teacher's own figures under the toy
 protocol (`teacher_metrics.json`, so that `train` need not regenerate them). `python wadi.py pretrain
 --backbone toy` reproduces the shipped `assets/toy`.
+
+`pretrain_toy_dit` does the same in PixArt-alpha's layout (`transformer/` from dit.py, a T5 v1.1 encoder from
+t5.py in `text_encoder/`, a SentencePiece `tokenizer/spiece.model`), read by the loader that reads PixArt:
+`python wadi.py pretrain --backbone toy-dit` reproduces `assets/toy-dit` (docs/toy-dit.md). Same objective,
+v-prediction on SD's schedule for the same reason. `pretrain_toy_controlnet` trains the toy ControlNet.
 """
+import io
 import json
 import os
+import shutil
 import time
 
+import sentencepiece
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -26,8 +34,10 @@ import toy
 from clip import CLIPTextModel, CLIPTokenizer
 from controlnet import ControlledUNet, ControlNet
 from diffusion import NoiseSchedule, Text, predict
+from dit import PixArt
 from loading import read_json, save_tensors
-from pipeline import load_pipeline
+from pipeline import BACKBONES, load_pipeline
+from t5 import EXTRA_IDS, T5Encoder, T5Tokenizer
 from unet import UNet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +53,25 @@ UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "in_channels": 3, "out_cha
 TEXT_CONFIG = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "max_position_embeddings": toy.MAX_TOKENS, "layer_norm_eps": 1e-5}
+
+# the toy DiT (`--backbone toy-dit`): PixArt-alpha's layout (adaLN-single, cross-attention on T5 with its mask,
+# out_channels 2 x in_channels: the learned-variance channels stay in the layout, untrained, and diffusion.predict
+# drops them as for PixArt) over 4 x 4 pixel patches: 64 tokens of width 128 (4 heads of 32), 6 blocks
+# (docs/toy-dit.md: why these sizes)
+DIT_CONFIG = {"_class_name": "PixArtTransformer2DModel", "in_channels": 3, "out_channels": 6, "sample_size": 32,
+              "patch_size": 4, "num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32,
+              "cross_attention_dim": 128, "caption_channels": 64, "attention_bias": True,
+              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+              "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": 1,
+              "use_additional_conditions": False}
+# its text encoder: a T5 v1.1 encoder as wide as the toy's CLIP (vocab_size: the SentencePiece pieces + T5's 100
+# sentinels, set by `pretrain_toy_dit`)
+T5_CONFIG = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 64, "d_kv": 16, "num_heads": 4,
+             "d_ff": 128, "num_layers": 2, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
+             "is_gated_act": True, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+             "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "initializer_factor": 1.0, "tie_word_embeddings": False,
+             "is_encoder_decoder": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+DIT_STEPS, DIT_LR, DIT_EMA = 3000, 1e-3, 0.99  # `pretrain --backbone toy-dit`'s defaults, batch 32
 
 
 def write_json(path, obj):
@@ -62,36 +91,21 @@ def denoising_batch(x0, prompts, schedule, generator, drop=0.1):
     return schedule.add_noise(x0, eps, t), t, prompts, schedule.target(x0, eps, t)
 
 
-def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
-                 eval_samples=toy.REPORT_SAMPLES, prediction_type="v_prediction", seed=0, log=print):
-    """Train the toy classifier and teacher; write the repository to `out`."""
-    torch.manual_seed(seed)
-    log(f"training the toy classifier ({classifier_steps} steps)")
-    classifier = toy.train_classifier(steps=classifier_steps, seed=seed, progress=False)
-    toy.save_classifier(classifier, os.path.join(out, "classifier"))
-
-    toy.write_tokenizer(os.path.join(out, "tokenizer"))
-    tokenizer = CLIPTokenizer(os.path.join(out, "tokenizer"))
-    text_config = {**TEXT_CONFIG, "vocab_size": len(tokenizer.vocab), "bos_token_id": tokenizer.bos_id,
-                   "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    with open(os.path.join(HERE, "configs", "sd15", "scheduler", "scheduler_config.json")) as f:
-        scheduler_config = {**json.load(f), "prediction_type": prediction_type}
-    schedule = NoiseSchedule.from_config(scheduler_config)
-    unet, text = UNet.from_config(UNET_CONFIG), CLIPTextModel.from_config(text_config)
-    params = [*unet.parameters(), *text.parameters()]
+def fit(denoiser, encode, params, schedule, steps, batch_size, lr, ema, generator, log=print):
+    """Train `params` (the denoiser's and the text encoder's) on fresh toy data with the denoising objective:
+    `steps` AdamW steps (no weight decay, linear warm-up over the first 5%, gradient norm clipped at 1) of
+    `batch_size` images (`denoising_batch`, drawn with `generator`), the text conditioning from
+    `encode(prompts) -> Text`; the parameters end holding their exponential moving average (decay `ema`)."""
     averaged = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    generator = torch.Generator().manual_seed(seed)
-    log(f"training the toy teacher: U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text "
-        f"encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M, {steps} steps of {batch_size}")
     bar = tqdm(range(steps), desc="pretrain", dynamic_ncols=True)
     start = time.perf_counter()
     for step in bar:
         x0, prompts, _ = toy.sample(batch_size, generator)  # (B, 3, 32, 32)
         xt, t, prompts, target = denoising_batch(x0, prompts, schedule, generator)
-        loss = F.mse_loss(predict(unet, xt, t, Text(text(tokenizer(prompts)))), target)
+        loss = F.mse_loss(predict(denoiser, xt, t, encode(prompts)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -105,18 +119,144 @@ def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_s
     with torch.no_grad():
         for a, p in zip(averaged, params):
             p.copy_(a)  # ship the exponential moving average
+    log(f"trained in {time.perf_counter() - start:.0f} s ({time.process_time():.0f} CPU s in this process so far)")
+
+
+def scheduler_config(prediction_type):
+    """SD's schedule (scaled_linear, alphas_cumprod[999] = 0.0047 = the one-step generator's a_T) with
+    `prediction_type`."""
+    with open(os.path.join(HERE, "configs", "sd15", "scheduler", "scheduler_config.json")) as f:
+        return {**json.load(f), "prediction_type": prediction_type}
+
+
+def measure_teacher(out, backbone, eval_samples, cache_dir=None, log=print):
+    """The teacher's figures under the toy protocol on `eval_samples` samples, stored with its weights'
+    hash in OUT/teacher_metrics.json (what `train`'s table reuses) and printed; a T5's prompt embeddings
+    are cached in `cache_dir` (pipeline.Pipeline.prepare_prompts)."""
+    log(f"wrote the {backbone} repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
+    pipe = load_pipeline(backbone, out)
+    protocol = {**toy.PROTOCOL, "n": eval_samples}
+    classifier = toy.load_classifier(os.path.join(out, "classifier"))
+    results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"),
+                                  cache_dir=cache_dir, **protocol)
+    toy.store_teacher_metrics(os.path.join(out, toy.TEACHER_METRICS), protocol, toy.teacher_fingerprint(pipe), results)
+    log(toy.metrics_table(results))
+    log(f"{time.process_time():.0f} CPU s in all")
+
+
+def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
+                 eval_samples=toy.REPORT_SAMPLES, prediction_type="v_prediction", seed=0, log=print):
+    """Train the toy classifier and teacher; write the repository to `out`."""
+    torch.manual_seed(seed)
+    log(f"training the toy classifier ({classifier_steps} steps)")
+    classifier = toy.train_classifier(steps=classifier_steps, seed=seed, progress=False)
+    toy.save_classifier(classifier, os.path.join(out, "classifier"))
+
+    toy.write_tokenizer(os.path.join(out, "tokenizer"))
+    tokenizer = CLIPTokenizer(os.path.join(out, "tokenizer"))
+    text_config = {**TEXT_CONFIG, "vocab_size": len(tokenizer.vocab), "bos_token_id": tokenizer.bos_id,
+                   "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    schedule_config = scheduler_config(prediction_type)
+    unet, text = UNet.from_config(UNET_CONFIG), CLIPTextModel.from_config(text_config)
+    generator = torch.Generator().manual_seed(seed)
+    log(f"training the toy teacher: U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text "
+        f"encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M, {steps} steps of {batch_size}")
+    fit(unet, lambda prompts: Text(text(tokenizer(prompts))), [*unet.parameters(), *text.parameters()],
+        NoiseSchedule.from_config(schedule_config), steps, batch_size, lr, ema, generator, log)
 
     write_json(os.path.join(out, "unet", "config.json"), UNET_CONFIG)
     save_tensors(unet.state_dict(), os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     write_json(os.path.join(out, "text_encoder", "config.json"), text_config)
     save_tensors(text.state_dict(), os.path.join(out, "text_encoder", "model.safetensors"))
-    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config)
-    log(f"wrote the toy repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
-    pipe = load_pipeline("toy", out)
-    protocol = {**toy.PROTOCOL, "n": eval_samples}
-    results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"), **protocol)
-    toy.store_teacher_metrics(os.path.join(out, toy.TEACHER_METRICS), protocol, toy.teacher_fingerprint(pipe), results)
-    log(toy.metrics_table(results))
+    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), schedule_config)
+    measure_teacher(out, "toy", eval_samples, log=log)
+
+
+def write_spiece(directory):
+    """Train T5's kind of tokenizer on the toy prompts with the `sentencepiece` package and write it as
+    `directory/spiece.model`: T5's special ids (pad 0, eos 1, unk 2, no bos), then one piece per word of
+    toy.WORDS ("▁red"), so every toy prompt is 8 pieces; any other word is unk. A word-level model: on 128
+    prompts sentencepiece's unigram and BPE trainers split the words. Returns the number of pieces."""
+    prompts = [toy.prompt(a) for a in toy.all_attributes()]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(prompts), model_writer=model, model_type="word", vocab_size=len(toy.WORDS) + 3,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    return len(toy.WORDS) + 3
+
+
+def init_pixart(net):
+    """PixArt-alpha's initialisation (diffusion/model/nets/PixArt.py, `initialize_weights`): Xavier-uniform
+    linears with zero biases, the patch embedding as a linear, N(0, 0.02) timestep and caption MLPs, and zero
+    cross-attention output projections and final layer, so that training starts from a network that predicts 0.
+    (The scale-shift tables keep their N(0, 1 / D) start, as there.)"""
+    for module in net.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    w = net.pos_embed.proj.weight
+    torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for linear in (net.adaln_single.emb.timestep_embedder.linear_1, net.adaln_single.emb.timestep_embedder.linear_2,
+                   net.adaln_single.linear, net.caption_projection.linear_1, net.caption_projection.linear_2):
+        torch.nn.init.normal_(linear.weight, std=0.02)
+    for linear in (*(block.attn2.to_out[0] for block in net.transformer_blocks), net.proj_out):
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+
+
+def init_t5(net):
+    """transformers' T5 initialisation (`T5PreTrainedModel._init_weights`, initializer_factor 1): embeddings
+    N(0, 1); q N(0, (d_model d_kv)^-1/2) (T5 does not scale its scores), k, v and the position bias
+    N(0, d_model^-1/2), o N(0, (heads d_kv)^-1/2); wi_0, wi_1 N(0, d_model^-1/2), wo N(0, d_ff^-1/2); norms 1."""
+    c = net.config
+    torch.nn.init.normal_(net.shared.weight, std=1.0)
+    for name, p in net.named_parameters():
+        std = {"q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
+               "o": (c.num_heads * c.d_kv) ** -0.5, "relative_attention_bias": c.d_model ** -0.5,
+               "wi_0": c.d_model ** -0.5, "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}.get(name.split(".")[-2])
+        if std is not None:
+            torch.nn.init.normal_(p, std=std)
+
+
+def pretrain_toy_dit(out, steps=DIT_STEPS, batch_size=32, lr=DIT_LR, ema=DIT_EMA, eval_samples=toy.REPORT_SAMPLES,
+                     seed=0, cache_dir=None, log=print):
+    """The toy in PixArt-alpha's layout: a DiT from dit.py (DIT_CONFIG) and a T5 v1.1 encoder from t5.py
+    (T5_CONFIG) with a SentencePiece tokenizer (`write_spiece`), trained jointly from PixArt's and T5's
+    initialisations on the toy data (`fit`, v-prediction on SD's schedule, as the toy U-Net); the classifier is
+    a copy of the toy's (assets/toy/classifier: the same measuring stick for both toys). Writes `out`
+    (transformer/, text_encoder/, tokenizer/spiece.model, scheduler/, classifier/, teacher_metrics.json)."""
+    torch.manual_seed(seed)
+    shutil.copytree(os.path.join(BACKBONES["toy"].repo, "classifier"), os.path.join(out, "classifier"),
+                    dirs_exist_ok=True)
+    pieces = write_spiece(os.path.join(out, "tokenizer"))
+    tokenizer = T5Tokenizer(os.path.join(out, "tokenizer"))
+    text_config = {**T5_CONFIG, "vocab_size": pieces + EXTRA_IDS}  # T5's sentinels follow the pieces
+    schedule_config = scheduler_config("v_prediction")
+    dit, text = PixArt.from_config(DIT_CONFIG), T5Encoder.from_config(text_config)
+    init_pixart(dit)
+    init_t5(text)
+    generator = torch.Generator().manual_seed(seed)
+    log(f"training the toy DiT: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M, T5 encoder "
+        f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f}M, {steps} steps of {batch_size}")
+
+    def encode(prompts):
+        ids, mask = tokenizer(prompts)  # (B, 120) each
+        return Text(text(ids, mask), mask)
+
+    fit(dit, encode, [*dit.parameters(), *text.parameters()], NoiseSchedule.from_config(schedule_config), steps,
+        batch_size, lr, ema, generator, log)
+
+    write_json(os.path.join(out, "transformer", "config.json"), DIT_CONFIG)
+    save_tensors(dit.state_dict(), os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    write_json(os.path.join(out, "text_encoder", "config.json"), text_config)
+    tied = {k: v for k, v in text.state_dict().items() if k != "encoder.embed_tokens.weight"}  # = shared.weight
+    save_tensors(tied, os.path.join(out, "text_encoder", "model.safetensors"))  # as transformers writes T5
+    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), schedule_config)
+    measure_teacher(out, "toy-dit", eval_samples, cache_dir, log)
 
 
 # the toy ControlNet's conditioning embedding: one level, so the mask stays 32 x 32 (pixel space: no VAE to match)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from clip import bytes_to_unicode
 from metrics import feature_statistics, frechet_distance, weights_hash
 from loading import LoadError, load_weights, read_json, read_safetensors, save_tensors
+from pipeline import load_text_encoder
 
 # -----------------------------------------------------------------------------------------------
 # The dataset
@@ -324,12 +325,15 @@ TEACHER_GUIDANCE = 3.0  # CFG scale of the 25-step teacher
 PROTOCOL = {"n": 2048, "seed": 0, "guidance": TEACHER_GUIDANCE}  # evaluate.py --toy's evaluate_toy arguments
 REPORT_SAMPLES = 512  # samples per generator in `wadi.py train`'s table; pretraining stores the teacher's for it
 TEACHER_METRICS = "teacher_metrics.json"  # in the model repo: the teacher's figures, measured by pretraining
+BACKBONES = ("toy", "toy-dit")  # the toy backbones (pipeline.BACKBONES): a U-Net with CLIP, a DiT with T5
 
 
 def teacher_fingerprint(pipe):
     """What the teacher's figures depend on besides the protocol: a hash of the denoiser's and the text
-    encoder's weights (metrics.weights_hash), so figures of another teacher are never reused."""
-    return weights_hash(pipe.unet) + weights_hash(pipe.text_encoder)
+    encoder's weights (metrics.weights_hash; a T5, which the pipeline does not keep, is read for it), so
+    figures of another teacher are never reused."""
+    text = pipe.text_encoder if pipe.text_encoder is not None else load_text_encoder(pipe.text_model)
+    return weights_hash(pipe.unet) + weights_hash(text)
 
 
 def cached_teacher_metrics(model, protocol, weights, cache_dir=None):
@@ -381,12 +385,15 @@ def generate_images(pipe, unet, prompts, seeds, steps, guidance, batch_size=32, 
     return torch.cat(out)
 
 
-def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENERATORS), cached=None, reference=None):
+def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENERATORS), cached=None, reference=None,
+                 cache_dir=None):
     """{name: {"fd", "accuracy"}} for the generators in `names` on the same n balanced prompts and seeds
     (`cached` results, e.g. the shipped teacher's, are reused), and a grid: one row per generator.
-    `reference`: the data's `reference_statistics(classifier)` when already computed."""
+    `reference`: the data's `reference_statistics(classifier)` when already computed; `cache_dir`: where a
+    T5 caches the embeddings of the 128 prompts and "" (pipeline.Pipeline.prepare_prompts)."""
     attributes = balanced_attributes(n)
     prompts, seeds = [prompt(a) for a in attributes], list(range(seed, seed + n))
+    pipe.prepare_prompts([prompt(a) for a in all_attributes()] + [""], cache_dir)
     reference = reference or reference_statistics(classifier)
     results, rows = dict(cached or {}), []
     for name in names:

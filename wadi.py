@@ -171,6 +171,7 @@ TRAIN_DEFAULTS = {
     "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
                 checkpoint_every=300, validate_every=300),
 }
+TRAIN_DEFAULTS["toy-dit"] = TRAIN_DEFAULTS["toy"]
 
 
 def apply_train_defaults(args):
@@ -180,14 +181,14 @@ def apply_train_defaults(args):
     args.out = args.out or os.path.join("runs", args.backbone)
 
 
-def report_toy(pipe, student, model, out, n):
+def report_toy(pipe, student, model, out, n, cache_dir=None):
     """The toy's result: FD and prompt accuracy of teacher (25-step DDIM + CFG), teacher (1 step) and
     student (1 step) on the same n prompts and seeds, as a table, metrics.json and comparison.png. The
     teacher's figures come from the repo's teacher_metrics.json when measured under the same protocol."""
     classifier = toy.load_classifier(os.path.join(model, "classifier"))
     protocol = {**toy.PROTOCOL, "n": n}
     cached, _ = toy.cached_teacher_metrics(model, protocol, toy.teacher_fingerprint(pipe))
-    results, rows = toy.evaluate_toy(pipe, student.eval(), classifier, cached=cached, **protocol)
+    results, rows = toy.evaluate_toy(pipe, student.eval(), classifier, cached=cached, cache_dir=cache_dir, **protocol)
     image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
         os.path.join(out, "comparison.png"))
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -202,7 +203,7 @@ def cmd_train(args):
         return dry_run(args)
     if args.prompts:
         prompts = read_prompts(args.prompts)
-    elif args.backbone == "toy":
+    elif args.backbone in toy.BACKBONES:
         prompts = [toy.prompt(a) for a in toy.all_attributes()]
     else:
         raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
@@ -222,7 +223,7 @@ def cmd_train(args):
                      ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
                      validate_every=args.validate_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
                      cache_dir=args.cache_dir)
-    if args.backbone == "toy":
+    if args.backbone in toy.BACKBONES:
         tc.validation_prompts = tuple(toy.prompt(a) for a in toy.balanced_attributes(8))
     meta = {"backbone": args.backbone, "base_model": model, "adapter": args.adapter}
     if rank == 0:
@@ -230,24 +231,29 @@ def cmd_train(args):
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**meta, **dataclasses.asdict(tc), "guidance": args.guidance}, f, indent=2)
     student, _ = train(pipe, prompts, tc, VSDConfig(guidance=args.guidance), device, meta)
-    if args.backbone == "toy" and rank == 0:
-        report_toy(pipe, student, model, args.out, args.eval_samples)
+    if args.backbone in toy.BACKBONES and rank == 0:
+        report_toy(pipe, student, model, args.out, args.eval_samples, args.cache_dir)
 
 
 def cmd_pretrain(args):
     if args.controlnet:
         out, defaults = args.out or os.path.join("runs", "pretrain-toy-controlnet"), dict(steps=400, batch_size=16)
         existing = os.path.join(out, "config.json")
+        if args.backbone != "toy":
+            raise UsageError(f"--controlnet is for --backbone toy (the U-Net teacher), not {args.backbone}")
     else:
-        out, defaults = args.out or os.path.join("runs", "pretrain-toy"), dict(steps=1500, batch_size=32)
-        existing = os.path.join(out, "unet", "config.json")
+        out = args.out or os.path.join("runs", f"pretrain-{args.backbone}")
+        defaults = dict(steps=pretrain.DIT_STEPS if args.backbone == "toy-dit" else 1500, batch_size=32)
+        existing = os.path.join(out, BACKBONES[args.backbone].denoiser, "config.json")
     if os.path.isfile(existing) and not args.overwrite:
         raise UsageError(f"--out {out} already holds a model ({os.path.relpath(existing, out)}); pass --overwrite to "
-                         f"replace it (the shipped assets/toy too), or give another --out")
+                         f"replace it (the shipped assets/{args.backbone} too), or give another --out")
     options = {**defaults, **{k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None},
                "lr": args.lr, "seed": args.seed}
     if args.controlnet:
         pretrain.pretrain_toy_controlnet(out, args.model or BACKBONES["toy"].repo, **options)
+    elif args.backbone == "toy-dit":
+        pretrain.pretrain_toy_dit(out, cache_dir=args.cache_dir, **options)
     else:
         pretrain.pretrain_toy(out, **options)
 
@@ -382,17 +388,20 @@ def build_parser():
                    help="how many of the latest checkpoints to keep (0: all)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="train the toy teacher and classifier from scratch, or with --controlnet "
-                                        "a ControlNet for the toy teacher",
-                       description="Train the toy backbone (teacher, text encoder, tokenizer, classifier) and "
-                                   "measure the teacher; writes a model directory in the SD layout. With --controlnet, "
-                                   "train a ControlNet for the frozen toy teacher instead (diffusers' layout).")
-    p.add_argument("--backbone", choices=["toy"], default="toy", help="only the toy is pretrained here")
+    p = sub.add_parser("pretrain", help="train a toy teacher from scratch, or with --controlnet a ControlNet for "
+                                        "the toy teacher",
+                       description="Train a toy backbone (teacher, text encoder, tokenizer; toy: also the classifier) "
+                                   "and measure the teacher; writes a model directory in the SD layout (toy: U-Net, "
+                                   "CLIP) or PixArt's (toy-dit: DiT, T5). With --controlnet, train a ControlNet for "
+                                   "the frozen toy teacher instead (diffusers' layout).")
+    p.add_argument("--backbone", choices=list(toy.BACKBONES), default="toy", help="which toy (default: %(default)s)")
     p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
                                                              "the frozen teacher of --model")
     p.add_argument("--model", help="--controlnet: the toy repo whose teacher it steers (default: assets/toy)")
-    p.add_argument("--out", help="the directory to write (default: runs/pretrain-toy, runs/pretrain-toy-controlnet "
-                                 "with --controlnet; the shipped ones are assets/toy and assets/toy/controlnet)")
+    p.add_argument("--out", help="the directory to write (default: runs/pretrain-BACKBONE, runs/pretrain-toy-controlnet "
+                                 "with --controlnet; the shipped ones are assets/toy, assets/toy-dit and "
+                                 "assets/toy/controlnet)")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="toy-dit: where the T5 prompt embeddings are cached")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
     p.add_argument("--steps", type=cli.POSITIVE, help="training steps (default: 1500, --controlnet 400)")
     p.add_argument("--batch-size", type=cli.POSITIVE, help="images per step (default: 32, --controlnet 16)")

@@ -1,4 +1,5 @@
-"""The toy teacher's pretraining (pretrain.py) writes a repository the SD loader reads."""
+"""The toy teachers' pretraining (pretrain.py) writes repositories the loaders read: the toy in SD's layout,
+the toy DiT in PixArt's (read by diffusers and transformers too)."""
 import inspect
 import json
 import os
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 import pretrain
+import toy
 from pipeline import BACKBONES, load_pipeline
+from t5 import T5Tokenizer
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
@@ -38,6 +41,58 @@ def test_the_shipped_toy_repo_has_the_pretraining_configs():
     with open(os.path.join(repo, "scheduler", "scheduler_config.json")) as f:
         recipe = inspect.signature(pretrain.pretrain_toy).parameters["prediction_type"].default
         assert json.load(f)["prediction_type"] == recipe == "v_prediction"
+
+
+def test_pretrain_toy_dit_writes_a_pixart_repo_that_diffusers_and_transformers_read(tmp_path):
+    """A few steps of `pretrain_toy_dit`: PixArt's folders, the transformer read by diffusers'
+    PixArtTransformer2DModel and the encoder by transformers' T5EncoderModel (strict, equal outputs), the
+    SentencePiece tokenizer by transformers' T5Tokenizer (equal ids), and our pipeline generating from it."""
+    import transformers
+    from diffusers import PixArtTransformer2DModel
+    out, cache = str(tmp_path / "toy-dit"), str(tmp_path / "cache")
+    pretrain.pretrain_toy_dit(out, steps=3, batch_size=4, eval_samples=16, cache_dir=cache, log=lambda *a: None)
+    for f in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "tokenizer/spiece.model", "scheduler/scheduler_config.json",
+              "classifier/model.safetensors", "teacher_metrics.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    with open(os.path.join(out, "teacher_metrics.json")) as f:
+        assert json.load(f)["protocol"]["n"] == 16
+    pipe = load_pipeline("toy-dit", out)
+    assert pipe.vae is None and pipe.text_encoder is None and pipe.schedule.prediction_type == "v_prediction"
+    pipe.prepare_prompts(["a large red circle at the top left", ""], cache)
+    assert pipe.generate(["a large red circle at the top left"], [0], steps=2, guidance=3.0).shape == (1, 32, 32, 3)
+
+    prompts = [toy.prompt(a) for a in toy.all_attributes()]
+    ours_tok = T5Tokenizer(os.path.join(out, "tokenizer"))
+    ids, mask = ours_tok(prompts)
+    ref_tok = transformers.T5Tokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    expected = ref_tok(prompts, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(ids, expected.input_ids) and torch.equal(mask, expected.attention_mask)
+    assert (mask.sum(1) == 9).all() and not (ids == ours_tok.specials["<unk>"]).any()  # 8 words + eos
+
+    from pipeline import load_text_encoder
+    encoder = load_text_encoder(out)
+    ref_encoder = transformers.T5EncoderModel.from_pretrained(os.path.join(out, "text_encoder")).eval()
+    with torch.no_grad():
+        text = encoder(ids[:4], mask[:4])
+        assert (text - ref_encoder(ids[:4], attention_mask=mask[:4]).last_hidden_state).abs().max() < 1e-5
+        ref_dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
+        x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 250, 500, 999])
+        got = pipe.unet(x, t, text, encoder_attention_mask=mask[:4])
+        want = ref_dit(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask[:4],
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    assert got.shape == (4, 6, 32, 32) and (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_the_shipped_toy_dit_repo_has_the_pretraining_configs():
+    """assets/toy-dit is what `wadi.py pretrain --backbone toy-dit` writes today."""
+    repo = BACKBONES["toy-dit"].repo
+    with open(os.path.join(repo, "transformer", "config.json")) as f:
+        assert json.load(f) == pretrain.DIT_CONFIG
+    with open(os.path.join(repo, "text_encoder", "config.json")) as f:
+        assert json.load(f) == {**pretrain.T5_CONFIG, "vocab_size": len(toy.WORDS) + 3 + 100}
+    with open(os.path.join(repo, "scheduler", "scheduler_config.json")) as f:
+        assert json.load(f) == pretrain.scheduler_config("v_prediction")
 
 
 def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol_read(tmp_path):
@@ -98,11 +153,16 @@ def test_pretrain_command_routes_to_the_teacher_or_the_controlnet(monkeypatch, t
     calls = []
     monkeypatch.setattr(pretrain, "pretrain_toy", lambda *a, **k: calls.append(("teacher", a, k)))
     monkeypatch.setattr(pretrain, "pretrain_toy_controlnet", lambda *a, **k: calls.append(("controlnet", a, k)))
+    monkeypatch.setattr(pretrain, "pretrain_toy_dit", lambda *a, **k: calls.append(("dit", a, k)))
     monkeypatch.chdir(tmp_path)
     repo = BACKBONES["toy"].repo
     assert wadi.main(["pretrain", "--backbone", "toy"]) == 0
     assert wadi.main(["pretrain", "--backbone", "toy", "--controlnet", "--steps", "7"]) == 0
+    assert wadi.main(["pretrain", "--backbone", "toy-dit", "--cache-dir", "c"]) == 0
+    assert wadi.main(["pretrain", "--backbone", "toy-dit", "--controlnet"]) == 2
     assert calls == [("teacher", (os.path.join("runs", "pretrain-toy"),),
                       {"steps": 1500, "batch_size": 32, "lr": 1e-3, "seed": 0}),
                      ("controlnet", (os.path.join("runs", "pretrain-toy-controlnet"), repo),
-                      {"steps": 7, "batch_size": 16, "lr": 1e-3, "seed": 0})]
+                      {"steps": 7, "batch_size": 16, "lr": 1e-3, "seed": 0}),
+                     ("dit", (os.path.join("runs", "pretrain-toy-dit"),),
+                      {"steps": pretrain.DIT_STEPS, "batch_size": 32, "lr": 1e-3, "seed": 0, "cache_dir": "c"})]

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import wadi
+from loading import file_metadata, read_safetensors
 from pipeline import BACKBONES, load_pipeline, read_prompts
 from tests.repo import write_tiny_sd_repo
 
@@ -161,6 +162,25 @@ def test_toy_train_short_run(tmp_path, capsys):
         assert max(abs(rows[t]["F" + k] - rows[t]["T" + k]) for t in (50, 800) for k in "ucg") < 0.01
 
 
+def test_toy_dit_train_short_run(tmp_path):
+    """`train --backbone toy-dit` has the toy's end products, through the PixArt path (DiT, T5 prompt cache), and
+    `evaluate.py --toy` finds the backbone in the student's metadata and gives the same figures."""
+    out, cache = tmp_path / "toy-dit", str(tmp_path / "cache")
+    assert wadi.main(["train", "--backbone", "toy-dit", "--max-steps", "2", "--out", str(out), "--eval-samples", "16",
+                      "--cache-dir", cache]) == 0
+    assert {"student.safetensors", "comparison.png", "metrics.json", "run.json"} <= set(os.listdir(out))
+    assert file_metadata(str(out / "student.safetensors"))["backbone"] == "toy-dit"
+    assert "adaln_single.linear.weight" in read_safetensors(str(out / "student.safetensors"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"teacher_25", "teacher_1", "student_1"}
+    assert Image.open(out / "comparison.png").size == (8 * 32, 3 * 32)
+    import evaluate
+    scores = tmp_path / "toy-dit.json"
+    assert evaluate.main(["--toy", "--student", str(out / "student.safetensors"), "--num", "16", "--cache-dir", cache,
+                          "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text()) == metrics
+
+
 def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
     import evaluate
     import toy
@@ -183,15 +203,18 @@ def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["toy", "toy-dit"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_toy_default_run_meets_the_targets(tmp_path, seed):
-    """README "The toy backbone": the default `wadi.py train --backbone toy` (about 9 minutes on 2 cores) distills
+def test_toy_default_run_meets_the_targets(tmp_path, backbone, seed):
+    """README "The toy backbone": the default `wadi.py train --backbone toy` (about 9 minutes on 2 cores; the same
+    for toy-dit, docs/toy-dit.md) distills
     a one-step student whose FD is at most half the undistilled one-step teacher's, with at least 90% of the
     25-step teacher's prompt accuracy, on each of three seeds (512 samples; the teacher's figures are the ones
     pretraining stored). Whether it gets within 1.3x of the 25-step CFG-3 teacher is an open question, not a
     target: the objective converges to the teacher's unguided distribution (docs/toy.md)."""
-    assert wadi.main(["train", "--backbone", "toy", "--out", str(tmp_path), "--seed", str(seed)]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert wadi.main(["train", "--backbone", backbone, "--out", str(tmp_path / "run"), "--seed", str(seed),
+                      "--cache-dir", str(tmp_path / "cache")]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["student_1"]["fd"] <= 0.5 * m["teacher_1"]["fd"], m
     assert m["student_1"]["accuracy"] >= 0.9 * m["teacher_25"]["accuracy"], m
 
