@@ -203,7 +203,9 @@ def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["toy", "toy-dit"])
+@pytest.mark.parametrize("backbone", ["toy", pytest.param("toy-dit", marks=pytest.mark.xfail(
+    strict=True, reason="not met yet: the DiT teacher is weak (docs/toy-dit.md); an XPASS means that page is out of "
+                        "date"))])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_toy_default_run_meets_the_targets(tmp_path, backbone, seed):
     """README "The toy backbone": the default `wadi.py train --backbone toy` (about 9 minutes on 2 cores; the same
