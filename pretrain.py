@@ -56,11 +56,11 @@ TEXT_CONFIG = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_mode
 
 # the toy DiT (`--backbone toy-dit`): PixArt-alpha's layout (adaLN-single, cross-attention on T5 with its mask,
 # out_channels 2 x in_channels: the learned-variance channels stay in the layout, untrained, and diffusion.predict
-# drops them as for PixArt) over 4 x 4 pixel patches: 64 tokens of width 128 (4 heads of 32), 6 blocks
-# (docs/toy-dit.md: why these sizes)
+# drops them as for PixArt) over 2 x 2 pixel patches: 256 tokens (PixArt-256's count) of width 64 (2 heads of 32),
+# 6 blocks; 4 x 4 patches drew blobs and blocky students (docs/toy-dit.md)
 DIT_CONFIG = {"_class_name": "PixArtTransformer2DModel", "in_channels": 3, "out_channels": 6, "sample_size": 32,
-              "patch_size": 4, "num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32,
-              "cross_attention_dim": 128, "caption_channels": 64, "attention_bias": True,
+              "patch_size": 2, "num_layers": 6, "num_attention_heads": 2, "attention_head_dim": 32,
+              "cross_attention_dim": 64, "caption_channels": 64, "attention_bias": True,
               "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
               "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": 1,
               "use_additional_conditions": False}
