@@ -403,7 +403,8 @@ def build_parser():
                                  "assets/toy/controlnet)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="toy-dit: where the T5 prompt embeddings are cached")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
-    p.add_argument("--steps", type=cli.POSITIVE, help=f"training steps (default: toy 1500, toy-dit {pretrain.DIT_STEPS}, --controlnet 400)")
+    p.add_argument("--steps", type=cli.POSITIVE,
+                   help=f"training steps (default: toy 1500, toy-dit {pretrain.DIT_STEPS}, --controlnet 400)")
     p.add_argument("--batch-size", type=cli.POSITIVE, help="images per step (default: 32, --controlnet 16)")
     p.add_argument("--lr", type=cli.RATE, default=1e-3, help="learning rate (AdamW)")
     p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
