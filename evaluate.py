@@ -242,9 +242,10 @@ def print_table(metrics):
 
 def evaluate_toy(args):
     """The toy protocol (toy.py) for either toy backbone (--backbone, else the one --student records): the
-    teacher (25-step DDIM with CFG --guidance, and one step) and the student (one step) on the same --num (default 2048) balanced prompts and seeds, printed as a table
-    and written to --json. The teacher's figures are measured once per teacher and protocol: shipped with
-    the model (teacher_metrics.json) or cached in --cache-dir."""
+    teacher (25-step DDIM with CFG --guidance, and one step) and the student (one step) on the same --num
+    (default 2048) balanced prompts and seeds, printed as a table and written to --json. The teacher's figures
+    are measured once per teacher and protocol: shipped with the model (teacher_metrics*.json) or cached in
+    --cache-dir."""
     student_file = fetch_file(args.student, "--student")
     backbone, model = student_backbone(args.backbone, args.model, student_file, "--student", default="toy")
     if backbone not in toy.BACKBONES:

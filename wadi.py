@@ -398,8 +398,8 @@ def build_parser():
     p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
                                                              "the frozen teacher of --model")
     p.add_argument("--model", help="--controlnet: the toy repo whose teacher it steers (default: assets/toy)")
-    p.add_argument("--out", help="the directory to write (default: runs/pretrain-BACKBONE, runs/pretrain-toy-controlnet "
-                                 "with --controlnet; the shipped ones are assets/toy, assets/toy-dit and "
+    p.add_argument("--out", help="the directory to write (default: runs/pretrain-BACKBONE, with --controlnet "
+                                 "runs/pretrain-toy-controlnet; the shipped ones are assets/toy, assets/toy-dit and "
                                  "assets/toy/controlnet)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="toy-dit: where the T5 prompt embeddings are cached")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
