@@ -171,7 +171,8 @@ TRAIN_DEFAULTS = {
     "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, lr_fake=1e-2, rank=16, rank_fake=8, guidance=3.0, ema=0.99,
                 checkpoint_every=300, validate_every=300),
 }
-TRAIN_DEFAULTS["toy-dit"] = TRAIN_DEFAULTS["toy"]
+# the toy DiT: the toy's settings for twice the steps (docs/toy-dit.md: at 1,200 its FD target was just missed)
+TRAIN_DEFAULTS["toy-dit"] = {**TRAIN_DEFAULTS["toy"], "max_steps": 2400, "checkpoint_every": 600, "validate_every": 600}
 
 
 def apply_train_defaults(args):
@@ -365,7 +366,7 @@ def build_parser():
                                                           "(backbone default: 16 / toy 4)")
     g.add_argument("--grad-accum", type=cli.POSITIVE, default=1, help="micro-steps per optimizer step")
     g.add_argument("--max-steps", type=cli.NON_NEGATIVE, help="optimizer steps; 0: run --epochs "
-                                                             "(backbone default: 0 / toy 1200)")
+                                                             "(backbone default: 0 / toy 1200, toy-dit 2400)")
     g.add_argument("--epochs", type=cli.number(0, low_open=True), default=2.0,
                    help="passes over the prompts when --max-steps is 0")
     g.add_argument("--lr", type=cli.RATE, help="student learning rate (backbone default: 1e-4 / toy 1e-3)")
@@ -378,9 +379,9 @@ def build_parser():
                    help="recompute activations in the backward pass: less memory, about a quarter more time")
     g = p.add_argument_group("checkpoints and validation")
     g.add_argument("--checkpoint-every", type=cli.POSITIVE, help="steps between checkpoints "
-                                                                "(backbone default: 500 / toy 300)")
+                                                                "(backbone default: 500 / toy 300, toy-dit 600)")
     g.add_argument("--validate-every", type=cli.POSITIVE, help="steps between sample grids "
-                                                              "(backbone default: 500 / toy 300)")
+                                                              "(backbone default: 500 / toy 300, toy-dit 600)")
     g.add_argument("--eval-samples", type=cli.integer(2), default=toy.REPORT_SAMPLES,
                    help=f"toy: samples per generator in the final table (evaluate.py --toy: {toy.PROTOCOL['n']}; "
                         f"the shipped teacher's figures are cached for {toy.REPORT_SAMPLES}, default: %(default)s)")
