@@ -13,6 +13,7 @@ from controlnet import ControlledUNet, ControlNet, check_fits, load_controlnet, 
 from loading import LoadError, load_weights
 from unet import UNet, skip_channels
 from tests.test_unet import ONLY_CROSS, SD21_STYLE, reference, relative_error, small_config
+from tests.random_weights import randomize
 
 
 def controlnet_config(**overrides):
@@ -28,10 +29,7 @@ def reference_controlnet(cfg, seed=0):
     from diffusers import ControlNetModel
     torch.manual_seed(seed)
     ref = ControlNetModel.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5))
-    return ref
+    return randomize(ref, 0.05)
 
 
 def inputs(cfg, batch=2, size=16, seed=1):

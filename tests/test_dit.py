@@ -8,6 +8,7 @@ import torch
 
 from dit import PixArt, sincos_pos_embed_2d
 from loading import load_weights, read_safetensors
+from tests.random_weights import randomize
 
 CAPTION = 24  # text-embedding width of the small configs
 
@@ -41,10 +42,7 @@ def reference(cfg, seed=0):
     from diffusers import PixArtTransformer2DModel
     torch.manual_seed(seed)
     ref = PixArtTransformer2DModel.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.5))
-    return ref
+    return randomize(ref, 0.2)
 
 
 def ours_from(ref, cfg, tmp_path):

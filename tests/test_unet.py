@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from loading import LoadError, load_weights, read_safetensors
 from unet import UNet
+from tests.random_weights import randomize
 
 
 def small_config(**overrides):
@@ -30,10 +31,7 @@ def reference(cfg, seed=0):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)
     ref = UNet2DConditionModel.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5))
-    return ref
+    return randomize(ref, 0.05)
 
 
 def relative_error(a, b):
