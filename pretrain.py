@@ -16,7 +16,8 @@ protocol (`teacher_metrics.json`, so that `train` need not regenerate them). `py
 
 `pretrain_toy_dit` does the same in PixArt-alpha's layout (`transformer/` from dit.py, a T5 v1.1 encoder from
 t5.py in `text_encoder/`, a SentencePiece `tokenizer/spiece.model`), read by the loader that reads PixArt:
-`python wadi.py pretrain --backbone toy-dit` reproduces `assets/toy-dit` (docs/toy-dit.md). Same objective,
+`python wadi.py pretrain --backbone toy-dit` rebuilds `assets/toy-dit` by the same recipe (the shipped one ran on one
+thread; on two, sums in another order give other weights and another teacher: docs/toy-dit.md). Same objective,
 v-prediction on SD's schedule for the same reason. `pretrain_toy_controlnet` trains the toy ControlNet.
 """
 import io
