@@ -230,7 +230,8 @@ def plot_curves(rows, path, title):
     if teacher:
         for name, style in (("teacher_25", "--"), ("teacher_1", ":")):
             ax.axhline(teacher[name]["fd"], color="gray", linestyle=style, label=f"{name} ({teacher[name]['fd']:.1f})")
-    ax.set(xlabel="VSD step", ylabel="FD (toy classifier features)", title=title)
+    ax.set(xlabel="VSD step", ylabel="FD (toy classifier features)")
+    ax.set_title(title, fontsize=9)
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
