@@ -95,6 +95,19 @@ def test_the_shipped_toy_dit_repo_has_the_pretraining_configs():
         assert json.load(f) == pretrain.scheduler_config("v_prediction")
 
 
+@pytest.mark.parametrize("backbone", toy.BACKBONES)
+def test_the_shipped_teacher_figures_belong_to_the_shipped_teacher(backbone):
+    """`train`'s table (512 samples) and `evaluate.py --toy` (2,048) reuse the teacher figures shipped in the
+    repo instead of minutes of 25-step sampling; figures of another teacher (a stale file after a rebuild)
+    would be skipped without a word, so each must carry the shipped weights' fingerprint."""
+    repo = BACKBONES[backbone].repo
+    weights = toy.teacher_fingerprint(load_pipeline(backbone, repo))
+    for n in (toy.REPORT_SAMPLES, toy.PROTOCOL["n"]):
+        results, path = toy.cached_teacher_metrics(repo, {**toy.PROTOCOL, "n": n}, weights)
+        assert results is not None, f"{repo}: no teacher figures for {n} samples under the shipped weights"
+        assert set(results) == {"teacher_25", "teacher_1"}, path
+
+
 def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol_read(tmp_path):
     """`wadi.py pretrain --controlnet` for a few steps, then `evaluate.py --toy-controlnet` end to end on 8 samples
     (the teacher standing in for the student)."""
