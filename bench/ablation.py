@@ -14,8 +14,8 @@ one line per row: the mean over seeds, the band from the lowest to the highest).
     python bench/ablation.py adapters --kinds lorad full --seeds 0 --steps 2 --every 1 --n 16   (a smoke test)
     python bench/ablation.py adapters --backbone toy-dit   (the same on the toy DiT, in runs/ablation-toy-dit)
 
-Runs take about 9 min each on 2 free cores (1,200 steps of batch 4, the toy defaults), plus about 1 min of
-scoring; all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed>, so the three tables reuse them.
+Runs take 6 to 7 min each on 2 free cores with their scoring (1,200 steps of batch 4, the toy defaults; measured on
+the rank table's last 6 runs); all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed>, so the three tables reuse them.
 Learning rates per adapter (LR below) are the ones the toy probes found stable (README, "The toy backbone").
 """
 import argparse

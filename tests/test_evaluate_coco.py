@@ -110,6 +110,16 @@ def read_metrics(out):
         return json.load(f)
 
 
+def assert_same_metrics(got, want):
+    """The metrics of images equal to `want`'s up to one level per pixel (another process split, a GPU's fp16):
+    FID, precision and recall within 1e-4 relative. Random-weight CLIP scores are near zero (-0.0135), where a
+    relative tolerance means nothing: two processes' images one level apart moved it by 7e-6 (measured), so its
+    bound is absolute, 5e-5."""
+    for key in ("fid", "precision", "recall"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert got["clip_score"] == pytest.approx(want["clip_score"], rel=1e-4, abs=5e-5)
+
+
 @pytest.fixture(scope="module")
 def first(env):
     out = env.root / "run"
@@ -191,11 +201,7 @@ def test_rerun_resumes_and_reuses_the_reference_cache(env, first, tmp_path, caps
     again = np.asarray(Image.open(images / "00003.png"), dtype=int)  # seed 3, caption 3 again
     assert np.abs(again - kept).max() <= 1  # equal on the CPU; fp16 on a GPU may round differently
     assert m["reference"]["statistics_cached"] and os.stat(cache).st_mtime_ns == cache_time
-    for key in ("fid", "precision", "recall"):
-        assert m[key] == pytest.approx(first.metrics[key], rel=1e-4), key
-    # random-weight CLIP scores are near zero (-0.0135), where a relative tolerance means nothing: the pixels one
-    # level apart (above) moved it by 7e-6 (measured), so the bound is absolute, 5e-5
-    assert m["clip_score"] == pytest.approx(first.metrics["clip_score"], rel=1e-4, abs=5e-5)
+    assert_same_metrics(m, first.metrics)
 
     # other settings into the same folder are refused rather than mixed
     capsys.readouterr()
@@ -243,11 +249,7 @@ def test_two_processes_give_the_same_metrics(env, first, tmp_path):
     with np.load(m["reference"]["statistics"]) as got, np.load(first.metrics["reference"]["statistics"]) as want:
         np.testing.assert_allclose(got["features"], want["features"], rtol=1e-4,
                                    atol=1e-5 * np.abs(want["features"]).max())  # gathered in order
-    for key in ("fid", "precision", "recall"):
-        assert m[key] == pytest.approx(first.metrics[key], rel=1e-4), key
-    # random-weight CLIP scores are near zero (-0.0135), where a relative tolerance means nothing: the pixels one
-    # level apart (above) moved it by 7e-6 (measured), so the bound is absolute, 5e-5
-    assert m["clip_score"] == pytest.approx(first.metrics["clip_score"], rel=1e-4, abs=5e-5)
+    assert_same_metrics(m, first.metrics)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,8 +206,8 @@ def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
 @pytest.mark.parametrize("backbone", ["toy", "toy-dit"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_toy_default_run_meets_the_targets(tmp_path, backbone, seed):
-    """README "The toy backbone": the default `wadi.py train --backbone toy` (about 9 minutes on 2 cores; toy-dit
-    about 10, docs/toy-dit.md) distills
+    """README "The toy backbone": the default `wadi.py train --backbone toy` (7 to 8 minutes on 2 cores; toy-dit
+    8 min 16 s, docs/toy-dit.md) distills
     a one-step student whose FD is at most half the undistilled one-step teacher's, with at least 90% of the
     25-step teacher's prompt accuracy, on each of three seeds (512 samples; the teacher's figures are the ones
     pretraining stored). Whether it gets within 1.3x of the 25-step CFG-3 teacher is an open question, not a
