@@ -228,7 +228,7 @@ def denoiser_config(backbone, model=None):
 
 def adapted_weights(config, kind):
     """The >=2-D weight keys that an adapter of `kind` changes in a student built from `config` (a U-Net or
-    PixArt; lorad.selected_layers on the meta device by the network's adapter rules), or None for a
+    PixArt; lorad.selected_layers on the meta device, by lorad.LAYERS), or None for a
     network this module cannot build."""
     name = config.get("_class_name")
     cls = UNet if name == "UNet2DConditionModel" else PixArt if name in PIXART_CLASSES else None
@@ -236,7 +236,7 @@ def adapted_weights(config, kind):
         return None
     with torch.device("meta"):
         net = cls.from_config(config)
-    return {f"{name}.{p}" for name, layer in selected_layers(net, f"{cls.adapter_rules}_student", kind)
+    return {f"{name}.{p}" for name, layer in selected_layers(net, "student", kind)
             for p, t in layer.named_parameters(recurse=False) if t.dim() >= 2}
 
 

@@ -1,12 +1,27 @@
-"""What the command lines (wadi.py, evaluate.py) share: option types that check their range when the
-command line is parsed, a parser whose errors are one line, and defaults shown in every --help.
+"""What the command lines (wadi.py, evaluate.py) share: a parser whose errors are one line, option
+types that check their range when the command line is parsed, defaults shown in every --help, and
+the helpers that turn options into what the library takes (the device and dtype, the backbone a
+student file records, checked step counts, resolutions and output names, prompt files, images).
 
-A value the user can fix is one line on stderr, `PROG: error: argument --batch-size: must be an integer
->= 1, got '0'`, and exit code 2, never a traceback (README, "Set up and test").
+A value the user can fix is one line on stderr, `PROG: error: argument --batch-size: must be an
+integer >= 1, got '0'` or `error: ...` (UsageError, loading.LoadError), and exit code 2, never a
+traceback.
 """
 import argparse
+import json
 import math
+import os
 import sys
+
+import torch
+from PIL import Image
+
+from loading import LoadError, file_metadata
+from pipeline import BACKBONES, DTYPES, image_grid, load_schedule, pick_backbone
+
+
+class UsageError(Exception):
+    """A bad combination of command-line options."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,3 +92,132 @@ POSITIVE = integer(1)           # counts: batch sizes, steps, ranks, sample numb
 NON_NEGATIVE = integer(0)       # seeds, optional counts where 0 means "off"
 RATE = number(0, low_open=True)  # learning rates
 SCALE = number(0)                # guidance scales
+
+
+# -------------------------------------------------------------------------------------------------
+# From options to what the library takes
+
+def pick_device(name):
+    """--device: auto (a GPU when there is one), cpu, cuda, cuda:1, ..."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def pick_dtype(name, device):
+    """The weights dtype named by --dtype (a key of DTYPES), by default fp16 on a GPU and fp32 on the CPU."""
+    return DTYPES[name] if name else (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def student_backbone(backbone, model, student, option, resolution=None, default="sd15"):
+    """(backbone, base model) for a command given a student file (None: none): `backbone`, else the one
+    recorded in the file's metadata (our exports record it), else `default`; `model`, else the recorded base
+    model when it can be found here (an existing directory, or a Hub id), else the backbone's repo (for
+    `resolution`: `pick_backbone`). A `backbone` that contradicts the file is a LoadError naming the
+    command-line `option`."""
+    meta = file_metadata(student) if student else {}
+    recorded = meta.get("backbone") if meta.get("backbone") in BACKBONES else None
+    if backbone and recorded and backbone != recorded:
+        raise LoadError(f"--backbone {backbone} contradicts {option} {student}, a {recorded} student (its metadata "
+                        f"says so); leave --backbone out or give the matching one")
+    backbone = backbone or recorded or default
+    base = meta.get("base_model", "") if recorded else ""
+    found = os.path.isdir(base) or (base.count("/") == 1 and not base.startswith((".", "/", "~")))
+    return backbone, model or (base if found else pick_backbone(backbone, resolution).repo)
+
+
+def check_steps(model, steps, option="--steps"):
+    """A LoadError unless DDIM can take `steps` steps on the model's schedule (1 is the one-step generator)."""
+    if steps > 1:
+        try:
+            load_schedule(model).ddim_timesteps(steps)
+        except ValueError as e:
+            raise LoadError(f"{option} {steps}: {e}") from None
+
+
+def read_prompts(path, log=print):
+    """Prompts from a file: plain text (one per line), a JSON list of strings, or JSON lines: the
+    JourneyDB annotations (the caption under "Task2", key "Caption", "Caption:" or "caption", as the
+    official loader reads it; de-duplicated and sorted as there) or rows with a "prompt". Rows without a
+    usable caption are skipped and counted in one `log` line. A UTF-8 byte-order mark and CRLF line ends
+    (as Windows editors save) make no difference. A LoadError when nothing usable is left."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"cannot read the prompt file {path}: {e}") from None
+    try:
+        if path.endswith(".jsonl"):
+            captions = [journeydb_caption(json.loads(line)) for line in text.splitlines() if line.strip()]
+            usable = [c.strip() for c in captions if c and c.strip()]
+            if len(usable) < len(captions):
+                log(f"{path}: skipped {len(captions) - len(usable)} prompts without a caption")
+            prompts = sorted(set(usable))
+        elif path.endswith(".json"):
+            prompts = json.loads(text)
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("expected a JSON list of strings")
+        else:
+            prompts = text.splitlines()
+    except ValueError as e:
+        raise LoadError(f"cannot parse the prompt file {path}: {type(e).__name__}: {e}") from None
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise LoadError(f"the prompt file {path} has no prompts")
+    return prompts
+
+
+JOURNEYDB_KEYS = ("Caption", "Caption:", "caption")  # the official loader's spellings of the Task2 key
+
+
+def journeydb_caption(row):
+    """The caption of one JSON line (a str, or None when it has none): Task2's caption, else "prompt"."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
+    task = row.get("Task2")
+    if isinstance(task, dict):
+        caption = next((task[k] for k in JOURNEYDB_KEYS if k in task), None)
+    else:
+        caption = row.get("prompt")
+    return caption if isinstance(caption, str) else None
+
+
+def check_resolution(pipe, resolution):
+    """The resolution to generate at (default: the backbone's), or a UsageError when the denoiser's
+    input grid cannot take it (a multiple of the autoencoder's downsampling, times the patch size of
+    a DiT)."""
+    resolution = resolution or pipe.resolution
+    factor = pipe.size_multiple()
+    if resolution % factor:
+        patch = " x the denoiser's patch size" if factor != pipe.downsampling() else ""
+        raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's "
+                         f"downsampling{patch})")
+    return resolution
+
+
+def check_out_file(path, suffixes, option, directory_ok=False):
+    """A UsageError unless `path` can be written as a file ending in one of `suffixes` (or, with
+    `directory_ok`, names a directory)."""
+    if path.endswith(suffixes) and not os.path.isdir(path):
+        return
+    if directory_ok and not path.endswith(suffixes):
+        return
+    raise UsageError(f"{option} {path}: give a file name ending in {' or '.join(suffixes)}"
+                     + (" (or a directory)" if directory_ok else ""))
+
+
+def save_images(images, out, grid=False):
+    """uint8 images (N, H, W, 3): `out` ending in .png takes a single image (or the grid of several,
+    with each image beside it as NAME-i.png); otherwise `out` is a directory of 00000.png, ..."""
+    if out.endswith(".png"):
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        if len(images) == 1:
+            Image.fromarray(images[0]).save(out)
+            return
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(f"{out[:-4]}-{i}.png")
+        image_grid(images).save(out)
+        return
+    os.makedirs(out, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(out, f"{i:05d}.png"))
+    if grid:
+        image_grid(images).save(os.path.join(out, "grid.png"))

@@ -219,7 +219,7 @@ class PixArt(nn.Module):
     """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None, resolution=None,
     aspect_ratio=None)` -> (B, out_channels, H, W): channels [:in_channels] are the noise prediction,
     the rest the learned variance (callers keep the first in_channels, as diffusers' pipeline)."""
-    adapter_rules = "dit"  # lorad.TARGETS["dit_student"] / ["dit_fake"]: which layers get adapters
+    family = "dit"  # which layers get adapters: lorad.LAYERS[("dit", role)]
 
     def __init__(self, cfg: PixArtConfig):
         super().__init__()

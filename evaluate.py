@@ -6,7 +6,7 @@ SwiftBrushV2:
         [--captions captions.txt] --out DIR
     python evaluate.py --coco 2014 --steps 25 --guidance 3 --coco-dir DIR --out DIR   (the teacher, DDIM)
     python evaluate.py --coco 2017 --images FOLDER --coco-dir DIR --out DIR      (another project's images)
-    python evaluate.py --toy-controlnet --student STUDENT.safetensors --out DIR   (the toy ControlNet, toy.py)
+    python evaluate.py --toy-controlnet --student STUDENT.safetensors --out DIR   (the toy ControlNet, toyeval.py)
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
     python evaluate.py --hps [FILE] --backbone sd15 --unet STUDENT.safetensors --hps-prompts DIR --out DIR
                                                            (HPS v2.1 on the HPD v2 benchmark: hps.py)
@@ -54,17 +54,18 @@ from tqdm import tqdm
 
 import cli
 import toy
+import toyeval
+from controlnet import load_controlnet
+from ddp import all_gather, interleave, process_device
 from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
-from controlnet import load_controlnet
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
-from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file, read_prompts, \
-    student_backbone
-from protocol import (IMAGE_EXTENSIONS, all_gather, caption_hash, exact_fp32, generate_folders, indexed_images,
-                      interleave, process_device)
+from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file
+from protocol import (IMAGE_EXTENSIONS, Generation, caption_hash, exact_fp32, generate_folders,
+                      indexed_images)
 
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: captions and reference images
@@ -113,7 +114,7 @@ def coco_protocol(year, coco_dir, captions_file=None, num=None):
     if captions_file:
         if not os.path.isfile(captions_file):
             raise LoadError(f"captions file not found: {captions_file}")
-        captions = read_prompts(captions_file)
+        captions = cli.read_prompts(captions_file)
     source = captions_file or os.path.join(coco_dir, "annotations", f"captions_{split}.json")
     if len(captions) < num:
         raise LoadError(f"{source} has {len(captions)} captions, fewer than the {num} to evaluate (--num)")
@@ -174,117 +175,118 @@ def reference_statistics(paths, name, inception, cache_dir, batch_size, rank, wo
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: the command line
 
-def evaluate_coco(args):
-    """The COCO protocol end to end: captions and reference images, generation (unless --images),
-    Inception features, FID, CLIP score and precision/recall; rank 0 writes metrics.json and grid.png
-    in --out and prints the table."""
+def evaluate_coco(year, coco_dir, out, generation: Generation, captions_file=None, num=None, images=None,
+                  inception_file=None, clip_model=OPEN_CLIP_REPO, no_clip=False, no_pr=False,
+                  cache_dir=CACHE_DIR, batch_size=32):
+    """The COCO protocol end to end: captions and reference images, generation (unless `images`, a
+    folder to score), Inception features, FID, CLIP score and precision/recall; rank 0 writes
+    metrics.json and grid.png in `out` and prints the table."""
     rank, world, device = process_device()
-    captions, source, references = coco_protocol(args.coco, args.coco_dir, args.captions, args.num)
+    captions, source, references = coco_protocol(year, coco_dir, captions_file, num)
     n, sha = len(captions), caption_hash(captions)
-    if not args.no_pr and len(references) <= PR_K:
+    if not no_pr and len(references) <= PR_K:
         raise LoadError(f"precision/recall (k={PR_K}) needs more than {PR_K} reference images, "
-                        f"{args.coco_dir} has {len(references)}")
-    inception = load_inception(fetch_file(args.inception, "--inception") if args.inception else None, device)
+                        f"{coco_dir} has {len(references)}")
+    inception = load_inception(fetch_file(inception_file, "--inception") if inception_file else None, device)
     clip = tokenizer = None
-    if not args.no_clip:
-        clip = load_open_clip(args.clip, device=device)
-        tokenizer = load_open_clip_tokenizer(os.path.dirname(args.clip) if os.path.isfile(args.clip) else args.clip)
+    if not no_clip:
+        clip = load_open_clip(clip_model, device=device)
+        tokenizer = load_open_clip_tokenizer(os.path.dirname(clip_model) if os.path.isfile(clip_model)
+                                             else clip_model)
     if rank == 0:
-        print(f"COCO {args.coco}: {n} captions from {source} (sha256 {sha}), {len(references)} reference images")
+        print(f"COCO {year}: {n} captions from {source} (sha256 {sha}), {len(references)} reference images")
 
-    directory, settings, generated = args.images, None, 0
-    if not args.images:
-        directory = os.path.join(args.out, "images")
-        (settings,), generated = generate_folders(args, [(captions, directory)], device, rank, world)
+    directory, settings, generated = images, None, 0
+    if not images:
+        directory = os.path.join(out, "images")
+        (settings,), generated = generate_folders(generation, [(captions, directory)], device, rank, world)
     if world > 1:
         dist.barrier()
     paths = indexed_images(directory, n)
-    if args.images:
+    if images:
         check_images(paths[rank::world], "--images")
 
     with exact_fp32():
-        name = f"coco{args.coco}-{COCO[args.coco][0]}"
-        ref, cache, cached = reference_statistics(references, name, inception, args.cache_dir, args.batch_size,
-                                                  rank, world)
-        features, clip_sum = score_images(paths[rank::world], inception, args.batch_size, clip, tokenizer,
+        name = f"coco{year}-{COCO[year][0]}"
+        ref, cache, cached = reference_statistics(references, name, inception, cache_dir, batch_size, rank, world)
+        features, clip_sum = score_images(paths[rank::world], inception, batch_size, clip, tokenizer,
                                           captions[rank::world])
         features, clip_sum = interleave(all_gather(features, world), n), sum(all_gather(clip_sum, world))
         if rank != 0:
             return
         fid = frechet_distance(ref["mu"], ref["sigma"], *feature_statistics(features))
-        precision, recall = (None, None) if args.no_pr else precision_recall(ref["features"], features, PR_K,
-                                                                             device=device)
+        precision, recall = (None, None) if no_pr else precision_recall(ref["features"], features, PR_K,
+                                                                        device=device)
     metrics = {
-        "protocol": f"coco{args.coco}", "images": n,
-        "fid": fid, "clip_score": None if args.no_clip else clip_sum / n, "precision": precision, "recall": recall,
+        "protocol": f"coco{year}", "images": n,
+        "fid": fid, "clip_score": None if no_clip else clip_sum / n, "precision": precision, "recall": recall,
         "captions": {"source": source, "sha256": sha},
         "image_folder": directory, "generator": settings, "generated_now": generated,
         "reference": {"images": len(references), "folder": os.path.dirname(references[0]), "statistics": cache,
                       "statistics_cached": cached},
-        "inception": args.inception or FID_WEIGHTS_URL, "clip": None if args.no_clip else args.clip,
+        "inception": inception_file or FID_WEIGHTS_URL, "clip": None if no_clip else clip_model,
         "clip_prefix": CLIP_PREFIX, "precision_recall_k": PR_K, "preprocessing": PREPROCESSING, "world_size": world,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    image_grid(np.stack([np.asarray(read_image(p)) for p in paths[:GRID]])).save(os.path.join(args.out, "grid.png"))
-    print_table(metrics)
+    image_grid(np.stack([np.asarray(read_image(p)) for p in paths[:GRID]])).save(os.path.join(out, "grid.png"))
+    print(coco_table(metrics))
 
 
-def print_table(metrics):
+def coco_table(metrics):
     """The row of Table 1 / Table A6: FID, CLIP, precision, recall ('-' for a skipped metric)."""
     cells = [f"{metrics[k]:.{d}f}" if metrics[k] is not None else "-"
              for k, d in (("fid", 2), ("clip_score", 4), ("precision", 4), ("recall", 4))]
-    print(f"{metrics['protocol']}, {metrics['images']} images ({metrics['image_folder']}):")
-    print(f"  {'FID':>8} {'CLIP':>8} {'Precision':>10} {'Recall':>8}")
-    print(f"  {cells[0]:>8} {cells[1]:>8} {cells[2]:>10} {cells[3]:>8}")
+    return "\n".join([f"{metrics['protocol']}, {metrics['images']} images ({metrics['image_folder']}):",
+                      f"  {'FID':>8} {'CLIP':>8} {'Precision':>10} {'Recall':>8}",
+                      f"  {cells[0]:>8} {cells[1]:>8} {cells[2]:>10} {cells[3]:>8}"])
 
 
-def evaluate_toy(args):
-    """The toy protocol (toy.py) for either toy backbone (--backbone, else the one --student records): the
+def cmd_toy(args):
+    """The toy protocol (toyeval.py) for either toy backbone (--backbone, else the one --student records): the
     teacher (25-step DDIM with CFG --guidance, and one step) and the student (one step) on the same --num
     (default 2048) balanced prompts and seeds, printed as a table and written to --json. The teacher's figures
     are measured once per teacher and protocol: shipped with the model (teacher_metrics*.json) or cached in
     --cache-dir."""
     student_file = fetch_file(args.student, "--student")
-    backbone, model = student_backbone(args.backbone, args.model, student_file, "--student", default="toy")
+    backbone, model = cli.student_backbone(args.backbone, args.model, student_file, "--student", default="toy")
     if backbone not in toy.BACKBONES:
         raise LoadError(f"--toy scores a toy student ({', '.join(toy.BACKBONES)}), not {backbone}")
     pipe = load_pipeline(backbone, model)
     denoiser = BACKBONES[backbone].denoiser
-    student = load_unet_file(student_file, read_json(fetch(model, f"{denoiser}/config.json")), cls=type(pipe.unet))
-    classifier = toy.load_classifier(os.path.join(model, "classifier"))
-    protocol = {**toy.PROTOCOL, "n": args.num or toy.PROTOCOL["n"], "guidance": args.guidance}
-    weights = toy.teacher_fingerprint(pipe)
-    cached, source = (None, None) if args.no_cache else toy.cached_teacher_metrics(model, protocol, weights,
+    student = load_unet_file(student_file, read_json(fetch(model, f"{denoiser}/config.json")), cls=type(pipe.denoiser))
+    classifier = toyeval.load_classifier(os.path.join(model, "classifier"))
+    protocol = {**toyeval.PROTOCOL, "n": args.num or toyeval.PROTOCOL["n"], "guidance": args.guidance}
+    weights = toyeval.teacher_fingerprint(pipe)
+    cached, source = (None, None) if args.no_cache else toyeval.cached_teacher_metrics(model, protocol, weights,
                                                                                     args.cache_dir)
     if cached:
         print(f"teacher figures from {source} (the same teacher and protocol; --no-cache measures them again)")
-    results, _ = toy.evaluate_toy(pipe, student, classifier, cached=cached, cache_dir=args.cache_dir, **protocol)
+    results, _ = toyeval.evaluate_toy(pipe, student, classifier, cached=cached, cache_dir=args.cache_dir, **protocol)
     if not cached:
-        toy.cache_teacher_metrics(args.cache_dir, protocol, weights, results)
-    print(toy.metrics_table(results))
+        toyeval.cache_teacher_metrics(args.cache_dir, protocol, weights, results)
+    print(toyeval.metrics_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
 
-def evaluate_toy_controlnet(args):
-    """The toy ControlNet protocol (toy.CONTROL_PROTOCOL): position accuracy of teacher and --student with
+def cmd_toy_controlnet(args):
+    """The toy ControlNet protocol (toyeval.CONTROL_PROTOCOL): position accuracy of teacher and --student with
     --controlnet on --num (default 512) prompts without position, printed, and metrics.json + grid.png in --out."""
     model = args.model or BACKBONES["toy"].repo
     pipe = load_pipeline("toy", model)
     student = load_unet_file(fetch_file(args.student, "--student"), read_json(fetch(model, "unet/config.json")))
-    controlnet = load_controlnet(args.controlnet or os.path.join(model, "controlnet"), pipe.unet, pipe.downsampling())
-    protocol = {**toy.CONTROL_PROTOCOL, "n": args.num or toy.CONTROL_PROTOCOL["n"]}
-    results, rows = toy.evaluate_toy_controlnet(pipe, student, controlnet, toy.load_classifier(
+    controlnet = load_controlnet(args.controlnet or os.path.join(model, "controlnet"), pipe.denoiser, pipe.downsampling())
+    protocol = {**toyeval.CONTROL_PROTOCOL, "n": args.num or toyeval.CONTROL_PROTOCOL["n"]}
+    results, rows = toyeval.evaluate_toy_controlnet(pipe, student, controlnet, toyeval.load_classifier(
         os.path.join(model, "classifier")), **protocol)
-    print(toy.control_table(results))
+    print(toyeval.control_table(results))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"protocol": protocol, "results": results}, f, indent=2)
-    image_grid(((rows.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), cols=8).save(
-        os.path.join(args.out, "grid.png"))
+    image_grid(pipe.decode(rows), cols=8).save(os.path.join(args.out, "grid.png"))
     print(f"rows of {os.path.join(args.out, 'grid.png')}: mask | " + " | ".join(results))
 
 
@@ -371,13 +373,16 @@ def main(argv=None):
                      f"precision/recall with k={PR_K} needs {PR_K + 1})")
     try:
         if args.toy:
-            evaluate_toy(args)
+            cmd_toy(args)
         elif args.toy_controlnet:
-            evaluate_toy_controlnet(args)
+            cmd_toy_controlnet(args)
         elif args.hps is not None:
-            evaluate_hps(args)
+            evaluate_hps(args.hps_prompts, args.out, Generation.from_options(args), args.hps, args.hps_version,
+                         args.images, args.batch_size)
         else:
-            evaluate_coco(args)
+            evaluate_coco(args.coco, args.coco_dir, args.out, Generation.from_options(args), args.captions,
+                          args.num, args.images, args.inception, args.clip, args.no_clip, args.no_pr,
+                          args.cache_dir, args.batch_size)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

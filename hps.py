@@ -24,7 +24,7 @@ The protocol (`evaluate_hps`):
   are kept (a run resumes), a folder generated with other settings is refused (protocol.py).
 - score of an image: 100 x cos(image embedding, prompt embedding) of the HPS network, the prompt without
   prefix through open_clip's tokenization (77 tokens), the image through the package's transform
-  (`preprocess_image`: longest side to 224, zero padding). Computed in fp32 (TF32 off); the package runs
+  (`letterbox_image`: longest side to 224, zero padding). Computed in fp32 (TF32 off); the package runs
   under CUDA autocast (fp16 matmuls), which moves its figures by rounding, far below the two decimals it prints.
 - figures, as the package's benchmark prints them: per style the mean of the means of consecutive chunks of
   80 prompts (with 800 prompts: the mean of the style) and the standard deviation of those chunk means;
@@ -51,8 +51,8 @@ from tqdm import tqdm
 from loading import LoadError, fetch, fetch_file, read_json
 from metrics import check_images, clip_cosines, read_image
 from openclip import OPENAI_MEAN, OPENAI_STD, VIT_H_14, load_open_clip, load_open_clip_tokenizer, read_open_clip_config
-from protocol import (all_gather, caption_hash, exact_fp32, generate_folders, indexed_images, interleave,
-                      process_device)
+from ddp import all_gather, interleave, process_device
+from protocol import Generation, caption_hash, exact_fp32, generate_folders, indexed_images
 
 HPS_REPO = "xswu/HPSv2"  # the checkpoints, where the hpsv2 package downloads them from
 HPS_FILES = {"2": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
@@ -115,7 +115,7 @@ def load_hps(path, version, device="cpu"):
     return model, load_open_clip_tokenizer(folder if has_bpe else HPS_TOKENIZER_REPO), file
 
 
-def preprocess_image(img, size=224):
+def letterbox_image(img, size=224):
     """The hpsv2 package's image transform (its open_clip copy's `image_transform(resize_longest_max=True)`,
     which `create_model_and_transforms(light_augmentation=True)` gives for scoring): RGB values in [0, 1]
     (float32); the longest side resized to `size`, the other to round(side * size / longest), by torch's
@@ -134,8 +134,8 @@ def preprocess_image(img, size=224):
 
 
 def load_pixels(path, size=224):
-    """An image file through `preprocess_image`: (3, size, size); a LoadError naming a damaged file."""
-    return read_image(path, functools.partial(preprocess_image, size=size))
+    """An image file through `letterbox_image`: (3, size, size); a LoadError naming a damaged file."""
+    return read_image(path, functools.partial(letterbox_image, size=size))
 
 
 def hps_scores(model, tokenizer, paths, prompts, batch_size=32, show=True):
@@ -160,28 +160,31 @@ def style_score(scores):
     return float(means.mean()), float(means.std())
 
 
-def evaluate_hps(args):
-    """The HPD v2 protocol end to end: prompts, checkpoint, generation (unless --images), the HPS of every
-    image, then on rank 0 metrics.json in --out and the printed table."""
+def evaluate_hps(prompts_dir, out, generation: Generation, checkpoint="", version="2.1", images=None,
+                 batch_size=32):
+    """The HPD v2 protocol end to end: the prompts in `prompts_dir`, the HPS `checkpoint` of `version`
+    (a file or folder; "": the Hub's), generation (unless `images`, a folder of one folder per style
+    to score), the HPS of every image, then on rank 0 metrics.json in `out` and the printed table."""
     rank, world, device = process_device()
-    prompts = benchmark_prompts(args.hps_prompts)
-    model, tokenizer, file = load_hps(args.hps, args.hps_version, device)
-    root = args.images or os.path.join(args.out, "images")
+    prompts = benchmark_prompts(prompts_dir)
+    model, tokenizer, file = load_hps(checkpoint, version, device)
+    root = images or os.path.join(out, "images")
     folders = {style: os.path.join(root, style) for style in STYLES}
     if rank == 0:
-        print(f"HPS v{args.hps_version} ({file}) on HPD v2: " +
-              ", ".join(f"{len(prompts[s])} {s}" for s in STYLES) + f" prompts from {args.hps_prompts}")
+        print(f"HPS v{version} ({file}) on HPD v2: " +
+              ", ".join(f"{len(prompts[s])} {s}" for s in STYLES) + f" prompts from {prompts_dir}")
     settings, generated = None, 0
-    if not args.images:
-        settings, generated = generate_folders(args, [(prompts[s], folders[s]) for s in STYLES], device, rank, world)
+    if not images:
+        settings, generated = generate_folders(generation, [(prompts[s], folders[s]) for s in STYLES], device,
+                                               rank, world)
     if world > 1:
         dist.barrier()
     paths = [p for s in STYLES for p in indexed_images(folders[s], len(prompts[s]))]
-    if args.images:
+    if images:
         check_images(paths[rank::world], "--images")
     texts = [p for s in STYLES for p in prompts[s]]
     with exact_fp32():
-        share = hps_scores(model, tokenizer, paths[rank::world], texts[rank::world], args.batch_size, rank == 0)
+        share = hps_scores(model, tokenizer, paths[rank::world], texts[rank::world], batch_size, rank == 0)
     scores = interleave(all_gather(share[:, None], world), len(paths))[:, 0]
     if rank != 0:
         return
@@ -192,22 +195,21 @@ def evaluate_hps(args):
         styles[style] = {"hps": score, "std": std, "images": n, "prompts_sha256": caption_hash(prompts[style])}
         start += n
     metrics = {
-        "protocol": "hpdv2", "hps_version": args.hps_version, "images": len(paths), "hps": float(scores.mean()),
-        "styles": styles, "prompts": args.hps_prompts, "image_folder": root,
+        "protocol": "hpdv2", "hps_version": version, "images": len(paths), "hps": float(scores.mean()),
+        "styles": styles, "prompts": prompts_dir, "image_folder": root,
         "generator": dict(zip(STYLES, settings)) if settings else None, "generated_now": generated,
-        "checkpoint": args.hps or f"{HPS_REPO}/{HPS_FILES[args.hps_version]}", "checkpoint_file": file,
+        "checkpoint": checkpoint or f"{HPS_REPO}/{HPS_FILES[version]}", "checkpoint_file": file,
         "scale": SCALE, "chunk": CHUNK, "world_size": world,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print_table(metrics)
+    print(hps_table(metrics))
 
 
-def print_table(metrics):
+def hps_table(metrics):
     """Per style the HPS and the std over its 80-prompt chunks, then the average, as the package prints."""
-    print(f"HPS v{metrics['hps_version']}, HPD v2 benchmark, {metrics['images']} images ({metrics['image_folder']}):")
-    print(f"  {'style':<12} {'HPS':>6} {'std':>7}")
-    for style, row in metrics["styles"].items():
-        print(f"  {style:<12} {row['hps']:>6.2f} {row['std']:>7.4f}")
-    print(f"  {'average':<12} {metrics['hps']:>6.2f}")
+    lines = [f"HPS v{metrics['hps_version']}, HPD v2 benchmark, {metrics['images']} images "
+             f"({metrics['image_folder']}):", f"  {'style':<12} {'HPS':>6} {'std':>7}"]
+    lines += [f"  {style:<12} {row['hps']:>6.2f} {row['std']:>7.4f}" for style, row in metrics["styles"].items()]
+    return "\n".join(lines + [f"  {'average':<12} {metrics['hps']:>6.2f}"])

@@ -304,3 +304,13 @@ def read_json(path):
         raise LoadError(f"config file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"cannot parse {path}: {e}") from None
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON (its folder made first), under a temporary name and then renamed,
+    so the file is whole or absent."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(f"{path}.tmp", path)

@@ -1,9 +1,9 @@
-"""LoRaD, the paper's adapter (WaDi Sec. 3.2): a low-rank rotation of the weight directions of a frozen
-nn.Linear; plus the baselines of the adapter ablation (paper Table 2: LoRA, DoRA, DoRA with frozen
-norms, full fine-tuning; LoRA and DoRA also on convolutions) behind the same calls, the rules that say
-which layers get an adapter (those that reproduce the paper's parameter counts), and adapter files.
+"""LoRaD, the paper's adapter (WaDi Sec. 3.2): a low-rank rotation of the weight directions of a
+frozen nn.Linear; the baselines of the adapter ablation (paper Table 2: LoRA, DoRA, DoRA with frozen
+norms, full fine-tuning; LoRA and DoRA also on convolutions) behind the same calls; the one table of
+which layers get an adapter (`LAYERS`: the paper's parameter counts); adding, counting and merging.
 
-LoRaD. Split a weight W (out x in) row-wise into norms and directions, W = m * V with m_i = ||W_i||.
+LoRaD. Split a weight W (out x in) row-wise into norms and directions, W = m * V, m_i = ||W_i||.
 Angles theta = theta_a @ theta_b (out x in/2, rank r) rotate each pair of neighbouring input columns
 (2j, 2j+1) of row i:
     [V'_i,2j  ]   [cos theta_ij  -sin theta_ij] [V_i,2j  ]
@@ -20,59 +20,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loading import LoadError, read_tensors, save_tensors
+from loading import LoadError
 
 
-def shared_copy(net):
-    """A new module tree over the same parameter and buffer tensors (nothing is copied): the student
-    and the fake score network are adapters on the teacher's one frozen set of weights."""
-    memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
-    return copy.deepcopy(net, memo)
+def rotate_pairs(W, theta):
+    """Rotate the column pairs (2j, 2j+1) of each row i of W (out, in) by theta[i, j]
+    (out, in/2)."""
+    a, b = W.unflatten(1, (-1, 2)).unbind(-1)  # each (out, in/2)
+    cos, sin = theta.cos(), theta.sin()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(1)  # (out, in)
 
 
 class Adapter(nn.Module):
     """A frozen `base` layer (shared with other networks, never modified) run with the parameters
-    `merged_params()` computes from the adapter's own, in the adapter's dtype (fp32 whatever the base
-    dtype: a small rotation of a bf16 weight computed in bf16 would round away). The base is an
-    nn.Linear or nn.Conv2d (the weight adapters work on its (out, in*kh*kw) matrix) or, for full
+    `merged_params()` computes from the adapter's own, in the adapter's dtype (fp32 whatever the
+    base dtype: a small rotation of a bf16 weight computed in bf16 would round away). The base is
+    an nn.Linear or nn.Conv2d (the weight adapters work on its (out, in*kh*kw) matrix) or, for full
     fine-tuning, any layer."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
-            raise ValueError(f"adapters support zero-padded convolutions only, got padding_mode={base.padding_mode}")
+            raise ValueError(f"adapters support zero-padded convolutions only, "
+                             f"got padding_mode={base.padding_mode}")
         base.requires_grad_(False)
         self.base = base
 
     def merged_params(self) -> dict:
-        """{name: tensor} of the base parameters the adapter replaces (the others are the base's)."""
+        """{name: tensor} of the base parameters the adapter replaces (the rest: the base's)."""
         return {"weight": self.merged_weight().view(self.base.weight.shape)}
 
     def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):  # the adapter in fp32, also under autocast
+        with torch.autocast(x.device.type, enabled=False):  # the adapter in fp32, even in autocast
             new = self.merged_params()
-        params = {name: new.get(name, p).to(x.dtype) for name, p in self.base.named_parameters(recurse=False)}
-        if isinstance(self.base, nn.Linear):
+        params = {name: new.get(name, p).to(x.dtype)
+                  for name, p in self.base.named_parameters(recurse=False)}
+        b = self.base
+        if isinstance(b, nn.Linear):
             return F.linear(x, params["weight"], params.get("bias"))
-        if isinstance(self.base, nn.Conv2d):
-            b = self.base
-            return F.conv2d(x, params["weight"], params.get("bias"), b.stride, b.padding, b.dilation, b.groups)
-        return torch.func.functional_call(self.base, params, (x,))
+        if isinstance(b, nn.Conv2d):
+            return F.conv2d(x, params["weight"], params.get("bias"), b.stride, b.padding,
+                            b.dilation, b.groups)
+        return torch.func.functional_call(b, params, (x,))
 
     def merged(self) -> nn.Module:
         """A plain layer like the base holding the merged parameters (in the base dtype); the
         parameters the adapter does not replace are the base's own tensors."""
         out = shared_copy(self.base)
         for name, value in self.merged_params().items():
-            setattr(out, name, nn.Parameter(value.detach().to(getattr(self.base, name).dtype), requires_grad=False))
+            dtype = getattr(self.base, name).dtype
+            setattr(out, name, nn.Parameter(value.detach().to(dtype), requires_grad=False))
         return out
-
-
-def rotate_pairs(W, theta):
-    """Rotate the column pairs (2j, 2j+1) of each row i of W (out, in) by theta[i, j] (out, in/2)."""
-    a, b = W.unflatten(1, (-1, 2)).unbind(-1)  # each (out, in/2)
-    cos, sin = theta.cos(), theta.sin()
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(1)  # (out, in)
 
 
 class LoRaDLinear(Adapter):
@@ -85,31 +83,34 @@ class LoRaDLinear(Adapter):
         super().__init__(base)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.theta_a = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
-        self.theta_b = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, base.in_features // 2, **kw)))
+        self.theta_b = nn.Parameter(nn.init.xavier_uniform_(
+            torch.empty(rank, base.in_features // 2, **kw)))
 
     def merged_weight(self):
         return rotate_pairs(self.base.weight.to(self.theta_a.dtype), self.theta_a @ self.theta_b)
 
 
 class LoRALinear(Adapter):
-    """LoRA (Hu et al. 2022): W' = W + lora_b @ lora_a (alpha = rank, so the scale is 1), on an nn.Linear
-    or on the (out, in*kh*kw) matrix of an nn.Conv2d (for a 1x1 convolution, such as SD1.5's proj_in,
-    the same as PEFT's conv LoRA): r * (in*kh*kw + out) trainable parameters."""
+    """LoRA (Hu et al. 2022): W' = W + lora_b @ lora_a (alpha = rank, so the scale is 1), on an
+    nn.Linear or on the (out, in*kh*kw) matrix of an nn.Conv2d (for a 1x1 convolution, such as
+    SD1.5's proj_in, the same as PEFT's conv LoRA): r * (in*kh*kw + out) trainable parameters."""
 
     def __init__(self, base: nn.Module, rank: int):
         super().__init__(base)
         n_out, n_in = base.weight.flatten(1).shape
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_a = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, n_in, **kw), a=math.sqrt(5)))
+        self.lora_a = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, n_in, **kw),
+                                                            a=math.sqrt(5)))
         self.lora_b = nn.Parameter(torch.zeros(n_out, rank, **kw))
 
-    def merged_weight(self):
-        return self.base.weight.flatten(1).to(self.lora_a.dtype) + self.lora_b @ self.lora_a  # (out, in*kh*kw)
+    def merged_weight(self):  # (out, in*kh*kw)
+        return self.base.weight.flatten(1).to(self.lora_a.dtype) + self.lora_b @ self.lora_a
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024): W' = magnitude * (W + lora_b @ lora_a) / ||W + lora_b @ lora_a||, row-wise,
-    with `magnitude` initialised to the row norms of W: one more trainable parameter per output row."""
+    """DoRA (Liu et al. 2024): W' = magnitude * (W + lora_b @ lora_a) / ||W + lora_b @ lora_a||,
+    row-wise, with `magnitude` initialised to the row norms of W: one more trainable parameter per
+    output row."""
 
     def __init__(self, base: nn.Module, rank: int):
         super().__init__(base, rank)
@@ -133,8 +134,8 @@ class DoRAFrozenNormLinear(DoRALinear):
 
 
 class FullModule(Adapter):
-    """Full fine-tuning of one layer: trainable fp32 copies of its own parameters (same names, so the
-    adapter tensors carry the network's keys); the rank is ignored."""
+    """Full fine-tuning of one layer: trainable fp32 copies of its own parameters (same names, so
+    the adapter tensors carry the network's keys); the rank is ignored."""
 
     def __init__(self, base: nn.Module, rank: int = 0):
         super().__init__(base)
@@ -149,51 +150,71 @@ ADAPTERS = {"lorad": LoRaDLinear, "lora": LoRALinear, "dora": DoRALinear,
             "dora-frozen-norm": DoRAFrozenNormLinear, "full": FullModule}
 
 
-def _in_unet_blocks(name):
+# -------------------------------------------------------------------------------------------------
+# Which layers get an adapter: one rule per (network family, role) on a layer's module path. A
+# network names its family (`UNet.family`, `PixArt.family`); beside each rule, the trainable counts
+# at the paper's ranks (diffusers' layout: SD1.5's proj_in / proj_out are 1x1 convs, not linears).
+
+def in_unet_blocks(name):
     return name.startswith(("down_blocks.", "mid_block.", "up_blocks."))
 
 
-# which nn.Linear layers (by module path) get LoRaD, per network role (the paper's counts, README); every fake
-# score network uses its rule whatever the adapter kind
-TARGETS = {
-    "unet_student": _in_unet_blocks,
-    "unet_fake": lambda name: _in_unet_blocks(name) and not any(
+# the LoRA / DoRA students of paper Table 2 adapt PEFT's usual target list in the U-Net blocks
+PEFT_TARGETS = tuple("." + s for s in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                       "ff.net.0.proj", "ff.net.2", "time_emb_proj"))
+LAYERS = {
+    # every nn.Linear in the U-Net blocks; rank 256: SD1.5 83,795,968 (paper 83.80M), SD2.1
+    # 94,429,184 (94.43M); SD1.5 rank 64 / 128 / 512: 20,948,992 / 41,897,984 / 167,591,936
+    ("unet", "student"): in_unet_blocks,
+    # the same without proj_in, proj_out, time_emb_proj; SD1.5 rank 32: 9,378,816 (paper 9.38M)
+    ("unet", "fake"): lambda name: in_unet_blocks(name) and not any(
         s in name for s in ("proj_in", "proj_out", "time_emb_proj")),
-    "dit_student": lambda name: not name.startswith("adaln_single."),  # the paper's 81.22M
-    "dit_fake": lambda name: name.startswith("transformer_blocks."),
+    # Table 2's LoRA / DoRA students: PEFT_TARGETS, nn.Linear and nn.Conv2d; SD1.5 rank 256: LoRA
+    # and DoRA with frozen norms 120,897,536 (paper 120.9M), DoRA 121,154,816 (121.2M)
+    ("unet", "table2-student"): lambda name: in_unet_blocks(name) and name.endswith(PEFT_TARGETS),
+    # every nn.Linear but the adaLN-single timestep path; rank 128: 81,219,584 (paper 81.22M)
+    ("dit", "student"): lambda name: not name.startswith("adaln_single."),
+    # every nn.Linear of the transformer blocks; rank 32: 20,127,744
+    ("dit", "fake"): lambda name: name.startswith("transformer_blocks."),
 }
-# the LoRA / DoRA students of the ablation (paper Table 2): PEFT's target list in the U-Net
-# blocks, nn.Linear or nn.Conv2d (SD1.5's proj_in / proj_out are 1x1 convolutions); rank 256 on SD1.5
-# gives 120,897,536 parameters (the paper's 120.9M), DoRA 121,154,816 (121.2M)
-BASELINE_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                   "time_emb_proj")
-BASELINE_TARGETS = {
-    "unet_student": lambda name: _in_unet_blocks(name) and name.endswith(tuple("." + s for s in BASELINE_LAYERS)),
-}
+ROLES = ("student", "fake")
 
 
-def selected_layers(model: nn.Module, target: str, kind: str = "lorad") -> list:
-    """(name, module) of the layers of `model` that get an adapter of `kind` in the role `target`:
-    LoRaD the nn.Linear layers of TARGETS[target]; the LoRA / DoRA students the nn.Linear and nn.Conv2d
-    layers of BASELINE_TARGETS[target]; a `full` student every layer holding parameters (the whole
-    denoiser: paper Table 2's FT, 859.52M on SD1.5); every fake score network its TARGETS rule.
-    Deepest first, so that a layer is wrapped (and merged) before any layer holding it."""
-    if kind == "full" and target.endswith("_student"):
-        selected = [(n, m) for n, m in model.named_modules()
-                    if n and next(m.parameters(recurse=False), None) is not None]
-    elif kind != "lorad" and target in BASELINE_TARGETS:
-        selected = [(n, m) for n, m in model.named_modules()
-                    if isinstance(m, (nn.Linear, nn.Conv2d)) and BASELINE_TARGETS[target](n)]
+def selected_layers(model: nn.Module, role: str, kind: str = "lorad") -> list:
+    """(name, module) of the layers of `model` that get an adapter of `kind` in `role` (student or
+    fake): LoRaD the nn.Linear layers of LAYERS[(model.family, role)]; a LoRA / DoRA student the
+    nn.Linear and nn.Conv2d layers of its Table 2 rule where the family has one; a `full` student
+    every layer holding parameters (the whole denoiser: Table 2's FT, 859.52M on SD1.5); a fake
+    score network its LoRaD rule whatever the kind. Deepest first, so that a layer is wrapped (and
+    merged) before any layer holding it."""
+    if role not in ROLES:
+        raise ValueError(f"unknown adapter role {role!r} (known: {', '.join(ROLES)})")
+    table2 = LAYERS.get((model.family, "table2-student"))
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    if kind == "full" and role == "student":
+        selected = [(n, m) for n, m in modules
+                    if next(m.parameters(recurse=False), None) is not None]
+    elif kind in ("lora", "dora", "dora-frozen-norm") and role == "student" and table2:
+        selected = [(n, m) for n, m in modules
+                    if isinstance(m, (nn.Linear, nn.Conv2d)) and table2(n)]
     else:
-        selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and TARGETS[target](n)]
+        rule = LAYERS[(model.family, role)]
+        selected = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and rule(n)]
     return sorted(selected, key=lambda item: -item[0].count("."))
 
 
-def add_adapters(model: nn.Module, target: str, rank: int, kind: str = "lorad") -> nn.Module:
-    """Freeze `model` and replace every layer that `selected_layers` picks by an adapter of `kind`
-    wrapping it. Returns the model (changed in place)."""
+def shared_copy(net):
+    """A new module tree over the same parameter and buffer tensors (nothing is copied): the student
+    and the fake score network are adapters on the teacher's one frozen set of weights."""
+    memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
+    return copy.deepcopy(net, memo)
+
+
+def add_adapters(model: nn.Module, role: str, rank: int, kind: str = "lorad") -> nn.Module:
+    """Freeze `model` and replace every layer that `selected_layers` picks for `role` by an adapter
+    of `kind` wrapping it. Returns the model (changed in place)."""
     model.requires_grad_(False)
-    for name, layer in selected_layers(model, target, kind):
+    for name, layer in selected_layers(model, role, kind):
         try:
             adapter = ADAPTERS[kind](layer, rank)
         except ValueError as e:
@@ -208,8 +229,8 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Replace every adapter by a plain layer holding its merged parameters (in place); the state dict
-    then has the original network's keys again."""
+    """Replace every adapter by a plain layer holding its merged parameters (in place); the state
+    dict then has the original network's keys again."""
     adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, Adapter)]
     for name, m in sorted(adapters, key=lambda item: -item[0].count(".")):  # inner adapters first
         parent, _, child = name.rpartition(".")
@@ -218,32 +239,22 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter tensors by `<module path>.<name>` (e.g. `...attn1.to_q.theta_a`, the official naming)."""
+    """The adapter tensors by `<module path>.<name>` (e.g. `...attn1.to_q.theta_a`: the official
+    release's naming)."""
     return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, Adapter)
             for p_name, p in m.named_parameters(recurse=False)}
 
 
-def save_adapters(model: nn.Module, path: str, metadata: dict = None):
-    save_tensors(adapter_state_dict(model), path, metadata)
-
-
-def read_adapter_file(path: str) -> dict:
-    """Adapter tensors from our safetensors files, or from the official release's `kduv.pth` state dicts
-    (read with torch's weights-only loader, which unpickles tensors and nothing else)."""
-    state = read_tensors(path)
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_adapters(model: nn.Module, state_or_path) -> nn.Module:
-    """Copy adapter tensors (a dict or a file) into the model's adapters; keys and shapes must match."""
-    state = read_adapter_file(state_or_path) if isinstance(state_or_path, str) else state_or_path
+def load_adapters(model: nn.Module, state: dict) -> nn.Module:
+    """Copy adapter tensors (by `adapter_state_dict` key) into the model's adapters; keys and shapes
+    must match."""
     params = adapter_state_dict(model)
     missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
     wrong = sorted(k for k in params.keys() & state.keys() if params[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         raise LoadError(f"adapter tensors do not match the model: {len(missing)} missing "
-                        f"{sorted(missing)[:3]}, {len(unexpected)} unexpected {sorted(unexpected)[:3]}, "
-                        f"{len(wrong)} with wrong shapes {wrong[:3]}")
+                        f"{sorted(missing)[:3]}, {len(unexpected)} unexpected "
+                        f"{sorted(unexpected)[:3]}, {len(wrong)} with wrong shapes {wrong[:3]}")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k])

@@ -6,7 +6,6 @@ one-step student and the DDIM teacher alike. T5 XXL is too large to keep beside 
 embeddings come from a disk cache (textcache.py) that `Pipeline.prepare_prompts` fills once.
 """
 import gc
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ def _pixart(repo, resolution):
     return Backbone(repo, resolution, os.path.join(HERE, "configs", f"pixart-{resolution}"), "transformer")
 
 
-# PixArt-alpha: one model per resolution (SPEC 1.4), chosen by --resolution
+# PixArt-alpha: one model (Hub repo) per resolution, chosen by --resolution
 PIXART = {256: _pixart("PixArt-alpha/PixArt-XL-2-256x256", 256), 512: _pixart("PixArt-alpha/PixArt-XL-2-512x512", 512),
           1024: _pixart("PixArt-alpha/PixArt-XL-2-1024-MS", 1024)}
 BACKBONES = {
@@ -56,7 +55,7 @@ BACKBONES = {
 }
 VARIANTS = {"pixart": PIXART}  # backbones with a model per resolution
 # Hub repos holding only the denoiser, and the repo of the same model's VAE, text encoder, tokenizer and
-# scheduler (reference A.5: the 256 px PixArt repo has only transformer/; the 512 px repo has the same parts)
+# scheduler (on the Hub the 256 px PixArt repo has only transformer/; the 512 px repo has the same parts)
 COMPANIONS = {"PixArt-alpha/PixArt-XL-2-256x256": "PixArt-alpha/PixArt-XL-2-512x512"}
 DENOISERS = {"unet": UNet, "transformer": PixArt}  # by folder
 # a key only that family's files hold, and what to call it in messages
@@ -109,7 +108,7 @@ def encode_text(encoder, tokenizer, prompts):
 
 @dataclass
 class Pipeline:
-    unet: torch.nn.Module         # the denoiser: unet.UNet or dit.PixArt
+    denoiser: torch.nn.Module     # unet.UNet or dit.PixArt
     vae: torch.nn.Module          # None in pixel space
     text_encoder: torch.nn.Module  # None for a CACHED one (T5), built only by prepare_prompts
     tokenizer: object             # CLIPTokenizer, or T5Tokenizer (ids and mask)
@@ -124,12 +123,12 @@ class Pipeline:
 
     def size_multiple(self):
         """What an image side must be a multiple of: the downsampling times the denoiser's patch size."""
-        return self.downsampling() * getattr(self.unet.config, "patch_size", 1)
+        return self.downsampling() * getattr(self.denoiser.config, "patch_size", 1)
 
     def latent_shape(self, resolution=None):
         """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
         size = (resolution or self.resolution) // self.downsampling()
-        return (self.unet.config.in_channels, size, size)
+        return (self.denoiser.config.in_channels, size, size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
@@ -142,7 +141,7 @@ class Pipeline:
         if missing:
             raise KeyError(f"{len(missing)} prompts (e.g. {missing[0]!r}) are not in the prompt cache; "
                            f"Pipeline.prepare_prompts encodes them first")
-        param = next(self.unet.parameters())
+        param = next(self.denoiser.parameters())
         return self.prompt_cache.lookup(prompts).to(param.device, param.dtype)
 
     def prepare_prompts(self, prompts, cache_dir=None, rank=0, world=1, batch_size=64):
@@ -154,7 +153,7 @@ class Pipeline:
         to 120 tokens. Under torchrun every rank calls it with the same list and encodes its share."""
         if self.text_encoder is not None:
             return
-        param = next(self.unet.parameters())
+        param = next(self.denoiser.parameters())
         files = [fetch(self.text_model, "text_encoder/config.json"), *weight_files(self.text_model, "text_encoder"),
                  fetch(self.text_model, "tokenizer/spiece.model")]
         max_length = self.tokenizer.max_length
@@ -180,10 +179,10 @@ class Pipeline:
         one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`. With a
         `controlnet`, the denoiser is steered by `control_image` (1 or B, 3, H, W) in [0, 1] at the output
         resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step."""
-        param = next(self.unet.parameters())
+        param = next(self.denoiser.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
         text = self.encode_prompts(prompts)
-        net = self.unet if controlnet is None else ControlledUNet(self.unet, controlnet, control_image, control_scale)
+        net = self.denoiser if controlnet is None else ControlledUNet(self.denoiser, controlnet, control_image, control_scale)
         if steps == 1:
             x0 = one_step(net, z, text, self.schedule.prediction_type, a_T)
         else:
@@ -198,11 +197,6 @@ class Pipeline:
             latents = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
         images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-
-
-def pick_dtype(name, device):
-    """The weights dtype named by --dtype (a key of DTYPES), by default fp16 on a GPU and fp32 on the CPU."""
-    return DTYPES[name] if name else (torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def seeded_noise(shape, seeds):
@@ -283,38 +277,12 @@ def load_tokenizer(model, kind="clip"):
         raise LoadError(f"cannot read the tokenizer of {model}: {type(e).__name__}: {e}") from None
 
 
-def student_backbone(backbone, model, student, option, resolution=None, default="sd15"):
-    """(backbone, base model) for a command given a student file (None: none): `backbone`, else the one
-    recorded in the file's metadata (our exports record it), else `default`; `model`, else the recorded base
-    model when it can be found here (an existing directory, or a Hub id), else the backbone's repo (for
-    `resolution`: `pick_backbone`). A `backbone` that contradicts the file is a LoadError naming the
-    command-line `option`."""
-    meta = file_metadata(student) if student else {}
-    recorded = meta.get("backbone") if meta.get("backbone") in BACKBONES else None
-    if backbone and recorded and backbone != recorded:
-        raise LoadError(f"--backbone {backbone} contradicts {option} {student}, a {recorded} student (its metadata "
-                        f"says so); leave --backbone out or give the matching one")
-    backbone = backbone or recorded or default
-    base = meta.get("base_model", "") if recorded else ""
-    found = os.path.isdir(base) or (base.count("/") == 1 and not base.startswith((".", "/", "~")))
-    return backbone, model or (base if found else pick_backbone(backbone, resolution).repo)
-
-
-def check_steps(model, steps, option="--steps"):
-    """A LoadError unless DDIM can take `steps` steps on the model's schedule (1 is the one-step generator)."""
-    if steps > 1:
-        try:
-            load_schedule(model).ddim_timesteps(steps)
-        except ValueError as e:
-            raise LoadError(f"{option} {steps}: {e}") from None
-
-
 def load_control(pipe, spec, image_paths, resolution=None):
     """The ControlNet `spec` (`controlnet.load_controlnet`: a repo, directory or file) in the pipeline's dtype
     and device, checked to fit its U-Net, and the control images `image_paths` as (N, 3, H, W) in [0, 1] at the
     output resolution. LoadError for a missing, unreadable or unfit file."""
-    param = next(pipe.unet.parameters())
-    net = load_controlnet(spec, pipe.unet, pipe.downsampling(), param.dtype, param.device)
+    param = next(pipe.denoiser.parameters())
+    net = load_controlnet(spec, pipe.denoiser, pipe.downsampling(), param.dtype, param.device)
     return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
@@ -350,50 +318,3 @@ def image_grid(images, cols=None):
     for i, im in enumerate(images):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
     return Image.fromarray(grid)
-
-
-def read_prompts(path, log=print):
-    """Prompts from a file: plain text (one per line), a JSON list of strings, or JSON lines: the
-    JourneyDB annotations (the caption under "Task2", key "Caption", "Caption:" or "caption", as the
-    official loader reads it; de-duplicated and sorted as there) or rows with a "prompt". Rows without a
-    usable caption are skipped and counted in one `log` line. A UTF-8 byte-order mark and CRLF line ends
-    (as Windows editors save) make no difference. A LoadError when nothing usable is left."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(f"cannot read the prompt file {path}: {e}") from None
-    try:
-        if path.endswith(".jsonl"):
-            captions = [journeydb_caption(json.loads(line)) for line in text.splitlines() if line.strip()]
-            usable = [c.strip() for c in captions if c and c.strip()]
-            if len(usable) < len(captions):
-                log(f"{path}: skipped {len(captions) - len(usable)} prompts without a caption")
-            prompts = sorted(set(usable))
-        elif path.endswith(".json"):
-            prompts = json.loads(text)
-            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("expected a JSON list of strings")
-        else:
-            prompts = text.splitlines()
-    except ValueError as e:
-        raise LoadError(f"cannot parse the prompt file {path}: {type(e).__name__}: {e}") from None
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if not prompts:
-        raise LoadError(f"the prompt file {path} has no prompts")
-    return prompts
-
-
-JOURNEYDB_KEYS = ("Caption", "Caption:", "caption")  # the official loader's spellings of the Task2 key
-
-
-def journeydb_caption(row):
-    """The caption of one JSON line (a str, or None when it has none): Task2's caption, else "prompt"."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
-    task = row.get("Task2")
-    if isinstance(task, dict):
-        caption = next((task[k] for k in JOURNEYDB_KEYS if k in task), None)
-    else:
-        caption = row.get("prompt")
-    return caption if isinstance(caption, str) else None

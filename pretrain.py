@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import toy
+import toyeval
 from clip import CLIPTextModel, CLIPTokenizer
 from controlnet import ControlledUNet, ControlNet
 from diffusion import NoiseSchedule, Text, predict
 from dit import PixArt
-from loading import read_json, save_tensors
+from loading import read_json, save_tensors, write_json
 from pipeline import BACKBONES, load_pipeline
 from t5 import EXTRA_IDS, T5Encoder, T5Tokenizer
 from unet import UNet
@@ -73,13 +74,6 @@ T5_CONFIG = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model":
              "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "initializer_factor": 1.0, "tie_word_embeddings": False,
              "is_encoder_decoder": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 DIT_STEPS, DIT_LR, DIT_EMA = 3000, 1e-3, 0.99  # `pretrain --backbone toy-dit`'s defaults, batch 32
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def denoising_batch(x0, prompts, schedule, generator, drop=0.1):
@@ -136,22 +130,22 @@ def measure_teacher(out, backbone, eval_samples, cache_dir=None, log=print):
     are cached in `cache_dir` (pipeline.Pipeline.prepare_prompts)."""
     log(f"wrote the {backbone} repository to {out}; measuring the teacher (toy protocol, cached for `train`)")
     pipe = load_pipeline(backbone, out)
-    protocol = {**toy.PROTOCOL, "n": eval_samples}
-    classifier = toy.load_classifier(os.path.join(out, "classifier"))
-    results, _ = toy.evaluate_toy(pipe, pipe.unet, classifier, names=("teacher_25", "teacher_1"),
+    protocol = {**toyeval.PROTOCOL, "n": eval_samples}
+    classifier = toyeval.load_classifier(os.path.join(out, "classifier"))
+    results, _ = toyeval.evaluate_toy(pipe, pipe.denoiser, classifier, names=("teacher_25", "teacher_1"),
                                   cache_dir=cache_dir, **protocol)
-    toy.store_teacher_metrics(os.path.join(out, toy.TEACHER_METRICS), protocol, toy.teacher_fingerprint(pipe), results)
-    log(toy.metrics_table(results))
+    toyeval.store_teacher_metrics(os.path.join(out, toyeval.TEACHER_METRICS), protocol, toyeval.teacher_fingerprint(pipe), results)
+    log(toyeval.metrics_table(results))
     log(f"{time.process_time():.0f} CPU s in all")
 
 
 def pretrain_toy(out, steps=1500, batch_size=32, lr=1e-3, ema=0.99, classifier_steps=500,
-                 eval_samples=toy.REPORT_SAMPLES, prediction_type="v_prediction", seed=0, log=print):
+                 eval_samples=toyeval.REPORT_SAMPLES, prediction_type="v_prediction", seed=0, log=print):
     """Train the toy classifier and teacher; write the repository to `out`."""
     torch.manual_seed(seed)
     log(f"training the toy classifier ({classifier_steps} steps)")
-    classifier = toy.train_classifier(steps=classifier_steps, seed=seed, progress=False)
-    toy.save_classifier(classifier, os.path.join(out, "classifier"))
+    classifier = toyeval.train_classifier(steps=classifier_steps, seed=seed, progress=False)
+    toyeval.save_classifier(classifier, os.path.join(out, "classifier"))
 
     toy.write_tokenizer(os.path.join(out, "tokenizer"))
     tokenizer = CLIPTokenizer(os.path.join(out, "tokenizer"))
@@ -223,7 +217,7 @@ def init_t5(net):
             torch.nn.init.normal_(p, std=std)
 
 
-def pretrain_toy_dit(out, steps=DIT_STEPS, batch_size=32, lr=DIT_LR, ema=DIT_EMA, eval_samples=toy.REPORT_SAMPLES,
+def pretrain_toy_dit(out, steps=DIT_STEPS, batch_size=32, lr=DIT_LR, ema=DIT_EMA, eval_samples=toyeval.REPORT_SAMPLES,
                      seed=0, cache_dir=None, log=print):
     """The toy in PixArt-alpha's layout: a DiT from dit.py (DIT_CONFIG) and a T5 v1.1 encoder from t5.py
     (T5_CONFIG) with a SentencePiece tokenizer (`write_spiece`), trained jointly from PixArt's and T5's
@@ -272,7 +266,7 @@ def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=
     diffusers' ControlNetModel layout (config.json, diffusion_pytorch_model.safetensors in fp16)."""
     torch.manual_seed(seed)
     pipe = load_pipeline("toy", model)
-    unet, schedule = pipe.unet, pipe.schedule  # frozen: gradients pass through it to the residuals
+    unet, schedule = pipe.denoiser, pipe.schedule  # frozen: gradients pass through it to the residuals
     controlnet = ControlNet.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING).train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

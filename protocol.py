@@ -1,42 +1,52 @@
 """What the evaluation protocols share (evaluate.py's COCO protocol, hps.py's HPD v2 benchmark): folders of
 numbered images generated one per prompt with seed = the prompt's index, resumable and refusing to mix
-settings, and the torchrun plumbing that splits generation and scoring over processes.
+settings, split over processes under torchrun (ddp.py), and exact fp32 scoring.
 
 - A generated folder holds 00000.png, 00001.png, ... (image i from prompt i and seed i, pipeline.seeded_noise)
   and generation.json, the settings they were made with; images already there are kept, so a run resumes,
   and a folder made with other settings (model, student, steps, prompt list, ...) is refused.
 - Another project's images are found by the number in their file name (`indexed_images`).
-- Under torchrun, rank r takes the items r, r + world, ...; `all_gather` brings every rank's results to all
-  ranks and `interleave` puts them back in item order.
+- Under torchrun, rank r takes the items r, r + world, ...; `ddp.all_gather` brings every rank's results to
+  all ranks and `ddp.interleave` puts them back in item order.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from cli import check_steps, pick_dtype, student_backbone
+from ddp import all_gather
 from loading import LoadError, fetch_file, read_json
 from metrics import check_images
-from pipeline import DTYPES, check_steps, load_pipeline, pick_backbone, pick_dtype, student_a_T, student_backbone
-from vsd import distributed
+from pipeline import CACHE_DIR, DTYPES, load_pipeline, pick_backbone, student_a_T
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def process_device():
-    """(rank, world size, device) of this process: under torchrun its process group is initialised and
-    rank r uses cuda:LOCAL_RANK; without torchrun (0, 1, cuda:0 or the CPU)."""
-    rank, world, local_rank = distributed()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
+@dataclass(frozen=True)
+class Generation:
+    """How a protocol generates its images: the commands' generation options."""
+    backbone: str = None      # None: the one the `unet` file records, else sd15
+    model: str = None         # base model; None: the one the `unet` file records, else the backbone's
+    unet: str = None          # the one-step student (a file, or owner/repo/file); None: the teacher
+    steps: int = 1            # 1: one step; more: DDIM with CFG `guidance`
+    guidance: float = 3.0
+    resolution: int = None    # None: the backbone's native resolution
+    dtype: str = None         # a key of pipeline.DTYPES; None: fp16 on a GPU, fp32 on the CPU
+    batch_size: int = 32
+    cache_dir: str = CACHE_DIR  # where a T5 caches its prompt embeddings
+
+    @classmethod
+    def from_options(cls, options):
+        """From a command line's parsed options (an argparse namespace), read, not changed."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
 
 
 def caption_hash(captions):
@@ -75,13 +85,16 @@ def indexed_images(directory, n):
 # -----------------------------------------------------------------------------------------------
 # Resumable generation
 
-def generation_settings(args, unet_file, captions, dtype):
-    """What the generated images depend on, as recorded in images/generation.json and metrics.json."""
-    spec = pick_backbone(args.backbone, args.resolution, args.model)
-    return {"backbone": args.backbone, "model": args.model or spec.repo, "unet": args.unet,
-            "a_T": student_a_T(unet_file) if args.steps == 1 else None, "steps": args.steps,
-            "guidance": args.guidance if args.steps > 1 else None, "resolution": args.resolution or spec.resolution,
-            "dtype": next(k for k, v in DTYPES.items() if v == dtype), "captions_sha256": caption_hash(captions)}
+def generation_settings(gen: Generation, unet_file, captions, dtype):
+    """What the generated images depend on, as recorded in images/generation.json and metrics.json
+    (`gen` with its backbone and model resolved)."""
+    spec = pick_backbone(gen.backbone, gen.resolution, gen.model)
+    return {"backbone": gen.backbone, "model": gen.model or spec.repo, "unet": gen.unet,
+            "a_T": student_a_T(unet_file) if gen.steps == 1 else None, "steps": gen.steps,
+            "guidance": gen.guidance if gen.steps > 1 else None,
+            "resolution": gen.resolution or spec.resolution,
+            "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+            "captions_sha256": caption_hash(captions)}
 
 
 def check_settings(directory, settings, rank):
@@ -114,20 +127,21 @@ def generate_images(pipe, captions, indices, directory, settings, batch_size, sh
             bar.update(len(batch))
 
 
-def generate_folders(args, folders, device, rank, world):
+def generate_folders(gen: Generation, folders, device, rank, world):
     """Generate this rank's share (images rank::world) of the images not yet in each of `folders`, a
-    list of (captions, directory); the images already there are checked first. The pipeline
-    (args.backbone, args.model, args.unet, args.dtype; backbone and base model default to those recorded in
-    the --unet file) is loaded once, and only when an image is missing; a T5 encodes this rank's captions
-    into the prompt cache in args.cache_dir first and is freed. Returns the generation settings of each
-    folder and how many images all ranks generated."""
-    dtype = pick_dtype(args.dtype, device)
-    unet_file = fetch_file(args.unet, "--unet") if args.unet else None
-    args.backbone, args.model = student_backbone(args.backbone, args.model, unet_file, "--unet", args.resolution)
-    check_steps(args.model, args.steps)
+    list of (captions, directory); the images already there are checked first. The pipeline (backbone
+    and base model default to those recorded in the `gen.unet` file) is loaded once, and only when an
+    image is missing; a T5 encodes this rank's captions into the prompt cache in gen.cache_dir first
+    and is freed. Returns the generation settings of each folder and how many images all ranks
+    generated."""
+    dtype = pick_dtype(gen.dtype, device)
+    unet_file = fetch_file(gen.unet, "--unet") if gen.unet else None
+    backbone, model = student_backbone(gen.backbone, gen.model, unet_file, "--unet", gen.resolution)
+    gen = dataclasses.replace(gen, backbone=backbone, model=model)
+    check_steps(gen.model, gen.steps)
     settings, todo = [], []
     for captions, directory in folders:
-        settings.append(generation_settings(args, unet_file, captions, dtype))
+        settings.append(generation_settings(gen, unet_file, captions, dtype))
         os.makedirs(directory, exist_ok=True)
         check_settings(directory, settings[-1], rank)
         mine = range(rank, len(captions), world)
@@ -135,34 +149,20 @@ def generate_folders(args, folders, device, rank, world):
                      "generated images")  # those a resumed run keeps, before any long work
         todo.append([i for i in mine if not os.path.isfile(image_path(directory, i))])
     if any(todo):
-        pipe = load_pipeline(args.backbone, args.model, unet_file, dtype, device, resolution=args.resolution)
-        # this rank's captions (all of them, so that a resumed run finds the same cache), each rank on its own
-        pipe.prepare_prompts([c for captions, _ in folders for c in captions[rank::world]] + [""], args.cache_dir)
+        pipe = load_pipeline(gen.backbone, gen.model, unet_file, dtype, device, resolution=gen.resolution)
+        # this rank's captions (all of them, so that a resumed run finds the same cache), each rank on
+        # its own
+        mine = [c for captions, _ in folders for c in captions[rank::world]]
+        pipe.prepare_prompts(mine + [""], gen.cache_dir)
         for (captions, directory), indices, folder_settings in zip(folders, todo, settings):
-            generate_images(pipe, captions, indices, directory, folder_settings, args.batch_size, show=rank == 0)
+            generate_images(pipe, captions, indices, directory, folder_settings, gen.batch_size,
+                            show=rank == 0)
         del pipe
     return settings, sum(all_gather(sum(map(len, todo)), world))
 
 
 # -----------------------------------------------------------------------------------------------
-# Scoring over all ranks
-
-def all_gather(obj, world):
-    """Every rank's `obj` in rank order (torch.distributed.all_gather_object); [obj] in one process."""
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def interleave(parts, n):
-    """Rank r's rows are items r, r + world, ...: the (n, D) array of all items in order."""
-    out = np.empty((n, parts[0].shape[1]), parts[0].dtype)
-    for rank, part in enumerate(parts):
-        out[rank::len(parts)] = part
-    return out
-
+# Scoring
 
 @contextlib.contextmanager
 def exact_fp32():

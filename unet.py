@@ -235,7 +235,7 @@ def skip_channels(cfg: UNetConfig):
 class UNet(UNetEncoder):
     """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise (or v)
     prediction, (B, C, H, W)."""
-    adapter_rules = "unet"  # lorad.TARGETS["unet_student"] / ["unet_fake"]: which layers get adapters
+    family = "unet"  # which layers get adapters: lorad.LAYERS[("unet", role)]
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)

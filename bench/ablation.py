@@ -3,7 +3,7 @@ norms, full fine-tuning at equal VSD steps), the rank table (rows A-F: student a
 swap of Fig. 2(c) (a student, its norm swap and its direction swap). Each subcommand trains its runs with
 `wadi.py train` (in this process, one after the other, each logging to RUN/console.log; finished runs are
 skipped, interrupted ones resumed from their last checkpoint), scores every checkpoint with the toy protocol
-(toy.evaluate_toy, the exported student's EMA adapters), analyzes every student against the teacher
+(toyeval.evaluate_toy, the exported student's EMA adapters), analyzes every student against the teacher
 (analysis.py: NM / DM), and writes OUT/<table>.md, OUT/<table>.json and OUT/<table>-fd.png (FD against step,
 one line per row: the mean over seeds, the band from the lowest to the highest).
 
@@ -29,13 +29,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analysis  # noqa: E402
 import toy  # noqa: E402
+import toyeval  # noqa: E402
 import wadi  # noqa: E402
 from loading import load_weights, read_json, read_safetensors  # noqa: E402
 from lorad import ADAPTERS, count_trainable, load_adapters, merge_adapters  # noqa: E402
+from checkpoint import list_checkpoints  # noqa: E402
 from pipeline import BACKBONES, DENOISERS  # noqa: E402
-from vsd import build_networks, list_checkpoints  # noqa: E402
+from vsd import BACKBONE_DEFAULTS, build_networks  # noqa: E402
 
-TOY = wadi.TRAIN_DEFAULTS["toy"]
+TOY = BACKBONE_DEFAULTS["toy"]  # the toy recipe
 # (student lr, fake score lr) per adapter: LoRA at LoRaD's 1e-3 / 1e-2 diverges on the toy, 3e-4 / 3e-3 does
 # not; full fine-tuning of the whole denoiser at 1e-4 / 1e-3 (the README's probes)
 LR = {"lorad": (1e-3, 1e-2), "lora": (3e-4, 3e-3), "dora": (3e-4, 3e-3), "dora-frozen-norm": (3e-4, 3e-3),
@@ -108,7 +110,7 @@ def scored_curve(out, args, reference, variants=("student",)):
     is the student or its `analysis.SWAPS` swap against the teacher."""
     cache_path = os.path.join(out, "curve.json")
     cache = read_json(cache_path) if os.path.isfile(cache_path) else {}
-    classifier = toy.load_classifier(os.path.join(args.model, "classifier"))
+    classifier = toyeval.load_classifier(os.path.join(args.model, "classifier"))
     for checkpoint in list_checkpoints(out):
         todo = [v for v in variants if str(step_of(checkpoint)) not in cache.get(v, {})]
         if not todo:
@@ -117,12 +119,12 @@ def scored_curve(out, args, reference, variants=("student",)):
         for variant in todo:
             net = student
             if variant != "student":
-                teacher_state, student_state = pipe.unet.state_dict(), student.state_dict()
+                teacher_state, student_state = pipe.denoiser.state_dict(), student.state_dict()
                 swapped = analysis.analyze(teacher_state, student_state, swap=variant, progress=False)[1]
                 with torch.device("meta"):
                     net = denoiser(args)
                 net = load_weights(net, swapped, what=f"{variant} swap").eval()
-            results, _ = toy.evaluate_toy(pipe, net, classifier, args.n, toy.PROTOCOL["seed"], toy.PROTOCOL["guidance"],
+            results, _ = toyeval.evaluate_toy(pipe, net, classifier, args.n, toyeval.PROTOCOL["seed"], toyeval.PROTOCOL["guidance"],
                                           names=("student_1",), reference=reference)
             cache.setdefault(variant, {})[str(step_of(checkpoint))] = results["student_1"]
         with open(cache_path, "w") as f:
@@ -325,7 +327,7 @@ def main(argv=None):
         q.add_argument("--steps", type=int, default=TOY["max_steps"], help="VSD steps of every run")
         q.add_argument("--every", type=int, default=TOY["checkpoint_every"],
                        help="checkpoint (and score) every N steps")
-        q.add_argument("--n", type=int, default=toy.REPORT_SAMPLES, help="samples per score (toy protocol)")
+        q.add_argument("--n", type=int, default=toyeval.REPORT_SAMPLES, help="samples per score (toy protocol)")
         q.add_argument("--model", help="the toy repo, teacher and classifier (default: the backbone's)")
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--finished", action="store_true", help="tabulate the finished runs only: train nothing, "
@@ -342,7 +344,7 @@ def main(argv=None):
     args.model = args.model or BACKBONES[args.backbone].repo
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    reference = toy.reference_statistics(toy.load_classifier(os.path.join(args.model, "classifier")))
+    reference = toyeval.data_statistics(toyeval.load_classifier(os.path.join(args.model, "classifier")))
     args.func(args, reference)
 
 

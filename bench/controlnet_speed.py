@@ -70,15 +70,15 @@ def sd_pipeline(config, dtype, device, tokenizer_dir):
     nets = [n.to(dtype).eval().requires_grad_(False) for n in (unet, text, controlnet)]
     pipe = Pipeline(nets[0], vae.eval().requires_grad_(False), nets[1], CLIPTokenizer(tokenizer_dir), schedule,
                     RESOLUTION[config])
-    return pipe, pipe.unet, nets[2]
+    return pipe, pipe.denoiser, nets[2]
 
 
 def toy_pipeline(student, controlnet, dtype, device):
     pipe = load_pipeline("toy", dtype=dtype, device=device)
     unet_cfg = os.path.join(BACKBONES["toy"].repo, "unet", "config.json")
     with open(unet_cfg) as f:
-        student = load_unet_file(student, json.load(f), dtype, device) if student else pipe.unet
-    controlnet = load_controlnet(controlnet or os.path.join(BACKBONES["toy"].repo, "controlnet"), pipe.unet,
+        student = load_unet_file(student, json.load(f), dtype, device) if student else pipe.denoiser
+    controlnet = load_controlnet(controlnet or os.path.join(BACKBONES["toy"].repo, "controlnet"), pipe.denoiser,
                                  pipe.downsampling(), dtype, device)
     return pipe, student, controlnet
 
@@ -122,7 +122,7 @@ def main(argv=None):
     attributes = toy.balanced_attributes(args.batch_size)
     prompts, seeds = [toy.unplaced_prompt(a) for a in attributes], list(range(args.batch_size))
     image = torch.rand(1, 3, pipe.resolution, pipe.resolution, generator=torch.Generator().manual_seed(0))
-    student_pipe = dataclasses.replace(pipe, unet=student)
+    student_pipe = dataclasses.replace(pipe, denoiser=student)
     modes = {
         "student, 1 step + ControlNet": lambda: student_pipe.generate(prompts, seeds, 1, controlnet=controlnet,
                                                                       control_image=image),
@@ -137,7 +137,7 @@ def main(argv=None):
                 times[name].append(elapsed)
     load_after = os.getloadavg()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    params = sum(t.numel() for t in pipe.unet.parameters()) / 1e6, sum(t.numel() for t in controlnet.parameters()) / 1e6
+    params = sum(t.numel() for t in pipe.denoiser.parameters()) / 1e6, sum(t.numel() for t in controlnet.parameters()) / 1e6
     print(f"$ {shlex.join(['python', 'bench/controlnet_speed.py', *(argv or sys.argv[1:])])}")
     print(f"config {args.config}: {pipe.resolution} px, batch {args.batch_size}, {args.dtype}, U-Net {params[0]:.2f}M, "
           f"ControlNet {params[1]:.2f}M; {where}, torch {torch.__version__}; load average (1 min) "

@@ -29,7 +29,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run, checkpoint, pipe, student, fake = load_run(args.run)
-    teacher = pipe.unet.eval()
+    teacher = pipe.denoiser.eval()
     for net in (student, fake):
         net.eval()
 

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
+import toyeval  # noqa: E402
 import vsd  # noqa: E402
 from lorad import ADAPTERS, adapter_state_dict, load_adapters  # noqa: E402
 from pipeline import BACKBONES, load_pipeline  # noqa: E402
@@ -50,8 +51,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline("toy", args.model)
-    classifier = toy.load_classifier(os.path.join(args.model, "classifier"))
-    reference = toy.reference_statistics(classifier)
+    classifier = toyeval.load_classifier(os.path.join(args.model, "classifier"))
+    reference = toyeval.data_statistics(classifier)
     attributes = toy.balanced_attributes(args.n)
     prompts = [toy.prompt(a) for a in attributes]
 
@@ -60,13 +61,13 @@ def main():
         if ema:  # score the averaged adapters, as `train --ema` exports them
             load_adapters(student, ema)
         student.eval()
-        images = toy.generate_images(pipe, student, prompts, list(range(args.n)), 1, toy.TEACHER_GUIDANCE)
+        images = toyeval.toy_images(pipe, student, prompts, list(range(args.n)), 1, toyeval.TEACHER_GUIDANCE)
         student.train()
         load_adapters(student, live)
-        return {**toy.toy_metrics(images, attributes, classifier, reference), "pixel_mean": images.mean().item()}
+        return {**toyeval.toy_metrics(images, attributes, classifier, reference), "pixel_mean": images.mean().item()}
 
     torch.manual_seed(0)
-    teacher = pipe.unet.eval()
+    teacher = pipe.denoiser.eval()
     student, fake = vsd.build_networks(teacher, args.rank, args.rank_fake, args.adapter)
     student_params = [q for q in student.parameters() if q.requires_grad]
     fake_params = [q for q in fake.parameters() if q.requires_grad]

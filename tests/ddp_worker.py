@@ -8,8 +8,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import vsd
+from cli import read_prompts
+from ddp import process_device
 from lorad import adapter_state_dict
-from pipeline import load_pipeline, read_prompts
+from pipeline import load_pipeline
 
 repo, out = sys.argv[1:3]
 local_losses = []
@@ -23,6 +25,7 @@ def recording(*args, **kwargs):
 
 
 vsd.fake_loss = recording
+process_device()
 pipe = load_pipeline("sd15", repo, vae=int(os.environ["RANK"]) == 0)
 config = vsd.TrainConfig(out=out, batch_size=1, max_steps=2, resolution=16, rank=4, rank_fake=2,
                          checkpoint_every=100, validate_every=100)

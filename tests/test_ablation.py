@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import toy
+import toyeval
 from lorad import add_adapters, count_trainable
 from pipeline import BACKBONES
 from unet import UNet
@@ -26,14 +26,14 @@ def load_bench():
 @pytest.fixture
 def quick_reference(monkeypatch):
     """The data's reference statistics from 1,024 images instead of 10,240, computed once (test speed only)."""
-    real, cache = toy.reference_statistics, {}
+    real, cache = toyeval.data_statistics, {}
 
     def reference(classifier, n=10240, seed=1):
         if "stats" not in cache:
             cache["stats"] = real(classifier, 1024, seed)
         return cache["stats"]
 
-    monkeypatch.setattr(toy, "reference_statistics", reference)
+    monkeypatch.setattr(toyeval, "data_statistics", reference)
 
 
 def test_tables_from_a_tiny_run(tmp_path, quick_reference, capsys):
@@ -52,7 +52,7 @@ def test_tables_from_a_tiny_run(tmp_path, quick_reference, capsys):
     assert row["adapter"] == "lorad" and row["seeds"] == 1
     with torch.device("meta"):
         unet = UNet.from_config(json.loads(open(os.path.join(BACKBONES["toy"].repo, "unet", "config.json")).read()))
-    assert row["student_params"] == count_trainable(add_adapters(unet, "unet_student", 16)) == 188_800
+    assert row["student_params"] == count_trainable(add_adapters(unet, "student", 16)) == 188_800
     curve = row["runs"][0]["curve"]["student"]
     assert [step for step, _, _ in curve] == [1, 2]
     # the last checkpoint scored with its EMA adapters is the exported student that `train` scored

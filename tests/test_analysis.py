@@ -31,7 +31,7 @@ def layer(report, name):
 def test_lorad_student_keeps_norms_and_turns_directions_by_the_hand_computed_amount():
     unet = small_unet(dtype=torch.float32)
     teacher = weights(unet)
-    add_adapters(unet, "unet_student", 4, "lorad")
+    add_adapters(unet, "student", 4, "lorad")
     with torch.no_grad():
         for p in adapter_state_dict(unet).values():
             p.normal_(0, 0.2)
@@ -139,7 +139,7 @@ def pair(tmp_path_factory):
     (model / "unet" / "config.json").write_text(json.dumps(small_config()))
     unet = small_unet(0, torch.float32)
     save_file(weights(unet), str(model / "unet" / "diffusion_pytorch_model.safetensors"))
-    add_adapters(unet, "unet_student", 4, "lora")
+    add_adapters(unet, "student", 4, "lora")
     with torch.no_grad():
         for p in adapter_state_dict(unet).values():
             p.normal_(0, 0.05)

@@ -210,7 +210,7 @@ def test_sample_one_step_with_controlnet_equals_diffusers(repo, saved_controlnet
     with torch.no_grad():
         down, mid = cn(z, 999, text, cond, conditioning_scale=0.5, return_dict=False)
         eps = unet(z, 999, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        x0 = (z - (1 - 0.0047) ** 0.5 * eps) / 0.0047 ** 0.5  # SPEC 1.3, T = 999
+        x0 = (z - (1 - 0.0047) ** 0.5 * eps) / 0.0047 ** 0.5  # paper Sec. 3.3, T = 999
         expected = vae.decode(x0 / vae.config.scaling_factor).sample
         plain = unet(z, 999, text).sample
     expected = ((expected.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
@@ -273,7 +273,7 @@ def test_sample_controlnet_errors_are_one_line(repo, saved_controlnet, tmp_path,
 def test_toy_student_follows_the_shipped_controlnet(tmp_path):
     """Issue 17: the default toy student (`wadi.py train --backbone toy`) with the shipped toy ControlNet, trained
     on the teacher only, puts the object where the mask is at least 0.9x as often as the 25-step teacher with it,
-    and far more often than without it (512 prompts without position; toy.CONTROL_PROTOCOL)."""
+    and far more often than without it (512 prompts without position; toyeval.CONTROL_PROTOCOL)."""
     import evaluate
     import wadi
     assert wadi.main(["train", "--backbone", "toy", "--out", str(tmp_path)]) == 0

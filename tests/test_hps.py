@@ -142,7 +142,7 @@ def test_preprocess_matches_hpsv2(reference):
     for w, h, mode in [(96, 61, "RGB"), (45, 100, "RGB"), (57, 57, "RGB"), (30, 21, "RGB"), (56, 56, "RGB"),
                        (64, 80, "L"), (77, 50, "P")]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-        got, want = hps.preprocess_image(img, 56), reference.preprocess(img)
+        got, want = hps.letterbox_image(img, 56), reference.preprocess(img)
         assert got.shape == want.shape == (3, 56, 56) and got.dtype == torch.float32
         assert (got - want).abs().max().item() < 1e-6, (w, h, mode)
 

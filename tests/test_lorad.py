@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loading import LoadError
+from loading import LoadError, read_tensors, save_tensors
 from lorad import (ADAPTERS, Adapter, DoRAFrozenNormLinear, DoRALinear, FullModule, LoRALinear, LoRaDLinear,
                    add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, rotate_pairs,
-                   save_adapters, selected_layers)
+                   selected_layers)
 from dit import PixArt
 from unet import UNet
 from tests.test_unet import small_config
@@ -112,16 +112,17 @@ def test_bias_untouched_and_fp32_adapter_on_bf16_base():
 
 def test_odd_width_error_names_layer():
     model = nn.Module()
+    model.family = "unet"  # a U-Net's layer names
     model.down_blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5), nn.Linear(5, 2))])
     with pytest.raises(ValueError, match=r"down_blocks\.0\.2.*in_features=5"):
-        add_adapters(model, "unet_student", 2)
+        add_adapters(model, "student", 2)
 
 
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_merged_model_equals_adapted_model(kind):
     torch.manual_seed(0)
     unet = UNet.from_config(small_config()).eval()  # SD1.5's layout: proj_in / proj_out are 1x1 convolutions
-    add_adapters(unet, "unet_student", 4, kind)
+    add_adapters(unet, "student", 4, kind)
     convs = [m for m in unet.modules() if isinstance(m, Adapter) and isinstance(m.base, nn.Conv2d)]
     assert (len(convs) > 0) == (kind != "lorad")  # the baselines adapt the convolutions too
     with torch.no_grad():
@@ -154,29 +155,29 @@ def test_lora_and_dora_formulas():
 
 # The paper's counts. The PixArt student: every nn.Linear but adaLN-single's (which holds the 1024-MS micro-condition
 # embedders too); its fake score: the blocks' nn.Linears.
-COUNTS = [("sd15/unet", "unet_student", 64, 20_948_992), ("sd15/unet", "unet_student", 128, 41_897_984),
-          ("sd15/unet", "unet_student", 256, 83_795_968), ("sd15/unet", "unet_student", 512, 167_591_936),
-          ("sd15/unet", "unet_fake", 16, 4_689_408), ("sd15/unet", "unet_fake", 32, 9_378_816),
-          ("sd15/unet", "unet_fake", 64, 18_757_632), ("sd21/unet", "unet_student", 256, 94_429_184),
-          ("pixart-256/transformer", "dit_student", 128, 81_219_584),
-          ("pixart-512/transformer", "dit_student", 128, 81_219_584),
-          ("pixart-1024/transformer", "dit_student", 128, 81_219_584),
-          ("pixart-256/transformer", "dit_fake", 32, 20_127_744),
-          ("pixart-1024/transformer", "dit_fake", 32, 20_127_744)]
+COUNTS = [("sd15/unet", "student", 64, 20_948_992), ("sd15/unet", "student", 128, 41_897_984),
+          ("sd15/unet", "student", 256, 83_795_968), ("sd15/unet", "student", 512, 167_591_936),
+          ("sd15/unet", "fake", 16, 4_689_408), ("sd15/unet", "fake", 32, 9_378_816),
+          ("sd15/unet", "fake", 64, 18_757_632), ("sd21/unet", "student", 256, 94_429_184),
+          ("pixart-256/transformer", "student", 128, 81_219_584),
+          ("pixart-512/transformer", "student", 128, 81_219_584),
+          ("pixart-1024/transformer", "student", 128, 81_219_584),
+          ("pixart-256/transformer", "fake", 32, 20_127_744),
+          ("pixart-1024/transformer", "fake", 32, 20_127_744)]
 
 
 @pytest.mark.parametrize("config,target,rank,expected", COUNTS)
 def test_trainable_counts_match_paper(config, target, rank, expected):
     with open(f"configs/{config}/config.json") as f:
         cfg = json.load(f)
-    network = PixArt if target.startswith("dit") else UNet
+    network = PixArt if config.startswith("pixart") else UNet
     with torch.device("meta"):
         model = add_adapters(network.from_config(cfg), target, rank)
     assert count_trainable(model) == expected
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("target,layers", [("dit_student", 283), ("dit_fake", 280)])
+@pytest.mark.parametrize("target,layers", [("student", 283), ("fake", 280)])
 def test_dit_rules(target, layers):
     with open("configs/pixart-1024/transformer/config.json") as f:
         cfg = json.load(f)
@@ -184,7 +185,7 @@ def test_dit_rules(target, layers):
         model = add_adapters(PixArt.from_config(cfg), target, 4)
     names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(model)}
     assert len(names) == layers and not any(n.startswith("adaln_single.") for n in names)
-    assert ("proj_out" in names) == ("caption_projection.linear_1" in names) == (target == "dit_student")
+    assert ("proj_out" in names) == ("caption_projection.linear_1" in names) == (target == "student")
     assert "transformer_blocks.27.attn2.to_k" in names and "transformer_blocks.0.ff.net.2" in names
 
 
@@ -201,9 +202,9 @@ def test_table2_counts(kind, expected):
     with torch.device("meta"):
         unet = UNet.from_config(cfg)
         total = sum(p.numel() for p in unet.parameters())
-        lorad_layers = {n for n, _ in selected_layers(unet, "unet_student", "lorad")}
-        layers = dict(selected_layers(unet, "unet_student", kind))
-        add_adapters(unet, "unet_student", 256, kind)
+        lorad_layers = {n for n, _ in selected_layers(unet, "student", "lorad")}
+        layers = dict(selected_layers(unet, "student", kind))
+        add_adapters(unet, "student", 256, kind)
     assert count_trainable(unet) == expected
     if kind == "full":
         assert expected == total
@@ -252,7 +253,7 @@ def test_full_trains_every_parameter_under_the_network_keys():
     torch.manual_seed(0)
     unet = UNet.from_config(small_config())
     keys = set(unet.state_dict())
-    add_adapters(unet, "unet_student", 0, "full")
+    add_adapters(unet, "student", 0, "full")
     assert set(adapter_state_dict(unet)) == keys  # the adapter tensors carry the network's own keys
     assert all(isinstance(m, FullModule) for n, m in unet.named_modules() if n.endswith("norm1"))
     out = unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 3, 32))
@@ -264,33 +265,39 @@ def test_full_trains_every_parameter_under_the_network_keys():
 
 def test_fake_rule_skips_projections_and_time():
     with torch.device("meta"):
-        unet = add_adapters(UNet.from_config(small_config(use_linear_projection=True)), "unet_fake", 2)
+        unet = add_adapters(UNet.from_config(small_config(use_linear_projection=True)), "fake", 2)
     names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(unet)}
     assert names and not any(s in n for n in names for s in ("proj_in", "proj_out", "time_emb_proj"))
     assert any("attn2.to_k" in n for n in names) and any("ff.net.2" in n for n in names)
     assert not any(n.startswith("time_embedding") for n in names)
 
 
+def read_adapter_file(path):
+    """Adapter tensors from a safetensors file or the official release's `kduv.pth` state dict (saved
+    from a DDP module: keys may carry `module.`)."""
+    return {k.removeprefix("module."): v for k, v in read_tensors(path).items()}
+
+
 def test_adapter_files_roundtrip_and_official_pth(tmp_path):
     torch.manual_seed(0)
-    unet = add_adapters(UNet.from_config(small_config()), "unet_student", 4)
+    unet = add_adapters(UNet.from_config(small_config()), "student", 4)
     with torch.no_grad():
         for p in adapter_state_dict(unet).values():
             p.normal_()
     state = {k: v.detach().clone() for k, v in adapter_state_dict(unet).items()}
     assert any(k.endswith("attn1.to_q.theta_a") for k in state)
-    save_adapters(unet, str(tmp_path / "a.safetensors"), {"rank": 4})
+    save_tensors(adapter_state_dict(unet), str(tmp_path / "a.safetensors"), {"rank": 4})
     torch.save(state, tmp_path / "kduv.pth")  # the official release's format and naming
 
     for path in ("a.safetensors", "kduv.pth"):
-        other = add_adapters(UNet.from_config(small_config()), "unet_student", 4)
-        load_adapters(other, str(tmp_path / path))
+        other = add_adapters(UNet.from_config(small_config()), "student", 4)
+        load_adapters(other, read_adapter_file(str(tmp_path / path)))
         assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(other).items())
 
-    other = add_adapters(UNet.from_config(small_config()), "unet_student", 8)
+    other = add_adapters(UNet.from_config(small_config()), "student", 8)
     with pytest.raises(LoadError, match="wrong shapes"):
-        load_adapters(other, str(tmp_path / "a.safetensors"))
-    fake = add_adapters(UNet.from_config(small_config()), "unet_fake", 4)
+        load_adapters(other, read_adapter_file(str(tmp_path / "a.safetensors")))
+    fake = add_adapters(UNet.from_config(small_config()), "fake", 4)
     with pytest.raises(LoadError, match="unexpected.*time_emb_proj"):
         load_adapters(fake, state)
 

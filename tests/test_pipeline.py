@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import wadi
 from evaluate import caption_hash
 from loading import LoadError
-from pipeline import BACKBONES, load_pipeline, load_tokenizer, read_prompts, student_backbone
+from cli import read_prompts, student_backbone
+from pipeline import BACKBONES, load_pipeline, load_tokenizer
 
 PROMPTS = ["a photo of a cat", "a watercolor of a lighthouse, at dawn", "émigré café"]
 

@@ -139,7 +139,7 @@ def test_export_loads_in_diffusers_and_matches_the_adapted_student(repo, run, tm
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
     with torch.no_grad():
         got = ref(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask).sample
-        expected, teacher = student(x, t, text, mask), pipe.unet(x, t, text, mask)
+        expected, teacher = student(x, t, text, mask), pipe.denoiser(x, t, text, mask)
     assert (got - expected).abs().max() / expected.abs().max() < 1e-5
     assert (teacher - expected).abs().max() > 1e-4  # the student is not the teacher
 

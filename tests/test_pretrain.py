@@ -9,6 +9,7 @@ import torch
 
 import pretrain
 import toy
+import toyeval
 from pipeline import BACKBONES, load_pipeline
 from t5 import T5Tokenizer
 
@@ -78,7 +79,7 @@ def test_pretrain_toy_dit_writes_a_pixart_repo_that_diffusers_and_transformers_r
         assert (text - ref_encoder(ids[:4], attention_mask=mask[:4]).last_hidden_state).abs().max() < 1e-5
         ref_dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
         x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 250, 500, 999])
-        got = pipe.unet(x, t, text, encoder_attention_mask=mask[:4])
+        got = pipe.denoiser(x, t, text, encoder_attention_mask=mask[:4])
         want = ref_dit(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask[:4],
                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     assert got.shape == (4, 6, 32, 32) and (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -101,9 +102,9 @@ def test_the_shipped_teacher_figures_belong_to_the_shipped_teacher(backbone):
     repo instead of minutes of 25-step sampling; figures of another teacher (a stale file after a rebuild)
     would be skipped without a word, so each must carry the shipped weights' fingerprint."""
     repo = BACKBONES[backbone].repo
-    weights = toy.teacher_fingerprint(load_pipeline(backbone, repo))
-    for n in (toy.REPORT_SAMPLES, toy.PROTOCOL["n"]):
-        results, path = toy.cached_teacher_metrics(repo, {**toy.PROTOCOL, "n": n}, weights)
+    weights = toyeval.teacher_fingerprint(load_pipeline(backbone, repo))
+    for n in (toyeval.REPORT_SAMPLES, toyeval.PROTOCOL["n"]):
+        results, path = toyeval.cached_teacher_metrics(repo, {**toyeval.PROTOCOL, "n": n}, weights)
         assert results is not None, f"{repo}: no teacher figures for {n} samples under the shipped weights"
         assert set(results) == {"teacher_25", "teacher_1"}, path
 
@@ -113,7 +114,6 @@ def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol
     (the teacher standing in for the student)."""
     from diffusers import ControlNetModel
     import evaluate
-    import toy
     import wadi
     from controlnet import load_controlnet
     out = tmp_path / "controlnet"
@@ -121,7 +121,7 @@ def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol
                       "--batch-size", "4"]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     pipe = load_pipeline("toy")
-    ours = load_controlnet(str(out), pipe.unet, pipe.downsampling())
+    ours = load_controlnet(str(out), pipe.denoiser, pipe.downsampling())
     assert ours.controlnet_mid_block.weight.abs().max() > 0  # trained away from its zero start
     ref = ControlNetModel.from_pretrained(str(out)).float().eval()
     x, t, context = torch.randn(2, 3, 32, 32), torch.tensor([10, 999]), pipe.encode_prompts(["a small red cross", ""]).embeds
@@ -136,7 +136,7 @@ def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol
                           "--out", str(tmp_path / "eval")]) == 0
     with open(tmp_path / "eval" / "metrics.json") as f:
         metrics = json.load(f)
-    assert metrics["protocol"]["n"] == 8 and set(metrics["results"]) == set(toy.CONTROL_GENERATORS)
+    assert metrics["protocol"]["n"] == 8 and set(metrics["results"]) == set(toyeval.CONTROL_GENERATORS)
     results = metrics["results"]
     assert results["student_1_controlnet"] == results["teacher_1_controlnet"]  # the same network
     assert all(0 <= r[k] <= 1 for r in results.values() for k in ("position", "attributes"))
@@ -156,7 +156,7 @@ def test_the_shipped_toy_controlnet_is_what_pretraining_writes():
     assert {k: v for k, v in config.items() if k in unet_config and k != "_class_name"} == {
         k: v for k, v in unet_config.items() if k not in ("_class_name", "up_block_types", "out_channels")}
     pipe = load_pipeline("toy")
-    controlnet = load_controlnet(os.path.join(repo, "controlnet"), pipe.unet, pipe.downsampling())
+    controlnet = load_controlnet(os.path.join(repo, "controlnet"), pipe.denoiser, pipe.downsampling())
     assert controlnet.controlnet_mid_block.weight.any()
 
 

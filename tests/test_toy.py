@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import transformers
 
 import toy
+import toyeval
 from clip import CLIPTokenizer
 from loading import LoadError
 
@@ -157,35 +158,35 @@ SHORT_RUN = dict(steps=150, batch_size=64)  # 5 s on 2 cores; the default (500 s
 
 @pytest.fixture(scope="module")
 def classifier():
-    return toy.train_classifier(**SHORT_RUN, seed=0, progress=False)
+    return toyeval.train_classifier(**SHORT_RUN, seed=0, progress=False)
 
 
 def test_training_is_reproducible():
-    a = toy.train_classifier(steps=2, batch_size=8, seed=3, progress=False).state_dict()
-    b = toy.train_classifier(steps=2, batch_size=8, seed=3, progress=False).state_dict()
-    c = toy.train_classifier(steps=2, batch_size=8, seed=4, progress=False).state_dict()
+    a = toyeval.train_classifier(steps=2, batch_size=8, seed=3, progress=False).state_dict()
+    b = toyeval.train_classifier(steps=2, batch_size=8, seed=3, progress=False).state_dict()
+    c = toyeval.train_classifier(steps=2, batch_size=8, seed=4, progress=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_classifier_accuracy(classifier):
     images, _, attributes = toy.sample(4000, torch.Generator().manual_seed(123))
-    features, predictions = toy.classify(classifier, images)
+    features, predictions = toyeval.classify(classifier, images)
     assert features.shape == (4000, 64) and predictions.shape == (4000, 4)
     per_attribute = (predictions == attributes).float().mean(0)
     assert per_attribute.min() > 0.97, per_attribute  # measured: size 1, colour 1, shape 0.990, position 1
 
 
 def test_save_load_round_trip(classifier, tmp_path):
-    toy.save_classifier(classifier, tmp_path)
-    loaded = toy.load_classifier(tmp_path)
+    toyeval.save_classifier(classifier, tmp_path)
+    loaded = toyeval.load_classifier(tmp_path)
     images, _, _ = toy.sample(32, torch.Generator().manual_seed(5))
     assert not loaded.training
     assert torch.equal(loaded.features(images), classifier.features(images))
     assert all(torch.equal(a, b) for a, b in zip(loaded(images), classifier(images)))
     (tmp_path / "config.json").write_text('{"width": 16, "features": 64, "attributes": [["tiny"]]}')
     with pytest.raises(LoadError, match="other attributes"):
-        toy.load_classifier(tmp_path)
+        toyeval.load_classifier(tmp_path)
 
 
 def blur(images, sigma):
@@ -202,8 +203,8 @@ def check_frechet_distance(classifier, reference, floor, accuracy):
     attributes = toy.balanced_attributes(2048)
     images = toy.render(attributes, torch.Generator().manual_seed(7))
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(8))
-    data = toy.toy_metrics(images, attributes, classifier, reference)
-    fresh = toy.toy_metrics(toy.render(attributes, torch.Generator().manual_seed(9)), attributes, classifier, reference)
+    data = toyeval.toy_metrics(images, attributes, classifier, reference)
+    fresh = toyeval.toy_metrics(toy.render(attributes, torch.Generator().manual_seed(9)), attributes, classifier, reference)
     assert data["accuracy"] > accuracy and fresh["accuracy"] > accuracy
     assert max(data["fd"], fresh["fd"]) < floor
     corrupted = {
@@ -214,22 +215,22 @@ def check_frechet_distance(classifier, reference, floor, accuracy):
         "mean image per prompt": images.view(16, 128, 3, 32, 32).mean(0).repeat(16, 1, 1, 1),
     }
     for name, corrupt in corrupted.items():
-        fd = toy.toy_metrics(corrupt, attributes, classifier, reference)["fd"]
+        fd = toyeval.toy_metrics(corrupt, attributes, classifier, reference)["fd"]
         assert fd > 5 * max(data["fd"], fresh["fd"]), name
-    wrong = toy.toy_metrics(images, attributes.roll(1, 0), classifier, reference)  # every prompt swapped for another
+    wrong = toyeval.toy_metrics(images, attributes.roll(1, 0), classifier, reference)  # every prompt swapped for another
     assert wrong["accuracy"] < 0.02 and wrong["fd"] == data["fd"]
 
 
 def test_frechet_distance_tells_data_from_corrupted_data(classifier):
     # measured FD: data 0.12 and 0.13; blur 3.7, noise 2.2, colour cast 2.2, one image 2.2, mean image 8.0
-    check_frechet_distance(classifier, toy.reference_statistics(classifier), floor=0.3, accuracy=0.97)
+    check_frechet_distance(classifier, toyeval.data_statistics(classifier), floor=0.3, accuracy=0.97)
 
 
 @pytest.mark.slow
 def test_default_classifier():
-    classifier = toy.train_classifier(progress=False)  # 500 steps of 64
+    classifier = toyeval.train_classifier(progress=False)  # 500 steps of 64
     images, _, attributes = toy.sample(10000, torch.Generator().manual_seed(123))
-    per_attribute = (toy.classify(classifier, images)[1] == attributes).float().mean(0)
+    per_attribute = (toyeval.classify(classifier, images)[1] == attributes).float().mean(0)
     assert per_attribute.min() > 0.995, per_attribute  # measured: 1, 1, 0.9999, 1
     # measured FD: data 0.17 and 0.24; blur 8.0, noise 5.7, colour cast 3.1, one image 3.0, mean image 17.5
-    check_frechet_distance(classifier, toy.reference_statistics(classifier), floor=0.4, accuracy=0.995)
+    check_frechet_distance(classifier, toyeval.data_statistics(classifier), floor=0.4, accuracy=0.995)

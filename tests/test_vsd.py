@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import loading
 import vsd
 import wadi
-from lorad import adapter_state_dict, load_adapters, merge_adapters
+from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import load_pipeline
 from tests.repo import write_tiny_sd_repo
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
@@ -38,7 +39,7 @@ def train_cli(repo, out, *extra):
 def networks(repo):
     pipe = load_pipeline("sd15", repo)
     torch.manual_seed(0)
-    student, fake = build_networks(pipe.unet, 4, 2)
+    student, fake = build_networks(pipe.denoiser, 4, 2)
     with torch.no_grad():  # non-trivial adapters, so that fake != teacher and g != 0
         for p in [*adapter_state_dict(student).values(), *adapter_state_dict(fake).values()]:
             p.normal_(0, 0.3)
@@ -47,7 +48,7 @@ def networks(repo):
 
 def test_three_networks_share_one_copy_of_the_weights(repo):
     pipe, student, fake = networks(repo)
-    teacher = pipe.unet
+    teacher = pipe.denoiser
     for key in ("conv_in.weight", "mid_block.resnets.0.conv1.weight"):
         ptr = teacher.state_dict()[key].data_ptr()
         assert student.state_dict()[key].data_ptr() == ptr == fake.state_dict()[key].data_ptr()
@@ -61,7 +62,7 @@ def test_three_networks_share_one_copy_of_the_weights(repo):
 
 def test_step_matches_hand_written_reference(repo):
     pipe, student, fake = networks(repo)
-    teacher, ac = pipe.unet, pipe.schedule.alphas_cumprod
+    teacher, ac = pipe.denoiser, pipe.schedule.alphas_cumprod
     text, null = pipe.encode_prompts(["a red cat", "the sea"]), pipe.encode_prompts([""]).expand(2)
     c, c0 = text.embeds, null.embeds
     cfg = VSDConfig()
@@ -72,7 +73,7 @@ def test_step_matches_hand_written_reference(repo):
     grads_g = torch.autograd.grad(loss_g, [p for p in student.parameters() if p.requires_grad])
     grads_f = torch.autograd.grad(loss_fake, [p for p in fake.parameters() if p.requires_grad])
 
-    # the same step, written out from SPEC 1.3
+    # the same step, written out from the paper (Sec. 3.3)
     z, t, eps = d["z"], d["t"], d["eps"]
     x0 = (z - (1 - 0.0047) ** 0.5 * student(z, 999, c)) / 0.0047 ** 0.5
     a = ac[t].view(-1, 1, 1, 1)
@@ -144,14 +145,14 @@ def test_ema_of_the_student_is_tracked_and_exported(repo, tmp_path):
     ckpts = [load_file(str(tmp_path / "run" / f"checkpoint-000000{i}.safetensors")) for i in (1, 2)]
     pipe = load_pipeline("sd15", repo)
     torch.manual_seed(0)  # train's seed: the same initial adapters
-    student, _ = build_networks(pipe.unet, 4, 2)
+    student, _ = build_networks(pipe.denoiser, 4, 2)
     ema = {k: v.detach().clone() for k, v in adapter_state_dict(student).items()}
     for ckpt in ckpts:  # e_s = 0.75 e_(s-1) + 0.25 theta_s, from the live adapters theta_s of each step
         for k in ema:
             ema[k] = 0.75 * ema[k] + 0.25 * ckpt[f"student.{k}"]
             torch.testing.assert_close(ckpt[f"ema.{k}"], ema[k])
     assert any(not torch.allclose(ema[k], ckpts[1][f"student.{k}"]) for k in ema)  # the average lags
-    merged = merge_adapters(vsd.shared_copy(load_adapters(student, ema))).state_dict()
+    merged = merge_adapters(shared_copy(load_adapters(student, ema))).state_dict()
     exported = load_file(str(tmp_path / "run" / "student.safetensors"))
     assert exported.keys() == merged.keys()
     for k in merged:
@@ -219,12 +220,12 @@ def test_export_loads_in_diffusers_and_matches_adapted_student(repo, tmp_path):
     ref = UNet2DConditionModel.from_pretrained(os.path.join(repo, "unet"))
     missing, unexpected = ref.load_state_dict(load_file(exported), strict=True)
     pipe = load_pipeline("sd15", repo)
-    student, fake = build_networks(pipe.unet, 4, 2)
-    vsd.load_checkpoint(str(out / "checkpoint-0000002.safetensors"), student, fake, {}, None)
+    student, fake = build_networks(pipe.denoiser, 4, 2)
+    checkpoint.load_checkpoint(str(out / "checkpoint-0000002.safetensors"), student, fake, {}, None)
     x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"]).embeds
     with torch.no_grad():
         expected, got = student(x, 999, c), ref(x, 999, c).sample
-        teacher = pipe.unet(x, 999, c)
+        teacher = pipe.denoiser(x, 999, c)
     assert (got - expected).abs().max() / expected.abs().max() < 1e-5
     assert (teacher - expected).abs().max() > 1e-4  # the student is not the teacher
     from loading import file_metadata
@@ -255,7 +256,7 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
     x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"]).embeds
 
     def networks():
-        student, fake = build_networks(pipe.unet, 4, 2, kind)
+        student, fake = build_networks(pipe.denoiser, 4, 2, kind)
         opts = {name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, **vsd.ADAMW)
                 for name, net in (("student", student), ("fake", fake))}
         return student, fake, opts
@@ -270,10 +271,10 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
         for v in ema.values():
             v.mul_(0.5)
     path = str(tmp_path / "checkpoint-0000001.safetensors")
-    vsd.save_checkpoint(path, 1, student, fake, opts, ema, {})
+    checkpoint.save_checkpoint(path, 1, student, fake, opts, ema, {})
     student2, fake2, opts2 = networks()
     ema2 = {k: torch.zeros_like(v) for k, v in ema.items()}
-    assert vsd.load_checkpoint(path, student2, fake2, opts2, ema2) == 1
+    assert checkpoint.load_checkpoint(path, student2, fake2, opts2, ema2) == 1
     for a, b in ((student, student2), (fake, fake2)):
         sa, sb = adapter_state_dict(a), adapter_state_dict(b)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -281,11 +282,11 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
     for name in opts:
         s1, s2 = opts[name].state_dict()["state"], opts2[name].state_dict()["state"]
         assert s1.keys() == s2.keys() and all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
-    teacher_out = pipe.unet(x, 999, c)
+    teacher_out = pipe.denoiser(x, 999, c)
     assert (student2(x, 999, c) - teacher_out).abs().max() > 1e-4  # the step moved the student
-    vsd.export_student(student2, str(tmp_path / "student.safetensors"), {})
+    checkpoint.export_student(student2, str(tmp_path / "student.safetensors"), {})
     merged = load_file(str(tmp_path / "student.safetensors"))
-    assert merged.keys() == pipe.unet.state_dict().keys()
+    assert merged.keys() == pipe.denoiser.state_dict().keys()
     from pipeline import load_unet_file
     with open(os.path.join(repo, "unet", "config.json")) as f:
         exported = load_unet_file(str(tmp_path / "student.safetensors"), json.load(f))
@@ -363,7 +364,7 @@ def test_interrupt_saves_the_step_and_resume_is_exact(repo, tmp_path, monkeypatc
 
 
 def test_a_second_interrupt_stops_at_once():
-    with vsd.interruptible() as stop:
+    with checkpoint.interruptible() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop["requested"]
         with pytest.raises(KeyboardInterrupt):
@@ -426,13 +427,13 @@ def test_run_files_logs_and_messages(repo, tmp_path, capsys):
 def test_validation_grids_show_the_ema_student(repo, tmp_path, monkeypatch):
     """With EMA on, samples/step-N.png is drawn by the EMA student (what the run exports), not the raw one:
     the adapters the student holds while `validate` draws are the checkpoint's EMA."""
-    seen, real = [], vsd.validate
+    seen, real = [], checkpoint.validate
 
     def recording(pipe, student, *args):
         seen.append({k: v.detach().clone() for k, v in adapter_state_dict(student).items()})
         return real(pipe, student, *args)
 
-    monkeypatch.setattr(vsd, "validate", recording)
+    monkeypatch.setattr(checkpoint, "validate", recording)
     out = tmp_path / "run"
     assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "2",
                      "--ema", "0.5", "--lr", "1e-2") == 0

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 
 import wadi
 from loading import file_metadata, read_safetensors
-from pipeline import BACKBONES, load_pipeline, read_prompts
+from cli import read_prompts
+from pipeline import BACKBONES, load_pipeline
+from vsd import run_config
 from tests.repo import write_tiny_sd_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,13 +185,13 @@ def test_toy_dit_train_short_run(tmp_path):
 
 def test_toy_evaluate_reads_the_cached_teacher_figures(tmp_path):
     import evaluate
-    import toy
+    import toyeval
     model = tmp_path / "toy"
     shutil.copytree(BACKBONES["toy"].repo, model)
     student = str(model / "unet" / "diffusion_pytorch_model.safetensors")  # the teacher as its own "student"
     sentinel = {"teacher_25": {"fd": 1.5, "accuracy": 0.25}, "teacher_1": {"fd": 2.5, "accuracy": 0.125}}
-    weights = toy.teacher_fingerprint(load_pipeline("toy", str(model)))
-    (model / toy.TEACHER_METRICS).write_text(json.dumps({"weights": weights, "protocol": {**toy.PROTOCOL, "n": 16},
+    weights = toyeval.teacher_fingerprint(load_pipeline("toy", str(model)))
+    (model / toyeval.TEACHER_METRICS).write_text(json.dumps({"weights": weights, "protocol": {**toyeval.PROTOCOL, "n": 16},
                                                          "results": sentinel}))
     args = ["--toy", "--model", str(model), "--student", student, "--num", "16", "--cache-dir", str(tmp_path / "c"),
             "--json"]
@@ -229,8 +231,8 @@ def test_toy_dry_run(capsys):
                                        (["--backbone", "sd15", "--ema"], 0.999)])
 def test_ema_defaults_per_backbone(argv, ema):
     args = wadi.build_parser().parse_args(["train", *argv])
-    wadi.apply_train_defaults(args)
-    assert args.ema == ema
+    run, _ = run_config(args.backbone, ema=args.ema)
+    assert run.ema == ema
 
 
 @pytest.mark.parametrize("steps, message", [("1000", "use at most 999 steps"), ("1001", "1 to 1000 steps")])
