@@ -1,21 +1,24 @@
-"""The T5 v1.1 encoder (Raffel et al. 2020; v1.1: gated-GELU feed-forward, no parameter sharing with a
-decoder) and its SentencePiece tokenizer: PixArt-alpha's text conditioning (PixArt Sec. 2.3, the T5 XXL
-encoder, 120 tokens with a padding mask), written from scratch.
+"""The T5 v1.1 encoder (Raffel et al. 2020; v1.1: gated-GELU feed-forward, no parameter sharing with
+a decoder) and its SentencePiece tokenizer: PixArt-alpha's text conditioning (PixArt Sec. 2.3, the
+T5 XXL encoder, 120 tokens with a padding mask), written from scratch.
 
-- `T5Encoder`: token embedding (no sqrt(d) scaling), pre-RMSNorm blocks of self-attention (no 1/sqrt(d)
-  score scaling; one learned relative position bias, computed by block 0 and shared by all blocks) and
-  a gated-GELU MLP, a final RMSNorm; `forward(input_ids, attention_mask)` returns the last hidden
-  state (B, L, D). It reads a transformers T5 `text_encoder/config.json`; its state dict has exactly
-  the keys of transformers' `T5EncoderModel` (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q`,
-  ...; `encoder.embed_tokens` is `shared` itself, as there), and `convert_state_dict` fills in whichever
-  of the two tied names a file leaves out.
-- `T5Tokenizer`: the repo's `tokenizer/spiece.model` through the `sentencepiece` package, plus the 100
-  `<extra_id_N>` sentinels, eos appended, no bos; ids and masks equal transformers' `T5Tokenizer` with
-  padding="max_length", max_length=120, truncation=True. Captions are neither cleaned nor lower-cased
-  (the official WaDi code).
+- `T5Encoder`: token embedding (no sqrt(d) scaling), pre-RMSNorm blocks of self-attention (no
+  1/sqrt(d) score scaling; one learned relative position bias, computed by block 0 and shared by all
+  blocks) and a gated-GELU MLP, a final RMSNorm; `forward(input_ids, attention_mask)` returns the
+  last hidden state (B, L, D). It reads a transformers T5 `text_encoder/config.json` (`T5Config`,
+  after the network); its state dict has exactly the keys of transformers' `T5EncoderModel`
+  (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q`, ...; `encoder.embed_tokens` is
+  `shared` itself, as there), and `convert_state_dict` fills in whichever of the two tied names a
+  file leaves out.
+- `T5Tokenizer`: the repo's `tokenizer/spiece.model` through the `sentencepiece` package, plus the
+  100 `<extra_id_N>` sentinels, eos appended, no bos; ids and masks equal transformers'
+  `T5Tokenizer` with padding="max_length", max_length=120, truncation=True. Captions are neither
+  cleaned nor lower-cased (the official WaDi code).
 Sources: transformers' `T5EncoderModel` and `T5Tokenizer` (models/t5/), PixArt-alpha's
 `diffusion/model/t5.py`.
 """
+from __future__ import annotations
+
 import math
 import os
 import re
@@ -29,37 +32,16 @@ import torch.nn.functional as F
 from layers import attention
 from loading import LoadError
 
-MAX_LENGTH = 120  # PixArt's caption length in every code path (reference B.3)
-EXTRA_IDS = 100  # transformers' T5Tokenizer sentinels <extra_id_0> (id 32099) ... <extra_id_99> (32000)
-
-
-@dataclass
-class T5Config:
-    """The fields of a transformers `T5Config` that shape the encoder (defaults as there)."""
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-
-    @classmethod
-    def from_dict(cls, cfg):
-        """From a transformers `config.json` dict; unknown keys are ignored, unsupported values raise."""
-        if cfg.get("model_type", "t5") != "t5":
-            raise ValueError(f"unsupported T5 config: model_type={cfg['model_type']!r} (supported: 't5')")
-        ff = cfg.get("feed_forward_proj", "relu")
-        if ff != "gated-gelu":  # transformers maps it to gelu_new (tanh GELU), gated
-            raise ValueError(f"unsupported T5 config: feed_forward_proj={ff!r} (supported: 'gated-gelu', T5 v1.1)")
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+# PixArt's caption length in every code path (PixArt-alpha builds its `T5Embedder` with
+# model_max_length=120; diffusers' PixArtAlphaPipeline has max_sequence_length=120)
+MAX_LENGTH = 120
+# transformers' T5Tokenizer sentinels <extra_id_0> (id 32099) ... <extra_id_99> (32000)
+EXTRA_IDS = 100
 
 
 class T5LayerNorm(nn.Module):
-    """RMSNorm: x / rms(x) * weight, no mean, no bias; the statistics in fp32 whatever the input dtype,
-    the result in the weight's dtype when that is half precision (as transformers)."""
+    """RMSNorm: x / rms(x) * weight, no mean, no bias; the statistics in fp32 whatever the input
+    dtype, the result in the weight's dtype when that is half precision (as transformers)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -75,28 +57,30 @@ class T5LayerNorm(nn.Module):
 
 
 def relative_position_bucket(relative_position, num_buckets, max_distance):
-    """Bidirectional T5 buckets of key - query offsets: half the buckets per direction (key after the
-    query: + num_buckets/2); offsets below num_buckets/4 get one bucket each, larger ones logarithmic
-    bins up to max_distance, beyond which all share the last bucket."""
+    """Bidirectional T5 buckets of key - query offsets: half the buckets per direction (key after
+    the query: + num_buckets/2); offsets below num_buckets/4 get one bucket each, larger ones
+    logarithmic bins up to max_distance, beyond which all share the last bucket."""
     num_buckets //= 2
     buckets = (relative_position > 0).long() * num_buckets
     distance = relative_position.abs()
     max_exact = num_buckets // 2
-    large = max_exact + (torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).long()
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, large)
 
 
 class T5Attention(nn.Module):
-    """Multi-head self-attention with bias-free q, k, v, o and unscaled scores q @ k^T + position bias
-    (the initialisation absorbs 1/sqrt(d_kv)). Block 0 also owns the relative position bias table."""
+    """Multi-head self-attention with bias-free q, k, v, o and unscaled scores q @ k^T + position
+    bias (the initialisation absorbs 1/sqrt(d_kv)). Block 0 also owns the relative position bias
+    table."""
 
     def __init__(self, c: T5Config, has_relative_attention_bias=False):
         super().__init__()
         inner = c.num_heads * c.d_kv
         self.heads = c.num_heads
-        self.buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        self.buckets = c.relative_attention_num_buckets
+        self.max_distance = c.relative_attention_max_distance
         self.q = nn.Linear(c.d_model, inner, bias=False)
         self.k = nn.Linear(c.d_model, inner, bias=False)
         self.v = nn.Linear(c.d_model, inner, bias=False)
@@ -106,10 +90,12 @@ class T5Attention(nn.Module):
 
     def compute_bias(self, length):  # -> (1, heads, L, L)
         position = torch.arange(length, device=self.relative_attention_bias.weight.device)
-        bucket = relative_position_bucket(position[None, :] - position[:, None], self.buckets, self.max_distance)
+        bucket = relative_position_bucket(position[None, :] - position[:, None], self.buckets,
+                                          self.max_distance)
         return self.relative_attention_bias(bucket).permute(2, 0, 1)[None]
 
-    def forward(self, x, bias):  # x: (B, L, D), bias: (B or 1, heads, L, L) position bias + padding mask
+    def forward(self, x, bias):
+        # x: (B, L, D), bias: (B or 1, heads, L, L) position bias + padding mask
         return self.o(attention(self.q(x), self.k(x), self.v(x), self.heads, mask=bias, scale=1.0))
 
 
@@ -147,7 +133,8 @@ class T5LayerFF(nn.Module):
 
 
 def clamp_fp16(x):
-    """T5 activations outgrow float16; transformers clamps them to its finite range after each layer."""
+    """T5 activations outgrow float16; transformers clamps them to its finite range after each
+    layer."""
     if x.dtype != torch.float16:
         return x
     limit = torch.finfo(torch.float16).max
@@ -160,7 +147,8 @@ class T5Block(nn.Module):
 
     def __init__(self, c: T5Config, has_relative_attention_bias):
         super().__init__()
-        self.layer = nn.ModuleList([T5LayerSelfAttention(c, has_relative_attention_bias), T5LayerFF(c)])
+        self.layer = nn.ModuleList([T5LayerSelfAttention(c, has_relative_attention_bias),
+                                    T5LayerFF(c)])
 
     def forward(self, x, bias):
         x = clamp_fp16(self.layer[0](x, bias))
@@ -168,27 +156,32 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-    """The encoder stack: `block.N` and `final_layer_norm` (`embed_tokens` is the model's `shared`)."""
+    """The encoder stack: `block.N` and `final_layer_norm` (`embed_tokens` is the model's
+    `shared`)."""
 
     def __init__(self, c: T5Config, embed_tokens):
         super().__init__()
         self.embed_tokens = embed_tokens
-        self.block = nn.ModuleList([T5Block(c, has_relative_attention_bias=i == 0) for i in range(c.num_layers)])
+        self.block = nn.ModuleList([T5Block(c, has_relative_attention_bias=i == 0)
+                                    for i in range(c.num_layers)])
         self.final_layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
 
     def forward(self, input_ids, attention_mask=None):  # (B, L) -> (B, L, D)
         x = self.embed_tokens(input_ids)
-        bias = self.block[0].layer[0].SelfAttention.compute_bias(input_ids.shape[1])  # (1, heads, L, L)
-        if attention_mask is not None:  # 1 = token, 0 = padding: padded keys get the lowest finite score
-            pad = (1 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # (B, 1, 1, L)
-            bias = bias.to(x.dtype) + pad  # (B, heads, L, L)
+        attn = self.block[0].layer[0].SelfAttention
+        bias = attn.compute_bias(input_ids.shape[1])  # (1, heads, L, L)
+        if attention_mask is not None:
+            # 1 = token, 0 = padding: padded keys get the lowest finite score
+            keep = attention_mask[:, None, None, :].to(x.dtype)  # (B, 1, 1, L)
+            bias = bias.to(x.dtype) + (1 - keep) * torch.finfo(x.dtype).min  # (B, heads, L, L)
         for block in self.block:
             x = block(x, bias)  # one position bias (and mask) for every block
         return self.final_layer_norm(x)
 
 
 class T5Encoder(nn.Module):
-    """transformers' `T5EncoderModel`: token ids (and their padding mask) -> the last hidden state."""
+    """transformers' `T5EncoderModel`: token ids (and their padding mask) -> the last hidden
+    state."""
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -202,15 +195,44 @@ class T5Encoder(nn.Module):
         return cls(T5Config.from_dict(cfg))
 
     def forward(self, input_ids, attention_mask=None):
-        """input_ids: (B, L) token ids; attention_mask: (B, L), 1 for tokens, 0 for padding (None: all
-        tokens). Returns (B, L, d_model), the final-RMSNorm output (padded positions included)."""
+        """input_ids: (B, L) token ids; attention_mask: (B, L), 1 for tokens, 0 for padding (None:
+        all tokens). Returns (B, L, d_model), the final-RMSNorm output (padded positions
+        included)."""
         return self.encoder(input_ids, attention_mask)
+
+
+@dataclass
+class T5Config:
+    """The fields of a transformers `T5Config` that shape the encoder (defaults as there)."""
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """From a transformers `config.json` dict; unknown keys are ignored, unsupported values
+        raise."""
+        if cfg.get("model_type", "t5") != "t5":
+            raise ValueError(f"unsupported T5 config: model_type={cfg['model_type']!r} "
+                             f"(supported: 't5')")
+        ff = cfg.get("feed_forward_proj", "relu")
+        if ff != "gated-gelu":  # transformers maps it to gelu_new (tanh GELU), gated
+            raise ValueError(f"unsupported T5 config: feed_forward_proj={ff!r} "
+                             f"(supported: 'gated-gelu', T5 v1.1)")
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 def convert_state_dict(state):
     """A transformers T5 encoder state dict with both tied names: `encoder.embed_tokens.weight` IS
-    `shared.weight`, and files hold either or both (safetensors files written by transformers keep only
-    `shared.weight`). The `rename` for `loading.load_component(T5Encoder, repo, "text_encoder", ...)`."""
+    `shared.weight`, and files hold either or both (safetensors files written by transformers keep
+    only `shared.weight`). The `rename` for `loading.load_component(T5Encoder, repo,
+    "text_encoder", ...)`."""
     state = dict(state)
     shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
     if shared is not None:
@@ -219,16 +241,18 @@ def convert_state_dict(state):
 
 
 class T5Tokenizer:
-    """T5's SentencePiece tokenizer, from a Hugging Face `tokenizer/` directory holding `spiece.model`.
+    """T5's SentencePiece tokenizer, from a Hugging Face `tokenizer/` directory holding
+    `spiece.model`.
 
-    `tokenizer(prompts)` -> (ids, mask), both LongTensor (B, max_length): each prompt's pieces, cut to
-    max_length - 1, then eos (1), then padding (0); the mask is 1 on the pieces and the eos (the empty
-    prompt is just eos: one valid token). `truncated(prompts)` says which prompts were cut.
+    `tokenizer(prompts)` -> (ids, mask), both LongTensor (B, max_length): each prompt's pieces, cut
+    to max_length - 1, then eos (1), then padding (0); the mask is 1 on the pieces and the eos (the
+    empty prompt is just eos: one valid token). `truncated(prompts)` says which prompts were cut.
 
-    Text handling is transformers' (5.x `T5Tokenizer`, and 4.x's sentencepiece-based one): the special
-    tokens `<pad>`, `</s>`, `<unk>` and `<extra_id_0>` ... `<extra_id_99>` are cut out of the text first,
-    each becoming its own id; every other piece of text is encoded by SentencePiece on its own (NFKC
-    normalisation, whitespace runs collapsed, a leading "▁" added). No cleaning, no lower-casing.
+    Text handling is transformers' (5.x `T5Tokenizer`, and 4.x's sentencepiece-based one): the
+    special tokens `<pad>`, `</s>`, `<unk>` and `<extra_id_0>` ... `<extra_id_99>` are cut out of
+    the text first, each becoming its own id; every other piece of text is encoded by SentencePiece
+    on its own (NFKC normalisation, whitespace runs collapsed, a leading "▁" added). No cleaning, no
+    lower-casing.
     """
 
     def __init__(self, path, max_length=MAX_LENGTH):
@@ -251,8 +275,8 @@ class T5Tokenizer:
         return self.sp.get_piece_size() + EXTRA_IDS  # 32,100 (the encoder's table has 32,128 rows)
 
     def encode(self, text):
-        """The token ids of one prompt, without eos, truncation or padding. Special tokens are the odd
-        pieces of the split."""
+        """The token ids of one prompt, without eos, truncation or padding. Special tokens are the
+        odd pieces of the split."""
         ids = []
         for i, piece in enumerate(self.split_specials.split(text)):
             ids.extend([self.specials[piece]] if i % 2 else self.sp.encode(piece))
@@ -260,7 +284,8 @@ class T5Tokenizer:
 
     def truncated(self, prompts):
         """Indices of the prompts longer than max_length tokens with eos, which `__call__` cuts."""
-        return [i for i, prompt in enumerate(prompts) if len(self.encode(prompt)) >= self.max_length]
+        return [i for i, prompt in enumerate(prompts)
+                if len(self.encode(prompt)) >= self.max_length]
 
     def __call__(self, prompts):
         """A list of prompts -> (ids, mask), each LongTensor (B, max_length)."""
