@@ -1,7 +1,7 @@
 """Building blocks shared by every network in the project: one attention, one feed-forward, one
-ResNet block, one timestep embedding, one gradient-checkpointing runner. The U-Net (unet.py), the
-VAE (vae.py), the DiT (dit.py) and the text encoders (clip.py, t5.py) all compose these, so each
-idea is written once.
+ResNet block, one timestep embedding, one gradient-checkpointing runner, one rule for modules kept
+in float32 under float16. The U-Net (unet.py), the VAE (vae.py), the DiT (dit.py) and the text
+encoders (clip.py, t5.py) all compose these, so each idea is written once.
 
 Parameter names follow diffusers (`to_q`, `to_out.0`, `ff.net.0.proj`, `norm1`, `conv_shortcut`,
 ...) so that state dicts load with strict=True.
@@ -186,3 +186,35 @@ def checkpointed(net, module, *args):
     if net.gradient_checkpointing and net.training and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
+
+
+def kept_in_fp32(network, key, dtype):
+    """Whether the tensor `key` (a state-dict name) of `network` (a class or an instance) stays
+    float32 when the network is made `dtype`: dtype is float16 and a module on the key's path is
+    named in the network's `keep_in_fp32_modules`. As transformers' `_keep_in_fp32_modules`, which
+    transformers 5 honours for float16 only (`PreTrainedModel._get_dtype_plan`): bfloat16 has
+    float32's range, and such modules are made bfloat16 like the rest."""
+    names = getattr(network, "keep_in_fp32_modules", ())
+    return dtype == torch.float16 and any(name in names for name in key.split(".")[:-1])
+
+
+class KeepsFp32Modules(nn.Module):
+    """A network whose modules named in `keep_in_fp32_modules` stay float32 when it is made float16
+    (`kept_in_fp32`): `.half()`, `.to(torch.float16)` and `.to(device, torch.float16)` move their
+    tensors (and gradients) to the device but keep them float32, with their float32 values (never
+    rounded through float16); loading.py reads their weights as float32 likewise. Casting a
+    submodule on its own does not consult the rule."""
+    keep_in_fp32_modules = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = [t for name, t in [*self.named_parameters(), *self.named_buffers()]
+                if kept_in_fp32(self, name, torch.float16)]
+        ids = {id(t) for t in kept} | {id(t.grad) for t in kept if t.grad is not None}
+
+        def cast(t):  # fn, except that a kept tensor is never made float16
+            out = fn(t)
+            if id(t) in ids and out.dtype == torch.float16:
+                return t.to(out.device, torch.float32)
+            return out
+
+        return super()._apply(cast, recurse)

@@ -9,7 +9,11 @@ T5 XXL encoder, 120 tokens with a padding mask), written from scratch.
   after the network); its state dict has exactly the keys of transformers' `T5EncoderModel`
   (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q`, ...; `encoder.embed_tokens` is
   `shared` itself, as there), and `convert_state_dict` fills in whichever of the two tied names a
-  file leaves out.
+  file leaves out. In float16 its `wo` projections stay float32, as transformers keeps them
+  (`T5PreTrainedModel._keep_in_fp32_modules`): T5 v1.1 XXL's feed-forward writes activations beyond
+  float16's range (65504) into a few channels of the residual stream, which a T5 merely cast to
+  float16 clamps, ruining the embeddings. The residual stream is then float32 from block 0's
+  feed-forward on, as in transformers; each sublayer still runs in float16.
 - `T5Tokenizer`: the repo's `tokenizer/spiece.model` through the `sentencepiece` package, plus the
   100 `<extra_id_N>` sentinels, eos appended, no bos; ids and masks equal transformers'
   `T5Tokenizer` with padding="max_length", max_length=120, truncation=True. Captions are neither
@@ -29,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import attention
+from layers import KeepsFp32Modules, attention
 from loading import LoadError
 
 # PixArt's caption length in every code path (PixArt-alpha builds its `T5Embedder` with
@@ -110,7 +114,10 @@ class T5LayerSelfAttention(nn.Module):
 
 
 class T5DenseGatedActDense(nn.Module):
-    """The gated-GELU MLP of T5 v1.1: wo(gelu_tanh(wi_0 x) * wi_1 x), no biases."""
+    """The gated-GELU MLP of T5 v1.1: wo(gelu_tanh(wi_0 x) * wi_1 x), no biases; the input of `wo`
+    is cast to wo's dtype (float32 in a float16 encoder: `T5Encoder.keep_in_fp32_modules`), as
+    transformers' `T5DenseGatedActDense` does, so the output is float32 then. `wo` runs in its own
+    dtype under autocast too (where transformers' would overflow in float16)."""
 
     def __init__(self, c: T5Config):
         super().__init__()
@@ -119,7 +126,9 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
     def forward(self, x):
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, d_ff)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.wo(h.to(self.wo.weight.dtype))
 
 
 class T5LayerFF(nn.Module):
@@ -128,13 +137,13 @@ class T5LayerFF(nn.Module):
         self.DenseReluDense = T5DenseGatedActDense(c)
         self.layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon)
 
-    def forward(self, x):
+    def forward(self, x):  # float16 x + float32 MLP output: float32, as in transformers
         return x + self.DenseReluDense(self.layer_norm(x))
 
 
 def clamp_fp16(x):
     """T5 activations outgrow float16; transformers clamps them to its finite range after each
-    layer."""
+    layer (a float32 residual stream, as behind a float32 `wo`, is left alone)."""
     if x.dtype != torch.float16:
         return x
     limit = torch.finfo(torch.float16).max
@@ -179,9 +188,12 @@ class T5Stack(nn.Module):
         return self.final_layer_norm(x)
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(KeepsFp32Modules):
     """transformers' `T5EncoderModel`: token ids (and their padding mask) -> the last hidden
-    state."""
+    state. Made float16 (loaded so, or by `.half()` / `.to`), its `wo` weights stay float32
+    (`layers.KeepsFp32Modules`), as transformers loads T5 in float16; in bfloat16 they are
+    bfloat16, as there (transformers 5.23)."""
+    keep_in_fp32_modules = ("wo",)  # transformers' T5PreTrainedModel._keep_in_fp32_modules
 
     def __init__(self, config: T5Config):
         super().__init__()
