@@ -11,9 +11,12 @@ Diffusion and the byte-level BPE tokenizer that feeds it.
   (`vocab.json`, `merges.txt`, the special-token files); ids equal those of transformers 5's
   `CLIPTokenizer` with `padding="max_length", truncation=True`, as diffusers calls it.
 
-The encoder layers are generic (width, activation, causal or not): one implementation serves the text
-model here and both OpenCLIP towers of the evaluation (openclip.py).
+The encoder layers are generic (width, activation, causal or not): one implementation serves the
+text model here and both OpenCLIP towers of the evaluation (openclip.py). The config parsing
+(`CLIPTextConfig`) follows the network.
 """
+from __future__ import annotations
+
 import json
 import os
 import unicodedata
@@ -34,34 +37,6 @@ def quick_gelu(x):
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
-
-
-@dataclass
-class CLIPTextConfig:
-    """The fields of a transformers `CLIPTextConfig` that shape the network (defaults as there)."""
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, cfg):
-        """From a transformers `config.json` dict; unknown keys are ignored, unsupported values raise."""
-        if cfg.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"not a CLIP text-encoder config: model_type is {cfg['model_type']!r}, "
-                             "expected 'clip_text_model'")
-        config = cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r} in CLIP text config "
-                             f"(supported: {', '.join(ACTIVATIONS)})")
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"CLIP text config: hidden_size {config.hidden_size} is not divisible by "
-                             f"num_attention_heads {config.num_attention_heads}")
-        return config
 
 
 class CLIPAttention(nn.Module):
@@ -113,7 +88,8 @@ class CLIPEncoder(nn.Module):
 
     def __init__(self, depth, dim, heads, mlp_hidden, act, eps):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(dim, heads, mlp_hidden, act, eps) for _ in range(depth)])
+        self.layers = nn.ModuleList(
+            [CLIPEncoderLayer(dim, heads, mlp_hidden, act, eps) for _ in range(depth)])
 
     def forward(self, x, causal=False):
         for layer in self.layers:
@@ -165,10 +141,40 @@ class CLIPTextModel(nn.Module):
         return self.text_model(input_ids)  # (B, L, D)
 
 
+@dataclass
+class CLIPTextConfig:
+    """The fields of a transformers `CLIPTextConfig` that shape the network (defaults as there)."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """From a transformers `config.json` dict; unknown keys are ignored, unsupported values
+        raise."""
+        if cfg.get("model_type", "clip_text_model") != "clip_text_model":
+            raise ValueError(f"not a CLIP text-encoder config: model_type is "
+                             f"{cfg['model_type']!r}, expected 'clip_text_model'")
+        config = cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r} in CLIP text config "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"CLIP text config: hidden_size {config.hidden_size} is not divisible "
+                             f"by num_attention_heads {config.num_attention_heads}")
+        return config
+
+
 def convert_text_state_dict(state):
     """A transformers CLIP text-encoder state dict in our key layout. Files saved by transformers 5
     lack the `text_model.` prefix (it strips it when loading); files saved before transformers 4.31
-    carry the buffer `text_model.embeddings.position_ids`, which is just arange(77) and is dropped."""
+    carry the buffer `text_model.embeddings.position_ids`, which is just arange(77) and is
+    dropped."""
     state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
     state.pop("text_model.embeddings.position_ids", None)
     return state
@@ -178,16 +184,19 @@ def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable characters: the printable
     Latin-1 bytes map to themselves, the others to chr(256 + n), so no token holds a space or a
     control character. The order is that of the first 256 vocabulary entries."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
-    table.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    others = (b for b in range(256) if b not in printable)
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
     return table
 
 
 # CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of anything else; whitespace
-# only separates. (The reference also lists `<|startoftext|>` and `<|endoftext|>` here, but its
-# byte-level step splits such a piece again into `<|`, the word, `|>`, which this pattern does in one
-# go; the special tokens proper are split out before, see `CLIPTokenizer.encode`.)
+# only separates. (transformers' `CLIPTokenizer` also lists `<|startoftext|>` and `<|endoftext|>`
+# in this pattern, but its byte-level step splits such a piece again into `<|`, the word, `|>`,
+# which this pattern does in one go; the special tokens proper are split out before, see
+# `CLIPTokenizer.encode`.)
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
 
 
@@ -197,14 +206,16 @@ def _special_token(value):
 
 
 def read_bpe_files(path):
-    """(vocab: token -> id, merges: [(a, b), ...] by rank, added tokens: content -> declaration) of a
-    `tokenizer/` directory: `vocab.json` + `merges.txt` (transformers 4 and the Hub's SD repos), else the
-    single `tokenizer.json` that transformers 5 writes (same vocabulary and merges, in its "model")."""
+    """(vocab: token -> id, merges: [(a, b), ...] by rank, added tokens: content -> declaration) of
+    a `tokenizer/` directory: `vocab.json` + `merges.txt` (transformers 4 and the Hub's SD repos),
+    else the single `tokenizer.json` that transformers 5 writes (same vocabulary and merges, in its
+    "model")."""
     if os.path.isfile(os.path.join(path, "vocab.json")):
         with open(os.path.join(path, "vocab.json"), encoding="utf-8-sig") as f:
             vocab = json.load(f)
         with open(os.path.join(path, "merges.txt"), encoding="utf-8-sig") as f:
-            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+            lines = [line for line in f.read().split("\n")
+                     if line and not line.startswith("#version")]
         return vocab, [tuple(line.split()) for line in lines], {}
     with open(os.path.join(path, "tokenizer.json"), encoding="utf-8-sig") as f:
         data = json.load(f)
@@ -231,17 +242,19 @@ class CLIPTokenizer:
 
     Text handling is that of transformers 5 (its `tokenizers` pipeline): the special tokens (BOS,
     EOS, UNK, PAD) are cut out of the text first, each becoming its own id (so with SD2.1's special
-    `!`, every "!" in a prompt is the bare `!` token, never part of a punctuation run); the rest goes
-    through NFC normalization, per-character lower-casing, the pre-tokenizer above, and BPE merges by
-    rank on the UTF-8 bytes, with `</w>` marking the end of each word. There is no ftfy and no HTML
-    unescaping (transformers 4's Python tokenizer used ftfy when installed; open_clip always does).
+    `!`, every "!" in a prompt is the bare `!` token, never part of a punctuation run); the rest
+    goes through NFC normalization, per-character lower-casing, the pre-tokenizer above, and BPE
+    merges by rank on the UTF-8 bytes, with `</w>` marking the end of each word. There is no ftfy
+    and no HTML unescaping (transformers 4's Python tokenizer used ftfy when installed; open_clip
+    always does).
     """
 
     def __init__(self, path):
         self.vocab, merges, added = read_bpe_files(path)
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
-        settings = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>", "model_max_length": 77}
+        settings = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                    "model_max_length": 77}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
             file = os.path.join(path, name)
             if os.path.isfile(file):
@@ -254,7 +267,8 @@ class CLIPTokenizer:
         # A special token declared `"normalized": true` is matched in the normalized text, otherwise
         # in the raw text; a plain string is not normalized, and a later declaration of the same
         # token overrides an earlier one (as transformers adds them: bos, eos, unk, pad).
-        declared = [settings[k] if isinstance(settings[k], dict) else added.get(t, {}) for t, k in zip(specials, keys)]
+        declared = [settings[k] if isinstance(settings[k], dict) else added.get(t, {})
+                    for t, k in zip(specials, keys)]
         normalized = {t: d.get("normalized", False) for t, d in zip(specials, declared)}
         self.raw_specials = _splitter([t for t in normalized if not normalized[t]])
         self.normalized_specials = _splitter([t for t in normalized if normalized[t]])
@@ -288,13 +302,15 @@ class CLIPTokenizer:
             if i % 2:
                 ids.append(self.vocab[raw])
                 continue
-            normal = "".join(c.lower() for c in unicodedata.normalize("NFC", raw))  # "Σ" -> "σ" even word-final
+            # per character: "Σ" -> "σ" even word-final
+            normal = "".join(c.lower() for c in unicodedata.normalize("NFC", raw))
             for j, piece in enumerate(self.normalized_specials.split(normal)):
                 if j % 2:
                     ids.append(self.vocab[piece])
                     continue
                 for word in PRETOKENIZE.findall(piece):
-                    ids.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+                    chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                    ids.extend(self.bpe(chars))
         return ids
 
     def __call__(self, prompts):

@@ -1,15 +1,17 @@
 """Building blocks shared by every network in the project: one attention, one feed-forward, one
-ResNet block, one timestep embedding. The U-Net (unet.py), the VAE (vae.py), the DiT (dit.py) and the
-text encoders (clip.py, t5.py) all compose these, so each idea is written once.
+ResNet block, one timestep embedding, one gradient-checkpointing runner, one rule for modules kept
+in float32 under float16. The U-Net (unet.py), the VAE (vae.py), the DiT (dit.py) and the text
+encoders (clip.py, t5.py) all compose these, so each idea is written once.
 
-Parameter names follow diffusers (`to_q`, `to_out.0`, `ff.net.0.proj`, `norm1`, `conv_shortcut`, ...)
-so that state dicts load with strict=True.
+Parameter names follow diffusers (`to_q`, `to_out.0`, `ff.net.0.proj`, `norm1`, `conv_shortcut`,
+...) so that state dicts load with strict=True.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def attention(q, k, v, heads, mask=None, causal=False, scale=None, upcast=False):
@@ -27,9 +29,9 @@ def attention(q, k, v, heads, mask=None, causal=False, scale=None, upcast=False)
 
 
 def mask_bias(mask, dtype):
-    """A text padding mask (B, L), 1 (or True) on tokens and 0 on padding, as the additive attention bias
-    (B, 1, 1, L) that diffusers makes of an `encoder_attention_mask`: 0 on tokens, -10000 on padding (whose
-    softmax weight is then exactly 0 in any float format)."""
+    """A text padding mask (B, L), 1 (or True) on tokens and 0 on padding, as the additive attention
+    bias (B, 1, 1, L) that diffusers makes of an `encoder_attention_mask`: 0 on tokens, -10000 on
+    padding (whose softmax weight is then exactly 0 in any float format)."""
     return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
@@ -37,7 +39,8 @@ class Attention(nn.Module):
     """diffusers' `Attention` layout: to_q, to_k, to_v and to_out.0. Self-attention when no context
     is given, cross-attention onto `context` (dim `context_dim`) otherwise."""
 
-    def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, out_bias=True, upcast=False):
+    def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, out_bias=True,
+                 upcast=False):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.upcast = heads, upcast
@@ -119,7 +122,8 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 convolution with stride 2 (key `conv`); `padding=0` pads (0, 1, 0, 1) first as the SD VAE."""
+    """3x3 convolution with stride 2 (key `conv`); `padding=0` pads (0, 1, 0, 1) first, as the SD
+    VAE does."""
 
     def __init__(self, ch, padding=1):
         super().__init__()
@@ -133,7 +137,7 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour upsampling (x2, or to `size`) followed by a 3x3 convolution (key `conv`)."""
+    """Nearest-neighbour upsampling (x2, or to `size`), then a 3x3 convolution (key `conv`)."""
 
     def __init__(self, ch):
         super().__init__()
@@ -144,13 +148,15 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
-def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=1.0, max_period=10000, dtype=torch.float32):
+def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=1.0, max_period=10000,
+                       dtype=torch.float32):
     """Sinusoidal embedding of (possibly fractional) timesteps t: (B,) -> (B, dim), as in DDPM and
     diffusers' `get_timestep_embedding` (frequencies exp(-log(max_period) * i / (half - shift))),
     computed in `dtype`. With flip_sin_to_cos=False, shift=0 and float64 it is also one axis of the
     2-D sin-cos position embedding of ViT / DiT (dit.py)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - shift))
+    i = torch.arange(half, dtype=dtype, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * i / (half - shift))
     args = t.to(dtype)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([args.sin(), args.cos()], dim=-1)
     if flip_sin_to_cos:
@@ -161,7 +167,8 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, shift=1.0, max_period=10000
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: linear_1, SiLU, linear_2 (diffusers' `TimestepEmbedding`)."""
+    """MLP on the sinusoidal embedding: linear_1, SiLU, linear_2 (diffusers'
+    `TimestepEmbedding`)."""
 
     def __init__(self, in_dim, dim):
         super().__init__()
@@ -170,3 +177,44 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def checkpointed(net, module, *args):
+    """`module(*args)` inside the network `net`, through activation checkpointing (non-reentrant
+    `torch.utils.checkpoint`: the activations are recomputed in the backward pass instead of kept)
+    when `net.gradient_checkpointing` is set, `net` is training and autograd is recording."""
+    if net.gradient_checkpointing and net.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+def kept_in_fp32(network, key, dtype):
+    """Whether the tensor `key` (a state-dict name) of `network` (a class or an instance) stays
+    float32 when the network is made `dtype`: dtype is float16 and a module on the key's path is
+    named in the network's `keep_in_fp32_modules`. As transformers' `_keep_in_fp32_modules`, which
+    transformers 5 honours for float16 only (`PreTrainedModel._get_dtype_plan`): bfloat16 has
+    float32's range, and such modules are made bfloat16 like the rest."""
+    names = getattr(network, "keep_in_fp32_modules", ())
+    return dtype == torch.float16 and any(name in names for name in key.split(".")[:-1])
+
+
+class KeepsFp32Modules(nn.Module):
+    """A network whose modules named in `keep_in_fp32_modules` stay float32 when it is made float16
+    (`kept_in_fp32`): `.half()`, `.to(torch.float16)` and `.to(device, torch.float16)` move their
+    tensors (and gradients) to the device but keep them float32, with their float32 values (never
+    rounded through float16); loading.py reads their weights as float32 likewise. Casting a
+    submodule on its own does not consult the rule."""
+    keep_in_fp32_modules = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = [t for name, t in [*self.named_parameters(), *self.named_buffers()]
+                if kept_in_fp32(self, name, torch.float16)]
+        ids = {id(t) for t in kept} | {id(t.grad) for t in kept if t.grad is not None}
+
+        def cast(t):  # fn, except that a kept tensor is never made float16
+            out = fn(t)
+            if id(t) in ids and out.dtype == torch.float16:
+                return t.to(out.device, torch.float32)
+            return out
+
+        return super()._apply(cast, recurse)

@@ -1,7 +1,8 @@
-"""Checkpoint loading in one place: files from a Hugging Face repo or a local directory in the same
-layout (`unet/`, `vae/`, `text_encoder/`, ...), safetensors only, key and shape checks that say exactly
-what differs, and weights assigned into modules built on the meta device, cast tensor by tensor, so a
-second copy of a network is never held.
+"""Checkpoint loading in one place: files from a Hugging Face repo or a local directory in the
+same layout (`unet/`, `vae/`, `text_encoder/`, ...), safetensors only, key and shape checks that say
+exactly what differs, and weights assigned into modules built on the meta device, cast tensor by
+tensor (modules a network keeps in float32 excepted, `cast_weight`), so a second copy of a network
+is never held.
 """
 import contextlib
 import functools
@@ -18,8 +19,11 @@ from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEnt
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from layers import kept_in_fp32
+
 # what read_tensors accepts, for messages
-WEIGHT_FORMATS = "safetensors, or a PyTorch state dict (.bin, .pt, .pth) read with the weights-only loader"
+WEIGHT_FORMATS = ("safetensors, or a PyTorch state dict (.bin, .pt, .pth) read with the "
+                  "weights-only loader")
 
 
 class LoadError(Exception):
@@ -40,7 +44,8 @@ def check_state_dict(model, state, what="checkpoint"):
     """Raise LoadError unless `state` has exactly the keys and shapes of `model.state_dict()`."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected.keys() & state.keys())
+    shared = sorted(expected.keys() & state.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in shared
              if tuple(state[k].shape) != expected[k]]
     problems = []
     if missing:
@@ -53,24 +58,33 @@ def check_state_dict(model, state, what="checkpoint"):
         raise LoadError(f"{what} does not match {type(model).__name__}: " + "; ".join(problems))
 
 
+def cast_weight(tensor, dtype, network=None, key=""):
+    """`tensor`, the state-dict entry `key` of `network`, as the network holds it in `dtype`:
+    floating tensors in `dtype`, or in float32 where the network keeps them so
+    (`layers.kept_in_fp32`: T5's `wo` in float16); other tensors, and any when dtype is None, as
+    they are."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(torch.float32 if kept_in_fp32(network, key, dtype) else dtype)
+
+
 def load_weights(model, state, what="checkpoint", dtype=None):
     """Check, then load `state` into `model` by assignment (works for modules on the meta device);
-    floating tensors are cast to `dtype` when given. Returns the model."""
+    floating tensors are cast to `dtype` when given (`cast_weight`). Returns the model."""
     check_state_dict(model, state, what)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: cast_weight(v, dtype, model, k) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
-def read_safetensors(path, dtype=None):
-    """The tensors of one safetensors file (floating ones cast to `dtype` one at a time), or a
-    LoadError naming the file."""
+def read_safetensors(path, dtype=None, network=None):
+    """The tensors of one safetensors file, floating ones cast one at a time to `dtype` as
+    `network` (the class they are for, if any) holds them (`cast_weight`), or a LoadError naming the
+    file."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     with open_safetensors(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()} if dtype is None else {
-            k: t.to(dtype) if t.is_floating_point() else t for k in f.keys() for t in [f.get_tensor(k)]}
+        return {k: cast_weight(f.get_tensor(k), dtype, network, k) for k in f.keys()}
 
 
 @contextlib.contextmanager
@@ -80,13 +94,15 @@ def open_safetensors(path):
         with safe_open(path, framework="pt") as f:
             yield f
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
+        raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): "
+                        f"{e}") from None
 
 
 def save_tensors(tensors, path, metadata=None):
-    """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata`, written to a
-    temporary file and renamed (a crash leaves the old file or the new one, never half of one), with the
-    permissions of the user's umask like any other output (safetensors itself creates files 0600)."""
+    """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata`, written
+    to a temporary file and renamed (a crash leaves the old file or the new one, never half of one),
+    with the permissions of the user's umask like any other output (safetensors itself creates files
+    0600)."""
     tmp = f"{path}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
               metadata={k: str(v) for k, v in metadata.items()} if metadata else None)
@@ -97,8 +113,8 @@ def save_tensors(tensors, path, metadata=None):
 
 
 def weight_format(path):
-    """"safetensors", "pickle" (a torch.save file: a zip archive or a legacy pickle) or None, from the
-    first bytes of the file rather than its name."""
+    """"safetensors", "pickle" (a torch.save file: a zip archive or a legacy pickle) or None, from
+    the first bytes of the file rather than its name."""
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
@@ -110,12 +126,12 @@ def weight_format(path):
 
 def read_tensors(path, key=None, mmap=False):
     """A state dict from a safetensors file, or from a torch pickle (.pth, .pt, .bin: the official
-    releases, DMD2's students) read with torch's weights-only loader, which rebuilds tensors and nothing
-    else. The format is told by the file's content; anything else is a LoadError naming the formats.
-    With `key`, a pickled dict that has this entry (a training checkpoint such as open_clip's and the
-    HPS v2 releases': {"state_dict": ..., "epoch": ...}) gives the state dict in that entry. With `mmap`,
-    a pickle's tensors stay in the file, memory-mapped, until used (torch's zip format, the default since
-    torch 1.6; older files are read whole)."""
+    releases, DMD2's students) read with torch's weights-only loader, which rebuilds tensors and
+    nothing else. The format is told by the file's content; anything else is a LoadError naming the
+    formats. With `key`, a pickled dict that has this entry (a training checkpoint such as
+    open_clip's and the HPS v2 releases': {"state_dict": ..., "epoch": ...}) gives the state dict in
+    that entry. With `mmap`, a pickle's tensors stay in the file, memory-mapped, until used (torch's
+    zip format, the default since torch 1.6; older files are read whole)."""
     if not os.path.isfile(path):
         raise LoadError(f"weight file not found: {path}")
     kind = weight_format(path)
@@ -132,10 +148,12 @@ def read_tensors(path, key=None, mmap=False):
                     raise
                 mmap = False
         if not mmap:
-            with open(path, "rb") as f:  # a file object: torch must not guess the format from the name
+            # a file object: torch must not guess the format from the name
+            with open(path, "rb") as f:
                 state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad pickle surfaces as UnpicklingError, RuntimeError, EOFError, ...
-        raise LoadError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        message = " ".join(str(e).split())
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {message}") from None
     if key is not None and isinstance(state, dict) and key in state:
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -153,9 +171,9 @@ def file_metadata(path):
 
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds (asked once
-    per process). huggingface_hub retries an unreachable Hub for about half a minute with a line per
-    try; when this is False, downloads use the local cache only and fail at once."""
+    """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds (asked
+    once per process). huggingface_hub retries an unreachable Hub for about half a minute with a
+    line per try; when this is False, downloads use the local cache only and fail at once."""
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
@@ -166,14 +184,15 @@ def hub_reachable(timeout=3.0):
 
 
 def fetch(model, path, hint="pass its directory with --model DIR"):
-    """The local path of `path` inside `model`: a directory in the Hugging Face repo layout, or a Hub
-    repo id (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1, or a Hub that does not
-    answer, uses the cache only). `hint` ends the message when the Hub cannot be reached: how the user
-    passes a local copy instead."""
+    """The local path of `path` inside `model`: a directory in the Hugging Face repo layout, or a
+    Hub repo id (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE=1, or a Hub that does
+    not answer, uses the cache only). `hint` ends the message when the Hub cannot be reached: how
+    the user passes a local copy instead."""
     if os.path.isdir(model):
         full = os.path.join(model, path)
         if not os.path.isfile(full):
-            raise MissingFile(f"{full} not found (a local model directory needs the Hugging Face repo layout)")
+            raise MissingFile(f"{full} not found (a local model directory needs the Hugging Face "
+                              f"repo layout)")
         return full
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise LoadError(f"model directory {model} not found")
@@ -181,11 +200,13 @@ def fetch(model, path, hint="pass its directory with --model DIR"):
     try:
         return hf_hub_download(model, path, local_files_only=offline)
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
-        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: not in the local cache and "
-                        f"{why}; download it elsewhere and {hint}") from None
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else f"{constants.ENDPOINT} is unreachable")
+        raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: not in the local "
+                        f"cache and {why}; download it elsewhere and {hint}") from None
     except RepositoryNotFoundError:
-        raise LoadError(f"Hugging Face repo {model} not found (a gated or private repo needs `hf auth login`)") from None
+        raise LoadError(f"Hugging Face repo {model} not found (a gated or private repo needs "
+                        f"`hf auth login`)") from None
     except EntryNotFoundError:
         raise MissingFile(f"the Hugging Face repo {model} has no file {path}") from None
     except HfHubHTTPError as e:
@@ -208,11 +229,13 @@ def fetch_file(spec, option):
 
 
 def weight_files(model, component, variant=None):
-    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...; "" for a repo that is one model
-    at its root, as a ControlNet's) safetensors weights in a repo (never pickles): diffusers' or transformers'
-    file name, optionally the `variant` (e.g. fp16) first, one file or the shards an index names."""
+    """The local paths of one component's (`unet`, `vae`, `text_encoder`, ...; "" for a repo that is
+    one model at its root, as a ControlNet's) safetensors weights in a repo (never pickles):
+    diffusers' or transformers' file name, optionally the `variant` (e.g. fp16) first, one file or
+    the shards an index names."""
     stems = ("diffusion_pytorch_model", "model")
-    names = [f"{s}.{variant}.safetensors" for s in stems if variant] + [f"{s}.safetensors" for s in stems]
+    names = [f"{s}.{variant}.safetensors" for s in stems if variant]
+    names += [f"{s}.safetensors" for s in stems]
     names += [n + ".index.json" for n in names]
     folder = f"{component}/" if component else ""
     for name in names:
@@ -224,20 +247,24 @@ def weight_files(model, component, variant=None):
             return [path]
         index = read_json(path)
         if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
-            raise LoadError(f"{path} is a sharded-weights index without a weight_map (key -> shard file)")
+            raise LoadError(f"{path} is a sharded-weights index without a weight_map "
+                            f"(key -> shard file)")
         return [fetch(model, folder + shard) for shard in sorted(set(index["weight_map"].values()))]
     raise LoadError(f"no safetensors weights for {component or 'the model'} in {model} (looked for "
                     f"{', '.join(folder + n for n in names[:2])}, ...)")
 
 
-def read_weights(model, component, dtype=None, variant=None):
-    """The state dict of one component of a repo (`weight_files`), floating tensors cast to `dtype`."""
-    return {k: v for path in weight_files(model, component, variant) for k, v in read_safetensors(path, dtype).items()}
+def read_weights(model, component, dtype=None, variant=None, network=None):
+    """The state dict of one component of a repo (`weight_files`), floating tensors cast to `dtype`
+    as `network` (the class they are for, if any) holds them (`cast_weight`)."""
+    return {k: v for path in weight_files(model, component, variant)
+            for k, v in read_safetensors(path, dtype, network).items()}
 
 
 class LazyTensors(Mapping):
-    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`) by key,
-    each read only when asked for: a whole network can be walked layer by layer without holding it."""
+    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`)
+    by key, each read only when asked for: a whole network can be walked layer by layer without
+    holding it."""
 
     def __init__(self, paths):
         self.files, self.pickled = {}, {}
@@ -249,7 +276,8 @@ class LazyTensors(Mapping):
                     handle = safe_open(path, framework="pt")
                     self.files.update({k: (handle, path) for k in handle.keys()})
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors file?): {e}") from None
+                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors "
+                                    f"file?): {e}") from None
             else:
                 self.pickled.update(read_tensors(path, mmap=True))
 
@@ -277,18 +305,19 @@ class LazyTensors(Mapping):
 
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):
     """Build `cls.from_config(<component>/config.json)` on the meta device and load its weights
-    (optionally passed through `rename` first); frozen, in eval mode, on `device`."""
+    (optionally passed through `rename` first), in `dtype` but for the modules the network keeps in
+    float32 (`cast_weight`); frozen, in eval mode, on `device`."""
     path = fetch(model, f"{component}/config.json")
     with torch.device("meta"):
         net = build(cls, read_json(path), path)
-    state = read_weights(model, component, dtype)
+    state = read_weights(model, component, dtype, network=cls)
     load_weights(net, rename(state) if rename else state, what=f"{model}/{component}")
     return net.to(device).eval().requires_grad_(False)
 
 
 def build(cls, cfg, what):
-    """`cls.from_config(cfg)`, with a config value the class does not implement as a LoadError naming the
-    config (`what`) instead of a ValueError."""
+    """`cls.from_config(cfg)`, with a config value the class does not implement as a LoadError
+    naming the config (`what`) instead of a ValueError."""
     try:
         return cls.from_config(cfg)
     except ValueError as e:
@@ -298,7 +327,8 @@ def build(cls, cfg, what):
 def read_json(path):
     """A JSON file, or a LoadError naming it."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # as editors save it: a byte-order mark is no error
+        # as editors save it: a byte-order mark is no error
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except FileNotFoundError:
         raise LoadError(f"config file not found: {path}") from None

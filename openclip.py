@@ -1,15 +1,18 @@
-"""OpenCLIP's image and text towers (Radford et al. 2021; Cherti et al. 2023, "Reproducible scaling laws
-for contrastive language-image learning"), written from scratch for the CLIP score of the evaluation
-(metrics.clip_score): ViT-g-14 trained on LAION-2B by default; ViT-H-14 is the network of the HPS v2 scorer
-(hps.py).
+"""OpenCLIP's image and text towers (Radford et al. 2021; Cherti et al. 2023, "Reproducible scaling
+laws for contrastive language-image learning"), written from scratch for the CLIP score of the
+evaluation (metrics.clip_score): ViT-g-14 trained on LAION-2B by default; ViT-H-14 is the network of
+the HPS v2 scorer (hps.py).
 
-- `OpenCLIP`: both towers of an open_clip ViT CLIP, built from an open_clip model config, with the key
-  layout of transformers' `CLIPModel`; its encoder layers are clip.py's (one implementation for the SD
-  text encoder and both towers).
+- `OpenCLIP`: both towers of an open_clip ViT CLIP, built from an open_clip model config, with the
+  key layout of transformers' `CLIPModel`; its encoder layers are clip.py's (one implementation for
+  the SD text encoder and both towers). The config parsing (`OpenCLIPConfig`, the ViT-g-14 and
+  ViT-H-14 configs) follows the network.
 - `load_open_clip` reads open_clip's own weight files (`convert_open_clip_state_dict`),
-  `open_clip_tokenize` gives open_clip's token ids from clip.py's BPE tokenizer and `preprocess_image`
-  its image transform.
+  `open_clip_tokenize` gives open_clip's token ids from clip.py's BPE tokenizer and
+  `preprocess_image` its image transform.
 """
+from __future__ import annotations
+
 import math
 import os
 from dataclasses import dataclass
@@ -20,38 +23,113 @@ import torch.nn as nn
 from PIL import Image
 
 from clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
-from loading import LoadError, MissingFile, fetch, key_listing, load_weights, read_json, read_tensors
+from loading import (LoadError, MissingFile, fetch, key_listing, load_weights, read_json,
+                     read_tensors)
 
-OPEN_CLIP_REPO = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"  # open_clip's ViT-g-14, pretrained="laion2b_s12b_b42k"
+# open_clip's ViT-g-14, pretrained="laion2b_s12b_b42k"
+OPEN_CLIP_REPO = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patches by a strided convolution, a learned class token in front, learned position
+    embeddings."""
+
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size,
+                                         bias=False)
+        patches = (c.image_size // c.patch_size) ** 2
+        self.position_embedding = nn.Embedding(patches + 1, c.hidden_size)
+
+    def forward(self, pixels):  # (B, 3, S, S) -> (B, 1 + N, D), N = (S / patch)^2
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], 1) + self.position_embedding.weight.to(x.dtype)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """Embeddings, LayerNorm, bidirectional encoder; the class token through the final LayerNorm."""
+
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(c)
+        # (sic) transformers' key
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = CLIPEncoder(c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+                                   c.intermediate_size, c.hidden_act, c.layer_norm_eps)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels):  # (B, 3, S, S) -> (B, D)
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))  # (B, 1 + N, D)
+        return self.post_layernorm(x[:, 0])
+
+
+class OpenCLIP(nn.Module):
+    """An open_clip ViT CLIP: vision and text towers, each followed by a linear map (no bias) into
+    the joint embedding; both towers are built from clip.py's encoder layers. State-dict keys are
+    those of transformers' `CLIPModel` (`vision_model.*`, `text_model.*`,
+    `visual_projection.weight`, `text_projection.weight`, `logit_scale`);
+    `convert_open_clip_state_dict` maps open_clip's to them."""
+
+    def __init__(self, config: OpenCLIPConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config.text)
+        self.vision_model = CLIPVisionTransformer(config.vision)
+        self.visual_projection = nn.Linear(config.vision.hidden_size, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(config.text.hidden_size, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @classmethod
+    def from_config(cls, cfg):
+        """From an open_clip model config dict (e.g. `VIT_G_14`)."""
+        return cls(OpenCLIPConfig.from_dict(cfg))
+
+    def encode_image(self, pixels):  # (B, 3, S, S) normalized pixels -> (B, E), not unit length
+        return self.visual_projection(self.vision_model(pixels))
+
+    def encode_text(self, input_ids):  # (B, L) open_clip token ids -> (B, E), not unit length
+        hidden = self.text_model(input_ids)  # (B, L, W), causal
+        rows = torch.arange(len(hidden), device=hidden.device)
+        eot = hidden[rows, input_ids.argmax(-1)]  # (B, W)
+        return self.text_projection(eot)  # the end-of-text token has the largest id
+
 
 # open_clip's model_configs/ViT-g-14.json
 VIT_G_14 = {
     "embed_dim": 1024,
-    "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88, "mlp_ratio": 4.3637,
-                   "patch_size": 14},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+    "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88,
+                   "mlp_ratio": 4.3637, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16,
+                 "layers": 24},
 }
 
-# open_clip's model_configs/ViT-H-14.json (the same in the hpsv2 package's copy of open_clip): the HPS v2 scorer
+# open_clip's model_configs/ViT-H-14.json (the same in the hpsv2 package's copy of open_clip): the
+# HPS v2 scorer
 VIT_H_14 = {
     "embed_dim": 1024,
-    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                   "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16,
+                 "layers": 24},
 }
 
-# open_clip settings that select another architecture than the plain ViT CLIP, and their plain values
+# open_clip settings that select another architecture than the plain ViT CLIP, and their plain
+# values
 PLAIN_SETTINGS = {
     "custom_text": (False,), "init_logit_bias": (None,), "nonscalar_logit_scale": (False,),
-    "timm_model_name": (None,), "hf_model_name": (None,), "ls_init_value": (None,), "attentional_pool": (False,),
-    "no_ln_pre": (False,), "pos_embed_type": ("learnable",), "final_ln_after_pool": (False,),
-    "pool_type": ("tok", "argmax"), "embed_cls": (False,), "no_causal_mask": (False,), "proj_type": ("linear",),
-    "proj_bias": (False,), "act_kwargs": (None,), "norm_kwargs": (None,), "block_type": (None, "default"),
-    "qk_norm": (False,), "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
-    "scale_attn": (False,), "scale_fc": (False,),
+    "timm_model_name": (None,), "hf_model_name": (None,), "ls_init_value": (None,),
+    "attentional_pool": (False,), "no_ln_pre": (False,), "pos_embed_type": ("learnable",),
+    "final_ln_after_pool": (False,), "pool_type": ("tok", "argmax"), "embed_cls": (False,),
+    "no_causal_mask": (False,), "proj_type": ("linear",), "proj_bias": (False,),
+    "act_kwargs": (None,), "norm_kwargs": (None,), "block_type": (None, "default"),
+    "qk_norm": (False,), "scaled_cosine_attn": (False,), "scale_heads": (False,),
+    "scale_attn_inner": (False,), "scale_attn": (False,), "scale_fc": (False,),
 }
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -85,21 +163,23 @@ class OpenCLIPConfig:
             if key in PLAIN_SETTINGS and value not in PLAIN_SETTINGS[key]:
                 raise ValueError(f"unsupported open_clip setting {key}={value!r} "
                                  "(only the plain ViT CLIP is implemented)")
-        if not isinstance(vision.get("layers", 12), int) or not isinstance(vision.get("image_size", 224), int):
-            raise ValueError("unsupported open_clip vision_cfg: `layers` and `image_size` must be integers "
-                             "(ResNet towers and non-square images are not implemented)")
+        if not all(isinstance(vision.get(key, 0), int) for key in ("layers", "image_size")):
+            raise ValueError("unsupported open_clip vision_cfg: `layers` and `image_size` must be "
+                             "integers (ResNet towers and non-square images are not implemented)")
         act = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
         width, head_width = vision.get("width", 768), vision.get("head_width", 64)
         text_width, heads = text.get("width", 512), text.get("heads", 8)
         if width % head_width or text_width % heads:
-            raise ValueError(f"open_clip config: vision width {width} / head_width {head_width} or text width "
-                             f"{text_width} / heads {heads} is not a whole number of heads")
+            raise ValueError(f"open_clip config: vision width {width} / head_width {head_width} or "
+                             f"text width {text_width} / heads {heads} is not a whole number of "
+                             f"heads")
         return cls(
             embed_dim=cfg["embed_dim"],
             vision=CLIPVisionConfig(
                 hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
                 num_hidden_layers=vision.get("layers", 12), num_attention_heads=width // head_width,
-                image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 16), hidden_act=act),
+                image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 16),
+                hidden_act=act),
             text=CLIPTextConfig(
                 vocab_size=text.get("vocab_size", 49408), hidden_size=text_width,
                 intermediate_size=int(text_width * text.get("mlp_ratio", 4.0)),
@@ -107,67 +187,8 @@ class OpenCLIPConfig:
                 max_position_embeddings=text.get("context_length", 77), hidden_act=act))
 
 
-class CLIPVisionEmbeddings(nn.Module):
-    """Patches by a strided convolution, a learned class token in front, learned position embeddings."""
-
-    def __init__(self, c: CLIPVisionConfig):
-        super().__init__()
-        self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
-        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
-
-    def forward(self, pixels):  # (B, 3, S, S) -> (B, 1 + N, D), N = (S / patch)^2
-        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, D)
-        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, D)
-        return torch.cat([cls, x], 1) + self.position_embedding.weight.to(x.dtype)
-
-
-class CLIPVisionTransformer(nn.Module):
-    """Embeddings, LayerNorm, bidirectional encoder; the class token through the final LayerNorm."""
-
-    def __init__(self, c: CLIPVisionConfig):
-        super().__init__()
-        self.embeddings = CLIPVisionEmbeddings(c)
-        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # (sic) transformers' key
-        self.encoder = CLIPEncoder(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,
-                                   c.hidden_act, c.layer_norm_eps)
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-    def forward(self, pixels):  # (B, 3, S, S) -> (B, D)
-        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))  # (B, 1 + N, D)
-        return self.post_layernorm(x[:, 0])
-
-
-class OpenCLIP(nn.Module):
-    """An open_clip ViT CLIP: vision and text towers, each followed by a linear map (no bias) into the
-    joint embedding; both towers are built from this file's encoder layers. State-dict keys are those
-    of transformers' `CLIPModel` (`vision_model.*`, `text_model.*`, `visual_projection.weight`,
-    `text_projection.weight`, `logit_scale`); `convert_open_clip_state_dict` maps open_clip's to them."""
-
-    def __init__(self, config: OpenCLIPConfig):
-        super().__init__()
-        self.config = config
-        self.text_model = CLIPTextTransformer(config.text)
-        self.vision_model = CLIPVisionTransformer(config.vision)
-        self.visual_projection = nn.Linear(config.vision.hidden_size, config.embed_dim, bias=False)
-        self.text_projection = nn.Linear(config.text.hidden_size, config.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    @classmethod
-    def from_config(cls, cfg):
-        """From an open_clip model config dict (e.g. `VIT_G_14`)."""
-        return cls(OpenCLIPConfig.from_dict(cfg))
-
-    def encode_image(self, pixels):  # (B, 3, S, S) normalized pixels -> (B, E), not unit length
-        return self.visual_projection(self.vision_model(pixels))
-
-    def encode_text(self, input_ids):  # (B, L) open_clip token ids -> (B, E), not unit length
-        hidden = self.text_model(input_ids)  # (B, L, W), causal
-        eot = hidden[torch.arange(len(hidden), device=hidden.device), input_ids.argmax(-1)]  # (B, W)
-        return self.text_projection(eot)  # the end-of-text token has the largest id
-
-
-# our key -> open_clip's key, applied in turn (the q/k/v split and the transposes: see open_clip_source)
+# our key -> open_clip's key, applied in turn (the q/k/v split and the transposes: see
+# open_clip_source)
 OPEN_CLIP_NAMES = [
     ("text_model.embeddings.token_embedding.", "token_embedding."),
     ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
@@ -204,16 +225,18 @@ def open_clip_source(key):
 
 
 def convert_open_clip_state_dict(state, model, what="open_clip weights"):
-    """An open_clip `CLIP` state dict in `model`'s (OpenCLIP's) key layout: renamed, the fused in_proj
-    cut into q, k, v (views, no copy), the two projections transposed. A LoadError lists the
-    open_clip keys that are missing from `state` or that it has in excess; shapes are checked when
-    loading."""
+    """An open_clip `CLIP` state dict in `model`'s (OpenCLIP's) key layout: renamed, the fused
+    in_proj cut into q, k, v (views, no copy), the two projections transposed. A LoadError lists
+    the open_clip keys that are missing from `state` or that it has in excess; shapes are checked
+    when loading."""
     sources = {key: open_clip_source(key) for key in model.state_dict()}
     wanted = {name for name, _ in sources.values()}
+    differences = (("missing", wanted - state.keys()), ("unexpected", state.keys() - wanted))
     problems = [f"{len(keys)} {kind} keys: {key_listing(keys)}"
-                for kind, keys in (("missing", wanted - state.keys()), ("unexpected", state.keys() - wanted)) if keys]
+                for kind, keys in differences if keys]
     if problems:
-        raise LoadError(f"{what} is not an open_clip {type(model).__name__} of this config: " + "; ".join(problems))
+        raise LoadError(f"{what} is not an open_clip {type(model).__name__} of this config: "
+                        + "; ".join(problems))
     converted = {}
     for key, (name, part) in sources.items():
         tensor = state[name]
@@ -227,13 +250,15 @@ def convert_open_clip_state_dict(state, model, what="open_clip weights"):
 
 # weight files of an open_clip Hub repo, preferred first: open_clip's safetensors name, the name
 # Hugging Face's conversion bot gives, then the pickle (read with weights_only=True)
-OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                   "open_clip_pytorch_model.bin")
 
 
 def read_open_clip_weights(path):
     """(state dict, file) from a weight file (.safetensors, or a torch pickle), or from a local
     directory or Hub repo holding one of OPEN_CLIP_FILES. A pickled training checkpoint gives its
-    "state_dict" entry, as open_clip's own loader does (the HPS v2 releases are such checkpoints)."""
+    "state_dict" entry, as open_clip's own loader does (the HPS v2 releases are such
+    checkpoints)."""
     file = path
     if not os.path.isfile(path):
         for name in OPEN_CLIP_FILES:
@@ -243,7 +268,8 @@ def read_open_clip_weights(path):
             except MissingFile:
                 continue
         else:
-            raise LoadError(f"no open_clip weights in {path} (looked for {', '.join(OPEN_CLIP_FILES)})")
+            raise LoadError(f"no open_clip weights in {path} (looked for "
+                            f"{', '.join(OPEN_CLIP_FILES)})")
     return read_tensors(file, key="state_dict"), file
 
 
@@ -261,18 +287,19 @@ def read_open_clip_config(path, default=VIT_G_14):
 
 
 def load_open_clip(path=OPEN_CLIP_REPO, config=None, device="cpu", dtype=torch.float32):
-    """OpenCLIP with open_clip's weights from `path`: a weight file, a local directory or a Hub repo
-    (default: ViT-g-14 trained on LAION-2B, open_clip's `laion2b_s12b_b42k`). `config` is an open_clip
-    model config dict; by default the `model_cfg` of the repo's `open_clip_config.json`, or VIT_G_14
-    when there is none (a bare file). Frozen, in eval mode, on `device`, in `dtype` (fp32 for the
-    CLIP score)."""
+    """OpenCLIP with open_clip's weights from `path`: a weight file, a local directory or a Hub
+    repo (default: ViT-g-14 trained on LAION-2B, open_clip's `laion2b_s12b_b42k`). `config` is an
+    open_clip model config dict; by default the `model_cfg` of the repo's `open_clip_config.json`,
+    or VIT_G_14 when there is none (a bare file). Frozen, in eval mode, on `device`, in `dtype`
+    (fp32 for the CLIP score)."""
     path = os.fspath(path)
     if config is None:
         config = VIT_G_14 if os.path.isfile(path) else read_open_clip_config(path)
     with torch.device("meta"):
         model = OpenCLIP.from_config(config)
     state, file = read_open_clip_weights(path)
-    load_weights(model, convert_open_clip_state_dict(state, model, what=file), what=file, dtype=dtype)
+    state = convert_open_clip_state_dict(state, model, what=file)
+    load_weights(model, state, what=file, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -297,12 +324,14 @@ def open_clip_tokenize(tokenizer, prompts, context_length=77):
     - whitespace: open_clip splits on Python's whitespace, which includes \\x1c-\\x1f and \\x85;
     - lower case: open_clip lower-cases the whole string, so a word-final capital sigma becomes "ς"
       (we lower-case character by character: "σ");
-    - special tokens: we cut "<|startoftext|>" and "<|endoftext|>" in a prompt out as their ids, open_clip
-      tokenizes them as text; it treats "<start_of_text>" and "<end_of_text>" as its special tokens.
+    - special tokens: we cut "<|startoftext|>" and "<|endoftext|>" in a prompt out as their ids,
+      open_clip tokenizes them as text; it treats "<start_of_text>" and "<end_of_text>" as its
+      special tokens.
     """
     if tokenizer.pad_id != tokenizer.eos_id:
-        raise ValueError("this tokenizer has a special pad token of its own (SD2.1's '!'), which open_clip's does "
-                         "not; load one from vocab.json and merges.txt alone (load_open_clip_tokenizer)")
+        raise ValueError("this tokenizer has a special pad token of its own (SD2.1's '!'), which "
+                         "open_clip's does not; load one from vocab.json and merges.txt alone "
+                         "(load_open_clip_tokenizer)")
     ids = torch.zeros(len(prompts), context_length, dtype=torch.long)
     for i, prompt in enumerate(prompts):
         row = [tokenizer.bos_id, *tokenizer.encode(prompt)[:context_length - 2], tokenizer.eos_id]
@@ -315,8 +344,8 @@ def preprocess_image(img, size=224):
     shortest side to `size` by PIL bicubic (the other side rounded down, as torchvision's Resize),
     the centre `size` x `size` crop (offsets rounded half to even, as torchvision's CenterCrop),
     values in [0, 1] normalized with OpenAI's mean and std. Returns (3, size, size) float32.
-    The image is converted to RGB first; open_clip converts last, which gives the same pixels for RGB
-    and grayscale images but not for palette or RGBA ones (PIL resizes those differently)."""
+    The image is converted to RGB first; open_clip converts last, which gives the same pixels for
+    RGB and grayscale images but not for palette or RGBA ones (PIL resizes those differently)."""
     img = img.convert("RGB")
     w, h = img.size
     long = int(size * max(w, h) / min(w, h))
@@ -324,5 +353,5 @@ def preprocess_image(img, size=224):
     w, h = img.size
     left, top = round((w - size) / 2), round((h - size) / 2)
     img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, size, size)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, S, S)
     return (x - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]

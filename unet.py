@@ -1,112 +1,43 @@
 """The Stable Diffusion U-Net (Rombach et al. 2022): the denoiser that WaDi distills and adapts.
 
 Built from a diffusers `unet/config.json` dict (SD1.5 and SD2.1 are covered: per-block head counts,
-linear or 1x1-conv projections, attention upcasting, any cross-attention width) with `state_dict()` keys
-identical to diffusers' `UNet2DConditionModel`, so official weight files, the released WaDi one-step
-files included, load with strict=True. The blocks come from layers.py. `UNetEncoder` is the half a ControlNet
-copies (conv_in, time embedding, down and mid blocks); `UNet` adds the up blocks and takes a ControlNet's
-residuals (controlnet.py) under diffusers' names.
+linear or 1x1-conv projections, attention upcasting, any cross-attention width) with `state_dict()`
+keys identical to diffusers' `UNet2DConditionModel`, so official weight files, the released WaDi
+one-step files included, load with strict=True. The blocks come from layers.py. `UNetEncoder` is the
+half a ControlNet copies (conv_in, time embedding, down and mid blocks); `UNet` adds the up blocks
+and takes a ControlNet's residuals (controlnet.py) under diffusers' names. The config parsing
+(`UNetConfig`) follows the network.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, \
-    mask_bias, timestep_embedding
-
-DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-# config keys whose value must be the one given here: what SD1.5 / SD2.1 use, and all this U-Net implements
-FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "num_class_embeds": None,
-         "addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
-         "dual_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
-         "conv_out_kernel": 3, "mid_block_scale_factor": 1, "attention_type": "default",
-         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
-         "timestep_post_act": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-         "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
-         "projection_class_embeddings_input_dim": None, "addition_time_embed_dim": None}
-
-
-def _per_block(value, n):
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
-
-
-@dataclass
-class UNetConfig:
-    in_channels: int
-    out_channels: int
-    block_out_channels: tuple
-    down_block_types: tuple
-    up_block_types: tuple      # empty for a ControlNet (no up blocks)
-    layers_per_block: int
-    heads: tuple               # attention heads per down block (diffusers' `attention_head_dim` for SD)
-    transformer_layers: tuple  # transformer blocks per attention, per down block
-    cross_attention_dim: int
-    only_cross_attention: tuple  # per down block: attn1 attends to the text too (no self-attention)
-    use_linear_projection: bool
-    upcast_attention: bool
-    norm_num_groups: int
-    norm_eps: float
-    flip_sin_to_cos: bool
-    freq_shift: int
-    downsample_padding: int
-    sample_size: int
-
-    @classmethod
-    def from_dict(cls, cfg, what="UNet"):
-        """From a diffusers config dict; `what` names the network in errors (a ControlNet's config has no
-        up blocks: `up_block_types` is then empty)."""
-        for key, supported in FIXED.items():
-            value = cfg.get(key, supported)
-            if isinstance(value, list) and len(set(value)) == 1:
-                value = value[0]
-            if value != supported:
-                raise ValueError(f"unsupported {what} config: {key}={value!r} (supported: {supported!r})")
-        for key, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
-            bad = [b for b in cfg.get(key, ()) if b not in allowed]
-            if bad:
-                raise ValueError(f"unsupported {what} config: {key} contains {bad} (supported: {allowed})")
-        n = len(cfg["block_out_channels"])
-        # diffusers names the head *count* `attention_head_dim` in the SD configs; num_attention_heads wins if set
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        cross = cfg.get("cross_attention_dim", 1280)
-        if isinstance(cross, (list, tuple)):
-            raise ValueError(f"unsupported {what} config: per-block cross_attention_dim={cross!r}")
-        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-                   block_out_channels=tuple(cfg["block_out_channels"]),
-                   down_block_types=tuple(cfg["down_block_types"]),
-                   up_block_types=tuple(cfg.get("up_block_types", ())),
-                   layers_per_block=cfg.get("layers_per_block", 2), heads=_per_block(heads, n),
-                   transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n),
-                   cross_attention_dim=cross,
-                   only_cross_attention=_per_block(cfg.get("only_cross_attention", False), n),
-                   use_linear_projection=cfg.get("use_linear_projection", False),
-                   upcast_attention=cfg.get("upcast_attention", False),
-                   norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
-                   flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
-                   downsample_padding=cfg.get("downsample_padding", 1), sample_size=cfg.get("sample_size", 64))
+from layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
+                    Upsample2D, checkpointed, mask_bias, timestep_embedding)
 
 
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention onto the text, GEGLU feed-forward; pre-LayerNorm residuals.
-    With `only_cross`, the first attention attends to the text as well (diffusers' only_cross_attention)."""
+    With `only_cross`, the first attention attends to the text as well (diffusers'
+    only_cross_attention)."""
 
     def __init__(self, dim, heads, context_dim, upcast=False, only_cross=False):
         super().__init__()
         self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim // heads, context_dim=context_dim if only_cross else None,
-                               upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim // heads,
+                               context_dim=context_dim if only_cross else None, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation="geglu")
 
-    def forward(self, x, context, text_bias=None):  # x: (B, HW, C), context: (B, L, D), text_bias: (B, 1, 1, L)
+    def forward(self, x, context, text_bias=None):
+        # x: (B, HW, C), context: (B, L, D), text_bias: (B, 1, 1, L)
         # diffusers masks the text in attn2 only: with only_cross, attn1 attends to all L tokens
         x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
         x = x + self.attn2(self.norm2(x), context, mask=text_bias)
@@ -114,8 +45,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The spatial transformer: GroupNorm, project in (1x1 conv, or linear on SD2.1), transformer blocks
-    over the H*W tokens, project out, residual."""
+    """The spatial transformer: GroupNorm, project in (1x1 conv, or linear on SD2.1), transformer
+    blocks over the H*W tokens, project out, residual."""
 
     def __init__(self, ch, heads, context_dim, layers, linear, groups, upcast, only_cross):
         super().__init__()
@@ -123,7 +54,8 @@ class Transformer2DModel(nn.Module):
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(ch, heads, context_dim, upcast, only_cross) for _ in range(layers)])
+            [BasicTransformerBlock(ch, heads, context_dim, upcast, only_cross)
+             for _ in range(layers)])
         self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context, text_bias=None):  # x: (B, C, H, W)
@@ -145,8 +77,9 @@ class Transformer2DModel(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """One down or up level: `resnets` (each followed by an attention in the CrossAttn variants), then
-    an optional `downsamplers` / `upsamplers`. Up blocks concatenate a skip tensor before each resnet."""
+    """One down or up level: `resnets` (each followed by an attention in the CrossAttn variants),
+    then an optional `downsamplers` / `upsamplers`. Up blocks concatenate a skip tensor before each
+    resnet."""
 
     def __init__(self, resnets, attentions, sampler, down):
         super().__init__()
@@ -157,9 +90,10 @@ class UNetBlock(nn.Module):
 
 
 class UNetEncoder(nn.Module):
-    """The half of the U-Net that a ControlNet copies (Zhang et al. 2023, Sec. 3.2): `conv_in`, the timestep
-    embedding, the down blocks and the mid block. `UNet` adds the up blocks; `controlnet.ControlNet` adds the
-    conditioning-image embedding and the zero convolutions. Both run the shared half with `embed_time` and `encode`."""
+    """The half of the U-Net that a ControlNet copies (Zhang et al. 2023, Sec. 3.2): `conv_in`, the
+    timestep embedding, the down blocks and the mid block. `UNet` adds the up blocks;
+    `controlnet.ControlNet` adds the conditioning-image embedding and the zero convolutions. Both
+    run the shared half with `embed_time` and `encode`."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -172,59 +106,62 @@ class UNetEncoder(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             c_in, c_out, last = ch[max(i - 1, 0)], ch[i], i == n - 1
-            resnets = [self._resnet(c_in if j == 0 else c_out, c_out) for j in range(cfg.layers_per_block)]
+            resnets = [self._resnet(c_in if j == 0 else c_out, c_out)
+                       for j in range(cfg.layers_per_block)]
             cross = kind.startswith("CrossAttn")
-            attns = [self._attention(c_out, i, cfg.only_cross_attention[i]) for _ in resnets] if cross else None
+            attns = ([self._attention(c_out, i, cfg.only_cross_attention[i]) for _ in resnets]
+                     if cross else None)
             sampler = None if last else Downsample2D(c_out, padding=cfg.downsample_padding)
             self.down_blocks.append(UNetBlock(resnets, attns, sampler, down=True))
 
-        # diffusers' UNetMidBlock2DCrossAttn always self-attends (only_cross_attention does not reach it)
+        # diffusers' UNetMidBlock2DCrossAttn always self-attends (only_cross_attention does not
+        # reach it)
         self.mid_block = UNetBlock([self._resnet(ch[-1], ch[-1]), self._resnet(ch[-1], ch[-1])],
                                    [self._attention(ch[-1], n - 1, False)], None, down=False)
 
     def _resnet(self, c_in, c_out):
         cfg = self.config
-        return ResnetBlock2D(c_in, c_out, 4 * cfg.block_out_channels[0], groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        return ResnetBlock2D(c_in, c_out, 4 * cfg.block_out_channels[0],
+                             groups=cfg.norm_num_groups, eps=cfg.norm_eps)
 
     def _attention(self, c, level, only_cross):
         cfg = self.config
-        return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim, cfg.transformer_layers[level],
-                                  cfg.use_linear_projection, cfg.norm_num_groups, cfg.upcast_attention, only_cross)
-
-    def _run(self, module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+        return Transformer2DModel(c, cfg.heads[level], cfg.cross_attention_dim,
+                                  cfg.transformer_layers[level], cfg.use_linear_projection,
+                                  cfg.norm_num_groups, cfg.upcast_attention, only_cross)
 
     def embed_time(self, sample, timestep):
-        """The timestep embedding (B, 4 * C0) of `timestep` (scalar or (B,)) for a batch `sample` (B, C, H, W)."""
+        """The timestep embedding (B, 4 * C0) of `timestep` (scalar or (B,)) for a batch `sample`
+        (B, C, H, W)."""
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                   self.config.freq_shift)
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0],
+                                   self.config.flip_sin_to_cos, self.config.freq_shift)
         return self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
 
     def encode(self, h, emb, context, bias=None):
-        """The down blocks and the mid block from conv_in's output h (B, C0, H, W), the text `context` (B, L, D)
-        and its attention bias (B, 1, 1, L) or None: the mid block's output and the skip tensors, one per resnet
-        and downsampler plus h itself (`skip_channels` wide)."""
+        """The down blocks and the mid block from conv_in's output h (B, C0, H, W), the text
+        `context` (B, L, D) and its attention bias (B, 1, 1, L) or None: the mid block's output and
+        the skip tensors, one per resnet and downsampler plus h itself (`skip_channels` wide)."""
         skips = [h]
         for block in self.down_blocks:
             for j, res in enumerate(block.resnets):
-                h = self._run(res, h, emb)
+                h = checkpointed(self, res, h, emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context, bias)
+                    h = checkpointed(self, block.attentions[j], h, context, bias)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0](h)  # (B, C, H/2, W/2)
                 skips.append(h)
         mid = self.mid_block
-        h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, context, bias)
-        return self._run(mid.resnets[1], h, emb), skips  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
+        h = checkpointed(self, mid.resnets[0], h, emb)
+        h = checkpointed(self, mid.attentions[0], h, context, bias)
+        h = checkpointed(self, mid.resnets[1], h, emb)
+        return h, skips  # h: (B, C_last, H / 2^(n-1), W / 2^(n-1))
 
 
 def skip_channels(cfg: UNetConfig):
-    """The widths of `UNetEncoder.encode`'s skip tensors, in order: what a ControlNet's residuals must match."""
+    """The widths of `UNetEncoder.encode`'s skip tensors, in order: what a ControlNet's residuals
+    must match."""
     ch = cfg.block_out_channels
     widths = [ch[0]]
     for i, c in enumerate(ch):
@@ -233,28 +170,29 @@ def skip_channels(cfg: UNetConfig):
 
 
 class UNet(UNetEncoder):
-    """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise (or v)
-    prediction, (B, C, H, W)."""
+    """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise
+    (or v) prediction, (B, C, H, W)."""
     family = "unet"  # which layers get adapters: lorad.LAYERS[("unet", role)]
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         if len(cfg.up_block_types) != n:
-            raise ValueError(f"unsupported UNet config: up_block_types={list(cfg.up_block_types)!r} "
-                             f"(one per entry of block_out_channels, {n})")
+            raise ValueError(f"unsupported UNet config: up_block_types={list(cfg.up_block_types)!r}"
+                             f" (one per entry of block_out_channels, {n})")
         self.up_blocks = nn.ModuleList()
-        rev, rev_heads = ch[::-1], n - 1
+        rev = ch[::-1]
         for i, kind in enumerate(cfg.up_block_types):
-            c_out, c_prev, c_skip_in, last = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)], i == n - 1
-            level = rev_heads - i  # the down level this up level mirrors: same heads and transformer depth
+            c_out, c_prev, c_skip_in = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n - 1)]
+            level = n - 1 - i  # the down level this up level mirrors: same heads and depth
             resnets = []
             for j in range(cfg.layers_per_block + 1):
                 c_skip = c_skip_in if j == cfg.layers_per_block else c_out
                 resnets.append(self._resnet((c_prev if j == 0 else c_out) + c_skip, c_out))
             cross = kind.startswith("CrossAttn")
-            attns = [self._attention(c_out, level, cfg.only_cross_attention[level]) for _ in resnets] if cross else None
-            sampler = None if last else Upsample2D(c_out)
+            attns = ([self._attention(c_out, level, cfg.only_cross_attention[level])
+                      for _ in resnets] if cross else None)
+            sampler = None if i == n - 1 else Upsample2D(c_out)
             self.up_blocks.append(UNetBlock(resnets, attns, sampler, down=False))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
@@ -267,14 +205,17 @@ class UNet(UNetEncoder):
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D),
-        encoder_attention_mask: (B, L) 1 on tokens, 0 on padding (None: all), applied to the cross-attention as
-        diffusers does. A ControlNet's residuals (diffusers' names and semantics, both or neither): one per skip
-        tensor, added to it, and one added to the mid block's output."""
+        encoder_attention_mask: (B, L) 1 on tokens, 0 on padding (None: all), applied to the
+        cross-attention as diffusers does. A ControlNet's residuals (diffusers' names and
+        semantics, both or neither): one per skip tensor, added to it, and one added to the mid
+        block's output."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
-            raise ValueError("give both down_block_additional_residuals and mid_block_additional_residual, or neither")
+            raise ValueError("give both down_block_additional_residuals and "
+                             "mid_block_additional_residual, or neither")
         emb = self.embed_time(sample, timestep)
         context = encoder_hidden_states
-        bias = None if encoder_attention_mask is None else mask_bias(encoder_attention_mask, sample.dtype)
+        bias = (None if encoder_attention_mask is None
+                else mask_bias(encoder_attention_mask, sample.dtype))
         h, skips = self.encode(self.conv_in(sample), emb, context, bias)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
@@ -282,10 +223,93 @@ class UNet(UNetEncoder):
 
         for block in self.up_blocks:
             for j, res in enumerate(block.resnets):
-                h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, H, W)
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                h = checkpointed(self, res, h, emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[j], h, context, bias)
+                    h = checkpointed(self, block.attentions[j], h, context, bias)
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, H, W)
+
+
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# config keys whose value must be the one given here: what SD1.5 / SD2.1 use, and all this U-Net
+# implements
+FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
+         "num_class_embeds": None, "addition_embed_type": None, "time_cond_proj_dim": None,
+         "encoder_hid_dim": None, "dual_cross_attention": False,
+         "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
+         "time_embedding_type": "positional", "conv_in_kernel": 3, "conv_out_kernel": 3,
+         "mid_block_scale_factor": 1, "attention_type": "default", "resnet_skip_time_act": False,
+         "resnet_out_scale_factor": 1.0, "cross_attention_norm": None, "timestep_post_act": None,
+         "time_embedding_act_fn": None, "time_embedding_dim": None,
+         "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
+         "projection_class_embeddings_input_dim": None, "addition_time_embed_dim": None}
+
+
+def _per_block(value, n):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple
+    down_block_types: tuple
+    up_block_types: tuple      # empty for a ControlNet (no up blocks)
+    layers_per_block: int
+    heads: tuple               # attention heads per down block (diffusers' `attention_head_dim`)
+    transformer_layers: tuple  # transformer blocks per attention, per down block
+    cross_attention_dim: int
+    only_cross_attention: tuple  # per down block: attn1 attends to the text too (no self-attention)
+    use_linear_projection: bool
+    upcast_attention: bool
+    norm_num_groups: int
+    norm_eps: float
+    flip_sin_to_cos: bool
+    freq_shift: int
+    downsample_padding: int
+    sample_size: int
+
+    @classmethod
+    def from_dict(cls, cfg, what="UNet"):
+        """From a diffusers config dict; `what` names the network in errors (a ControlNet's config
+        has no up blocks: `up_block_types` is then empty)."""
+        for key, supported in FIXED.items():
+            value = cfg.get(key, supported)
+            if isinstance(value, list) and len(set(value)) == 1:
+                value = value[0]
+            if value != supported:
+                raise ValueError(f"unsupported {what} config: {key}={value!r} "
+                                 f"(supported: {supported!r})")
+        for key, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
+            bad = [b for b in cfg.get(key, ()) if b not in allowed]
+            if bad:
+                raise ValueError(f"unsupported {what} config: {key} contains {bad} "
+                                 f"(supported: {allowed})")
+        n = len(cfg["block_out_channels"])
+        # diffusers names the head *count* `attention_head_dim` in the SD configs;
+        # num_attention_heads wins if set
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        cross = cfg.get("cross_attention_dim", 1280)
+        if isinstance(cross, (list, tuple)):
+            raise ValueError(f"unsupported {what} config: per-block cross_attention_dim={cross!r}")
+        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                   block_out_channels=tuple(cfg["block_out_channels"]),
+                   down_block_types=tuple(cfg["down_block_types"]),
+                   up_block_types=tuple(cfg.get("up_block_types", ())),
+                   layers_per_block=cfg.get("layers_per_block", 2), heads=_per_block(heads, n),
+                   transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n),
+                   cross_attention_dim=cross,
+                   only_cross_attention=_per_block(cfg.get("only_cross_attention", False), n),
+                   use_linear_projection=cfg.get("use_linear_projection", False),
+                   upcast_attention=cfg.get("upcast_attention", False),
+                   norm_num_groups=cfg.get("norm_num_groups", 32),
+                   norm_eps=cfg.get("norm_eps", 1e-5),
+                   flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+                   freq_shift=cfg.get("freq_shift", 0),
+                   downsample_padding=cfg.get("downsample_padding", 1),
+                   sample_size=cfg.get("sample_size", 64))
