@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clip import bytes_to_unicode
-from tests.test_dit import small_config as small_dit_config
-from tests.test_unet import small_config
+from tests.conftest import small_dit_config, small_unet_config
 
 TEXT_DIM = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +49,7 @@ def write_tiny_sd_repo(root, seed=0, prediction_type="epsilon"):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**small_config(cross_attention_dim=TEXT_DIM, sample_size=8))
+    unet = UNet2DConditionModel(**small_unet_config(cross_attention_dim=TEXT_DIM, sample_size=8))
     unet.save_pretrained(os.path.join(root, "unet"))
 
     write_vae(root)

@@ -11,13 +11,13 @@ import analysis
 import wadi
 from lorad import add_adapters, adapter_state_dict, merge_adapters
 from pipeline import file_metadata
-from tests.test_unet import small_config
 from unet import UNet
+from tests.conftest import small_unet_config
 
 
 def small_unet(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return UNet.from_config(small_config()).to(dtype)
+    return UNet.from_config(small_unet_config()).to(dtype)
 
 
 def weights(net):
@@ -36,7 +36,7 @@ def test_lorad_student_keeps_norms_and_turns_directions_by_the_hand_computed_amo
         for p in adapter_state_dict(unet).values():
             p.normal_(0, 0.2)
     student = weights(merge_adapters(unet))
-    adapted = analysis.adapted_weights(small_config(), "lorad")
+    adapted = analysis.adapted_weights(small_unet_config(), "lorad")
     report, _ = analysis.analyze(teacher, student, adapted, progress=False)
 
     linear = {k for k, v in teacher.items() if v.dim() == 2 and k.startswith(("down_blocks", "mid_block", "up_blocks"))}
@@ -136,7 +136,7 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     model = root / "model"
     (model / "unet").mkdir(parents=True)
-    (model / "unet" / "config.json").write_text(json.dumps(small_config()))
+    (model / "unet" / "config.json").write_text(json.dumps(small_unet_config()))
     unet = small_unet(0, torch.float32)
     save_file(weights(unet), str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     add_adapters(unet, "student", 4, "lora")
@@ -189,7 +189,7 @@ def test_analyze_swap_file_and_run_directory(pair, tmp_path):
     assert file_metadata(str(swap_out))["a_T"] == "0.0047" and "direction" in file_metadata(str(swap_out))["swap"]
     teacher = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     with torch.device("meta"):
-        net = UNet.from_config(small_config())
+        net = UNet.from_config(small_unet_config())
     net.load_state_dict(swapped, strict=True, assign=True)  # a loadable denoiser
     key = "down_blocks.0.attentions.0.proj_in.weight"
     torch.testing.assert_close(F.normalize(swapped[key].flatten(1), dim=1), F.normalize(teacher[key].flatten(1), dim=1))

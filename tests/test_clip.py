@@ -1,8 +1,6 @@
 """clip.py against transformers (a test-only reference): the text encoder on random weights at small
 configs and at the real configs' shapes, the tokenizer on the real CLIP vocabulary (the BPE merges
 that open_clip_torch ships) with the real SD1.5 and SD2.1 special-token files."""
-import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -11,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from clip import CLIPTextModel, CLIPTokenizer, bytes_to_unicode, convert_text_state_dict
+from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from loading import load_weights, read_safetensors
+from tests.conftest import ROOT, write_clip_vocab
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
              max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 
@@ -81,28 +79,6 @@ def test_real_configs_build_on_meta(backbone, count):
 def test_bad_config_is_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         CLIPTextModel.from_config(dict(real_config("sd15"), **change))
-
-
-def write_clip_vocab(directory):
-    """vocab.json and merges.txt of the real CLIP BPE in the Hugging Face layout: the 256 byte
-    characters, the same with `</w>`, the merges joined, then the two special tokens. Built from the
-    merges file in open_clip_torch's package directory, found without importing open_clip (that
-    would pull in torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.fail("open_clip_torch is not installed (requirements-dev.txt): its bpe_simple_vocab_16e6.txt.gz "
-                    "is the real CLIP vocabulary the tokenizer tests need")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return vocab
 
 
 @pytest.fixture(scope="module")

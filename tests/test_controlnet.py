@@ -12,15 +12,15 @@ from controlnet import ControlledUNet, ControlNet, check_fits, load_controlnet, 
     read_control_images
 from loading import LoadError, load_weights
 from unet import UNet, skip_channels
-from tests.test_unet import ONLY_CROSS, SD21_STYLE, reference, relative_error, small_config
-from tests.random_weights import randomize
+from tests.conftest import (ONLY_CROSS, SD21_STYLE, randomize, relative_error, small_unet_config,
+                            unet_reference)
 
 
 def controlnet_config(**overrides):
     """A small ControlNet config (diffusers keys): the test U-Net's encoder half, a two-level conditioning
     embedding (the control image is twice the sample's size)."""
     unet_only = ("up_block_types", "out_channels", "sample_size")
-    cfg = {k: v for k, v in small_config(**overrides).items() if k not in unet_only}
+    cfg = {k: v for k, v in small_unet_config(**overrides).items() if k not in unet_only}
     return {**cfg, "_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [8, 16]}
 
 
@@ -57,8 +57,8 @@ def test_parity_with_diffusers_controlnet(overrides, tmp_path):
 
 
 def test_unet_with_residuals_matches_diffusers():
-    cfg = small_config()
-    ref = reference(cfg)
+    cfg = small_unet_config()
+    ref = unet_reference(cfg)
     ours = load_weights(UNet.from_config(cfg), ref.state_dict()).eval()
     x, t, context, _ = inputs(cfg)
     g = torch.Generator().manual_seed(2)
@@ -78,8 +78,8 @@ def test_unet_with_residuals_matches_diffusers():
 def test_controlled_unet_equals_diffusers_pipeline_step():
     """ControlNet then U-Net on a CFG batch [uncond; cond] with one control image per sample, as diffusers'
     pipeline feeds them: the image repeated for both halves."""
-    cfg = small_config()
-    ref_unet, ref_cn = reference(cfg), reference_controlnet(controlnet_config(), seed=3)
+    cfg = small_unet_config()
+    ref_unet, ref_cn = unet_reference(cfg), reference_controlnet(controlnet_config(), seed=3)
     unet = load_weights(UNet.from_config(cfg), ref_unet.state_dict()).eval()
     cn = load_weights(ControlNet.from_config(controlnet_config()), ref_cn.state_dict()).eval()
     x, _, context, image = inputs(cfg)
@@ -110,8 +110,8 @@ def test_full_config_on_meta_matches_diffusers(name):
 
 
 def test_from_unet_copies_the_encoder_and_starts_as_a_no_op():
-    cfg = small_config()
-    unet = load_weights(UNet.from_config(cfg), reference(cfg).state_dict()).eval()
+    cfg = small_unet_config()
+    unet = load_weights(UNet.from_config(cfg), unet_reference(cfg).state_dict()).eval()
     cn = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
     assert torch.equal(cn.down_blocks[1].attentions[0].proj_in.weight, unet.down_blocks[1].attentions[0].proj_in.weight)
     x, t, context, image = inputs(cfg)

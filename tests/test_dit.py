@@ -8,20 +8,7 @@ import torch
 
 from dit import PixArt, sincos_pos_embed_2d
 from loading import load_weights, read_safetensors
-from tests.random_weights import randomize
-
-CAPTION = 24  # text-embedding width of the small configs
-
-
-def small_config(**overrides):
-    """A small PixArt (diffusers keys): 2 blocks of width 24 (2 heads x 12, divisible by 3 for the
-    micro-condition embedders), a 16 x 16 latent in patches of 2 (base grid 8 x 8)."""
-    cfg = {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": 2, "attention_head_dim": 12,
-           "in_channels": 4, "out_channels": 8, "num_layers": 2, "cross_attention_dim": 24, "attention_bias": True,
-           "sample_size": 16, "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
-           "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
-           "caption_channels": CAPTION}
-    return {**cfg, **overrides}
+from tests.conftest import CAPTION, randomize, relative_error, small_dit_config
 
 
 # the 1024-MS layout: sample_size 128 turns on the micro-conditions and interpolation_scale 2
@@ -53,10 +40,6 @@ def ours_from(ref, cfg, tmp_path):
     return load_weights(ours, read_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"))).eval()
 
 
-def relative_error(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def inputs(B=2, H=16, W=16, L=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 4, H, W, generator=g)
@@ -75,7 +58,7 @@ def micro_kwargs(B, H, W):
 
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["square", "non_square"])
 def test_parity_256_layout_with_padded_mask(size, tmp_path):
-    cfg = small_config()
+    cfg = small_dit_config()
     ref = reference(cfg)
     ours = ours_from(ref, cfg, tmp_path)
     assert not ours.config.use_additional_conditions and ours.config.interpolation_scale == 1
@@ -92,7 +75,7 @@ def test_parity_256_layout_with_padded_mask(size, tmp_path):
 
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["square", "non_square"])
 def test_parity_1024_ms_layout_with_micro_conditions(size, tmp_path):
-    cfg = small_config(**MS)
+    cfg = small_dit_config(**MS)
     ref = reference(cfg)
     ours = ours_from(ref, cfg, tmp_path)
     assert ours.config.use_additional_conditions and ours.config.interpolation_scale == 2
@@ -111,7 +94,7 @@ def test_parity_1024_ms_layout_with_micro_conditions(size, tmp_path):
 
 
 def test_old_transformer2dmodel_config_gives_the_same_model(tmp_path):
-    for cfg in (small_config(), small_config(**MS)):
+    for cfg in (small_dit_config(), small_dit_config(**MS)):
         ref = reference(cfg)
         new = ours_from(ref, cfg, tmp_path)
         with torch.device("meta"):
@@ -125,7 +108,7 @@ def test_old_transformer2dmodel_config_gives_the_same_model(tmp_path):
 
 def test_scalar_timestep_and_bf16():
     torch.manual_seed(0)
-    model = PixArt.from_config(small_config()).eval()
+    model = PixArt.from_config(small_dit_config()).eval()
     x, _, text, mask = inputs()
     with torch.no_grad():
         full = model(x, 500, text, mask)
@@ -142,7 +125,7 @@ def test_position_embedding_matches_diffusers():
 
 
 def test_pos_embed_is_a_computed_buffer():
-    cfg = small_config()
+    cfg = small_dit_config()
     with torch.device("meta"):
         model = PixArt.from_config(cfg)
     assert "pos_embed.pos_embed" not in model.state_dict()
@@ -152,7 +135,7 @@ def test_pos_embed_is_a_computed_buffer():
 
 def test_gradient_checkpointing_gives_same_output_and_gradients():
     torch.manual_seed(0)
-    model = PixArt.from_config(small_config(**MS)).train()
+    model = PixArt.from_config(small_dit_config(**MS)).train()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -182,7 +165,7 @@ def test_full_configs_on_meta_match_diffusers(resolution, count):
 
 
 def test_bad_latent_size_is_a_clear_error():
-    model = PixArt.from_config(small_config())
+    model = PixArt.from_config(small_dit_config())
     x, t, text, mask = inputs()
     with pytest.raises(ValueError, match=r"latent size \(15, 16\) is not a multiple of the patch size 2"):
         model(x[..., :15, :], t, text, mask)
@@ -194,6 +177,6 @@ def test_bad_latent_size_is_a_clear_error():
                                         ("sample_size", 15), ("use_additional_conditions", True)])
 def test_unsupported_config_is_a_clear_error(key, value):
     with pytest.raises(ValueError, match=f"unsupported PixArt config: .*{key}"):
-        PixArt.from_config(small_config(**{"attention_head_dim": 8, "cross_attention_dim": 16, key: value}))
+        PixArt.from_config(small_dit_config(**{"attention_head_dim": 8, "cross_attention_dim": 16, key: value}))
     with pytest.raises(ValueError, match="norm_type"):  # an old-style config must say it is PixArt
-        PixArt.from_config({k: v for k, v in old_style(small_config()).items() if k != "norm_type"})
+        PixArt.from_config({k: v for k, v in old_style(small_dit_config()).items() if k != "norm_type"})

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,11 +21,9 @@ import wadi
 from loading import LoadError
 from openclip import load_open_clip, load_open_clip_tokenizer
 from tests.repo import write_tiny_pixart_repo, write_tiny_sd_repo
-from tests.test_clip import write_clip_vocab
-from tests.test_inception import random_fid_inception_state
-from tests.test_openclip import SMALL, reference_model, write_repo
+from tests.conftest import (OPENCLIP_SMALL, openclip_reference, random_fid_inception_state,
+                            run_cli, write_clip_vocab, write_openclip_repo)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 4  # generated images (precision/recall with k = 3 needs 4); the fake val2014 holds 6
 
 
@@ -68,7 +64,7 @@ def env(tmp_path_factory):
     coco, captions = write_fake_coco(root / "coco")
     repo = write_tiny_sd_repo(str(root / "tiny-sd"))
     (root / "clip").mkdir()
-    clip = write_repo(root / "clip", reference_model(SMALL), SMALL)
+    clip = write_openclip_repo(root / "clip", openclip_reference(OPENCLIP_SMALL), OPENCLIP_SMALL)
     write_clip_vocab(clip)
     inception = str(root / "pt_inception-random.pth")
     torch.save(random_fid_inception_state(), inception)
@@ -85,14 +81,6 @@ def coco_args(env, out, *extra, cache=None):
 
 def generate_args(env):
     return ["--model", env.repo, "--unet", env.unet, "--resolution", "32"]
-
-
-def run_cli(*args, launcher=()):
-    """`python [launcher] evaluate.py ARGS` in a fresh process, offline, with numpy's BLAS on one thread
-    (on two shared cores its idle threads spinning next to torch's would double the time)."""
-    return subprocess.run([sys.executable, *launcher, "evaluate.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"})
 
 
 def low_rank_fid(x, y):

@@ -25,9 +25,7 @@ import hps
 import wadi
 from openclip import VIT_H_14
 from tests.repo import write_tiny_sd_repo
-from tests.test_clip import write_clip_vocab
-from tests.test_evaluate_coco import run_cli
-from tests.test_openclip import random_ids, relative_error
+from tests.conftest import random_ids, relative_error, run_cli, write_clip_vocab
 
 # ViT-H-14's layout, shrunk: head width 80 -> 20, patch 14 (4 x 4 patches), a text tower narrower than the
 # vision tower, GELU, mlp_ratio 4

@@ -1,7 +1,6 @@
 """Tests of inception.py: the FID Inception network against pytorch-fid on random weights, its weight
 loading (pickle, safetensors, strict keys, download failure), batching and its input resize. pytorch-fid
 and torchvision are test-only dependencies."""
-import math
 import urllib.error
 
 import numpy as np
@@ -11,27 +10,11 @@ from PIL import Image
 
 import inception
 from loading import LoadError
+from tests.conftest import random_fid_inception_state
 
 
 # ---------------------------------------------------------------------------------------------
 # Inception-V3 against pytorch-fid
-
-def random_fid_inception_state(seed=0):
-    """A state dict in the layout of pytorch-fid's weight file (torchvision's Inception3 with 1008
-    classes, no aux head), built without any download, with random convolutions (He-scaled, so the
-    activations keep their size through 94 layers) and random batch-norm statistics."""
-    from pytorch_fid.inception import _inception_v3
-
-    torch.manual_seed(seed)
-    state = _inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
-    for key, value in state.items():
-        if key.endswith("conv.weight"):
-            value.normal_(0, math.sqrt(2 / value[0].numel()))
-        elif key.endswith("bn.weight") or key.endswith("bn.running_var"):
-            value.uniform_(0.5, 1.5)
-        elif key.endswith("bn.bias") or key.endswith("bn.running_mean"):
-            value.normal_(0, 0.2)
-    return state
 
 
 def test_inception_matches_pytorch_fid(monkeypatch, tmp_path):

@@ -12,7 +12,7 @@ from lorad import (ADAPTERS, Adapter, DoRAFrozenNormLinear, DoRALinear, FullModu
                    selected_layers)
 from dit import PixArt
 from unet import UNet
-from tests.test_unet import small_config
+from tests.conftest import small_unet_config
 
 
 def lorad(out_f=6, in_f=8, rank=3, dtype=torch.float64, scale=1.0, seed=0):
@@ -121,7 +121,7 @@ def test_odd_width_error_names_layer():
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_merged_model_equals_adapted_model(kind):
     torch.manual_seed(0)
-    unet = UNet.from_config(small_config()).eval()  # SD1.5's layout: proj_in / proj_out are 1x1 convolutions
+    unet = UNet.from_config(small_unet_config()).eval()  # SD1.5's layout: proj_in / proj_out are 1x1 convolutions
     add_adapters(unet, "student", 4, kind)
     convs = [m for m in unet.modules() if isinstance(m, Adapter) and isinstance(m.base, nn.Conv2d)]
     assert (len(convs) > 0) == (kind != "lorad")  # the baselines adapt the convolutions too
@@ -251,7 +251,7 @@ def test_lora_on_a_1x1_convolution_is_lora_on_the_linear_map_per_pixel():
 
 def test_full_trains_every_parameter_under_the_network_keys():
     torch.manual_seed(0)
-    unet = UNet.from_config(small_config())
+    unet = UNet.from_config(small_unet_config())
     keys = set(unet.state_dict())
     add_adapters(unet, "student", 0, "full")
     assert set(adapter_state_dict(unet)) == keys  # the adapter tensors carry the network's own keys
@@ -265,7 +265,7 @@ def test_full_trains_every_parameter_under_the_network_keys():
 
 def test_fake_rule_skips_projections_and_time():
     with torch.device("meta"):
-        unet = add_adapters(UNet.from_config(small_config(use_linear_projection=True)), "fake", 2)
+        unet = add_adapters(UNet.from_config(small_unet_config(use_linear_projection=True)), "fake", 2)
     names = {k.rsplit(".", 1)[0] for k in adapter_state_dict(unet)}
     assert names and not any(s in n for n in names for s in ("proj_in", "proj_out", "time_emb_proj"))
     assert any("attn2.to_k" in n for n in names) and any("ff.net.2" in n for n in names)
@@ -280,7 +280,7 @@ def read_adapter_file(path):
 
 def test_adapter_files_roundtrip_and_official_pth(tmp_path):
     torch.manual_seed(0)
-    unet = add_adapters(UNet.from_config(small_config()), "student", 4)
+    unet = add_adapters(UNet.from_config(small_unet_config()), "student", 4)
     with torch.no_grad():
         for p in adapter_state_dict(unet).values():
             p.normal_()
@@ -290,14 +290,14 @@ def test_adapter_files_roundtrip_and_official_pth(tmp_path):
     torch.save(state, tmp_path / "kduv.pth")  # the official release's format and naming
 
     for path in ("a.safetensors", "kduv.pth"):
-        other = add_adapters(UNet.from_config(small_config()), "student", 4)
+        other = add_adapters(UNet.from_config(small_unet_config()), "student", 4)
         load_adapters(other, read_adapter_file(str(tmp_path / path)))
         assert all(torch.equal(v, state[k]) for k, v in adapter_state_dict(other).items())
 
-    other = add_adapters(UNet.from_config(small_config()), "student", 8)
+    other = add_adapters(UNet.from_config(small_unet_config()), "student", 8)
     with pytest.raises(LoadError, match="wrong shapes"):
         load_adapters(other, read_adapter_file(str(tmp_path / "a.safetensors")))
-    fake = add_adapters(UNet.from_config(small_config()), "fake", 4)
+    fake = add_adapters(UNet.from_config(small_unet_config()), "fake", 4)
     with pytest.raises(LoadError, match="unexpected.*time_emb_proj"):
         load_adapters(fake, state)
 

@@ -21,45 +21,8 @@ from clip import CLIPTokenizer
 from openclip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, VIT_H_14, OpenCLIP, convert_open_clip_state_dict, load_open_clip,
                       open_clip_tokenize, preprocess_image)
 from loading import LoadError
-from tests.test_clip import ROOT, write_clip_vocab
-
-# ViT-B-32's layout, shrunk; ViT-g-14's fractional mlp_ratio (int(64 * 4.3637) = 279)
-SMALL = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 4.3637,
-                        "patch_size": 8},
-         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-
-
-def reference_model(cfg):
-    """open_clip's CLIP at `cfg`, every parameter (LayerNorms, embeddings, projections) randomised."""
-    torch.manual_seed(0)
-    ref = open_clip.CLIP(**cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return ref
-
-
-def write_repo(directory, ref, cfg):
-    """A directory in an open_clip Hub repo's layout: open_clip_config.json and the safetensors weights."""
-    with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}, f)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
-              os.path.join(directory, "open_clip_model.safetensors"))
-    return str(directory)
-
-
-def relative_error(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
-
-
-def random_ids(batch, generator):
-    """open_clip-style ids: start, 1 to 75 ordinary tokens, end, zero padding."""
-    ids = torch.zeros(batch, 77, dtype=torch.long)
-    for row in ids:
-        n = int(torch.randint(1, 76, (), generator=generator))
-        row[0], row[1:n + 1], row[n + 1] = 49406, torch.randint(1, 49406, (n,), generator=generator), 49407
-    return ids
+from tests.conftest import (OPENCLIP_SMALL, ROOT, openclip_reference, random_ids, relative_error,
+                            write_clip_vocab, write_openclip_repo)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +35,9 @@ def bpe_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("quick_gelu", [False, True])  # ViT-g-14 LAION: GELU; OpenAI-trained weights: QuickGELU
 def test_towers_match_open_clip(quick_gelu, tmp_path):
-    cfg = dict(SMALL, quick_gelu=quick_gelu)
-    ref = reference_model(cfg)
-    ours = load_open_clip(write_repo(tmp_path, ref, cfg))
+    cfg = dict(OPENCLIP_SMALL, quick_gelu=quick_gelu)
+    ref = openclip_reference(cfg)
+    ours = load_open_clip(write_openclip_repo(tmp_path, ref, cfg))
     assert ours.config.vision.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     assert ours.config.vision.intermediate_size == 279 and not ours.logit_scale.requires_grad
     generator = torch.Generator().manual_seed(1)
@@ -108,7 +71,7 @@ def test_full_config_and_count_on_meta(name, config, count, shape):
 
 
 def test_key_layout_is_transformers_clip_model():
-    v, t = SMALL["vision_cfg"], SMALL["text_cfg"]
+    v, t = OPENCLIP_SMALL["vision_cfg"], OPENCLIP_SMALL["text_cfg"]
     cfg = transformers.CLIPConfig(
         projection_dim=16, vision_config=dict(hidden_size=64, intermediate_size=int(v["width"] * v["mlp_ratio"]),
                                               num_hidden_layers=2,
@@ -117,14 +80,14 @@ def test_key_layout_is_transformers_clip_model():
                          vocab_size=t["vocab_size"], max_position_embeddings=77, hidden_act="gelu"))
     with torch.device("meta"):
         ref = transformers.CLIPModel(cfg)
-        ours = OpenCLIP.from_config(SMALL)
+        ours = OpenCLIP.from_config(OPENCLIP_SMALL)
     want = {k: x.shape for k, x in ref.state_dict().items() if not k.endswith("position_ids")}
     assert {k: x.shape for k, x in ours.state_dict().items()} == want
 
 
 def test_clip_score_matches_open_clip(tmp_path, bpe_dir):
-    ref = reference_model(SMALL)
-    ours = load_open_clip(write_repo(tmp_path, ref, SMALL))
+    ref = openclip_reference(OPENCLIP_SMALL)
+    ours = load_open_clip(write_openclip_repo(tmp_path, ref, OPENCLIP_SMALL))
     rng = np.random.default_rng(0)
     sizes = [(50, 37), (37, 61), (32, 32), (64, 48), (33, 90)]
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
@@ -202,25 +165,25 @@ def test_tokenize_refuses_a_special_pad_token(bpe_dir, tmp_path):
 
 
 def test_loader_reads_the_pickle_and_checks_keys(tmp_path):
-    ref = reference_model(SMALL)
+    ref = openclip_reference(OPENCLIP_SMALL)
     state = ref.state_dict()
     torch.save(state, tmp_path / "open_clip_pytorch_model.bin")  # the Hub repo's pickle, read weights_only
-    ours = load_open_clip(str(tmp_path / "open_clip_pytorch_model.bin"), config=SMALL)
+    ours = load_open_clip(str(tmp_path / "open_clip_pytorch_model.bin"), config=OPENCLIP_SMALL)
     assert torch.equal(ours.visual_projection.weight, state["visual.proj"].T)
 
     for drop in ("visual.ln_post.weight", "transformer.resblocks.1.attn.in_proj_weight"):
         save_file({k: v.contiguous() for k, v in state.items() if k != drop}, tmp_path / "missing.safetensors")
         with pytest.raises(LoadError, match=f"1 missing keys: {re.escape(drop)}$"):
-            load_open_clip(str(tmp_path / "missing.safetensors"), config=SMALL)
+            load_open_clip(str(tmp_path / "missing.safetensors"), config=OPENCLIP_SMALL)
     save_file({**{k: v.contiguous() for k, v in state.items()}, "logit_bias": torch.zeros(())},
               tmp_path / "extra.safetensors")
     with pytest.raises(LoadError, match="1 unexpected keys: logit_bias"):
-        load_open_clip(str(tmp_path / "extra.safetensors"), config=SMALL)
+        load_open_clip(str(tmp_path / "extra.safetensors"), config=OPENCLIP_SMALL)
     with pytest.raises(LoadError, match="shape mismatches"):  # a file of another config
-        load_open_clip(str(tmp_path / "open_clip_pytorch_model.bin"), config=dict(SMALL, embed_dim=8))
+        load_open_clip(str(tmp_path / "open_clip_pytorch_model.bin"), config=dict(OPENCLIP_SMALL, embed_dim=8))
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="no open_clip weights"):
-        load_open_clip(str(tmp_path / "empty"), config=SMALL)
+        load_open_clip(str(tmp_path / "empty"), config=OPENCLIP_SMALL)
 
 
 @pytest.mark.parametrize("change,message", [({"vision_cfg": {"layers": [3, 4, 6, 3]}}, "ResNet"),
