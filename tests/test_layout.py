@@ -82,8 +82,6 @@ def python_files():
 
 def test_citations_resolve_inside_the_repository():
     for path in python_files():
-        if path == os.path.abspath(__file__):  # this file holds the patterns' examples
-            continue
         text = open(path, encoding="utf-8").read()
         name = os.path.relpath(path, ROOT)
         assert not OUTSIDE.search(text), f"{name} cites {OUTSIDE.search(text).group()!r}: cite the paper or docs/"
@@ -92,6 +90,8 @@ def test_citations_resolve_inside_the_repository():
 
 
 def test_the_citation_check_sees_what_it_must():
-    assert OUTSIDE.search("see ../shared/reference/pixart-t5.md D.5")
-    assert OUTSIDE.search("(SPEC 1.3)") and OUTSIDE.search("(issue 14)") and OUTSIDE.search("reference A.5")
+    # the examples are put together from pieces, so that no line of this file is itself such a citation
+    assert OUTSIDE.search("see ../sha" + "red/" + "reference/pixart-t5.md D.5")
+    assert OUTSIDE.search("(SP" + "EC 1.3)") and OUTSIDE.search("(iss" + "ue 14)")
+    assert OUTSIDE.search("reference A" + ".5")
     assert not OUTSIDE.search("the reference implementation (diffusers)") and not OUTSIDE.search("SPECIAL")
