@@ -5,9 +5,11 @@ tensor (modules a network keeps in float32 excepted, `cast_weight`), so a second
 is never held.
 """
 import contextlib
+import errno
 import functools
 import json
 import os
+import shutil
 import socket
 from urllib.parse import urlparse
 from collections.abc import Mapping
@@ -32,6 +34,41 @@ class LoadError(Exception):
 
 class MissingFile(LoadError):
     """The repo or directory is there but has no such file."""
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the OSErrors of a full disk (or a full quota)
+
+
+class DiskFull(LoadError):
+    """A file could not be written for want of disk space; the message says where, how much the file
+    needs (when known) and how much is free. Whatever was being written was removed."""
+
+    def __init__(self, path, need=None):
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        needs = f"it needs {size_text(need)}, " if need else ""
+        super().__init__(f"no space left on the disk of {path}: {needs}{size_text(free)} free")
+
+
+@contextlib.contextmanager
+def disk_space(path, need=None):
+    """Inside the block, an OSError of a full disk while writing `path` becomes a DiskFull."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        raise DiskFull(path, need) from None
+
+
+def size_text(n):
+    """`n` bytes for a message, in powers of 1000."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def key_listing(keys, most=5):
@@ -102,10 +139,17 @@ def save_tensors(tensors, path, metadata=None):
     """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata`, written
     to a temporary file and renamed (a crash leaves the old file or the new one, never half of one),
     with the permissions of the user's umask like any other output (safetensors itself creates files
-    0600)."""
+    0600). A full disk is a DiskFull, with the partial file removed."""
     tmp = f"{path}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={k: str(v) for k, v in metadata.items()} if metadata else None)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        with disk_space(path, sum(t.numel() * t.element_size() for t in tensors.values())):
+            save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()} if metadata
+                      else None)
+    except DiskFull:
+        if os.path.exists(tmp):  # what could be written of it only takes space
+            os.remove(tmp)
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)

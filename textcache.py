@@ -48,13 +48,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from diffusion import Text
-from loading import LoadError, read_json
+from loading import FULL_DISK, LoadError, read_json, size_text
 
 # the version of the code that computes the embeddings, in every key: 2 since T5 in float16 keeps
 # its `wo` in float32 (t5.py); float16 caches written before hold ruined embeddings, never read
 ENCODER_VERSION = 2
 SAMPLE_BYTES = 2 ** 20  # a weight file's fingerprint reads this much at its start and at its end
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # e.g. Lustre mounted without -o flock
 
 
@@ -226,18 +225,10 @@ def _full_disk(work, count, row, max_length, rank):
     while not os.path.isdir(where):  # a full disk may have stopped the directories too
         where = os.path.dirname(where)
     need, free = (count - done) * (tokens * row + 8), shutil.disk_usage(where).free
-    return (f"disk full writing the prompt cache {work}: about {_size(need)} more needed for the "
+    return (f"disk full writing the prompt cache {work}: about {size_text(need)} more needed for the "
             f"{count - done:,} prompts left of part {rank} ({tokens:.1f} tokens of {row} bytes "
-            f"per prompt {'so far' if done else 'at most'}), {_size(free)} free; the {done:,} "
+            f"per prompt {'so far' if done else 'at most'}), {size_text(free)} free; the {done:,} "
             f"prompts done are kept and a rerun resumes after them")
-
-
-def _size(n):
-    """`n` bytes for a message, in powers of 1000."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 class PromptCache:
