@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from loading import LoadError, file_metadata, read_safetensors, save_tensors
+from loading import DiskFull, LoadError, disk_space, file_metadata, read_safetensors, save_tensors
 from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import image_grid
 
@@ -65,14 +65,15 @@ def optimizer_tensors(opt, prefix):
     return tensors, state["param_groups"]
 
 
-def load_optimizer(opt, tensors, groups, prefix):
-    """The inverse of `optimizer_tensors`."""
+def load_optimizer(opt, tensors, prefix):
+    """The inverse of `optimizer_tensors`: the moments are the checkpoint's, the hyper-parameters
+    (learning rate, betas, ...) the optimizer's own, so that a resume with a new --lr takes it."""
     state = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
             i, name = key[len(prefix) + 1:].split(".", 1)
             state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def list_checkpoints(out_dir):
@@ -132,13 +133,49 @@ def load_checkpoint(path, student, fake, opts, ema, log=print):
                 f"{meta['step']}")
     elif has_ema:
         log(f"{path} holds an EMA of the student, which this run (EMA off) does not use")
-    groups = json.loads(meta["param_groups"])
     for name, opt in opts.items():
-        load_optimizer(opt, tensors, groups[name], f"opt_{name}")
+        load_optimizer(opt, tensors, f"opt_{name}")
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
+
+
+# What a resume may change (docs/training.md), each change said in one line and taking effect: the
+# optimisation, the schedule of the run, how it is computed and the method's scalars. Every other
+# option is what the adapters, the data order and the noise were made with, and stays as it was.
+RESUME_MAY_CHANGE = ("lr", "lr_fake", "max_steps", "epochs", "batch_size", "grad_accum",
+                     "processes", "mixed_precision", "grad_checkpointing", "ema",
+                     "checkpoint_every", "keep_checkpoints", "validate_every",
+                     "validation_prompts", "guidance", "t_min", "t_max", "drop_prob",
+                     "max_grad_norm")
+WHERE = ("out", "resume", "cache_dir")  # where the run's files are, not what the run is
+
+
+def check_resume(path, options, log=print):
+    """Compare a resumed run's `options` (vsd.run_options) with those the checkpoint at `path` was
+    written with: each change RESUME_MAY_CHANGE allows is one `log` line; any other is a LoadError
+    naming them all, raised before anything is written. (A checkpoint of an earlier version, which
+    stored only backbone, base model and adapter, is checked on those.)"""
+    stored = checkpoint_meta(path)
+    before = {**stored, **stored.get("options", {})}
+    now = json.loads(json.dumps(options))  # tuples as JSON stores them
+    changed = {k: (before[k], v) for k, v in now.items()
+               if k in before and k not in WHERE and before[k] != v}
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if refused:
+        listing = "; ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise LoadError(f"--resume {path}: a resume cannot change {listing} (the checkpoint's "
+                        f"adapters, data order and noise depend on them); give them as they were, "
+                        f"or start a new run in another --out")
+    step = file_metadata(path).get("step", "?")
+    for k, (old, new) in changed.items():
+        log(f"resume: {k} {old!r} -> {new!r}, from step {step} on")
+
+
+def checkpoint_meta(path):
+    """The run's metadata stored with a checkpoint (backbone, options, images seen, ...)."""
+    return json.loads(file_metadata(path).get("meta", "{}"))
 
 
 def own_adapters(tensors, prefix):
@@ -184,11 +221,20 @@ def interruptible():
             signal.signal(s, handler)
 
 
-def export_student(student, path, metadata):
+def export_student(student, path, metadata, last_checkpoint=None):
     """The merged one-step student as a full denoiser state dict in the original network's keys
-    (adapters folded in), with `metadata` (backbone, base model, a_T, ...)."""
+    (adapters folded in), with `metadata` (backbone, base model, a_T, ...). A full disk at the end
+    of a run (`last_checkpoint`: its final one) is a TrainingError saying how to export later."""
     merged = merge_adapters(shared_copy(student))
-    save_tensors(merged.state_dict(), path, metadata)
+    try:
+        save_tensors(merged.state_dict(), path, metadata)
+    except DiskFull as e:
+        if last_checkpoint is None:
+            raise
+        run_dir = os.path.dirname(last_checkpoint) or "."
+        raise TrainingError(f"{e}; the run's last checkpoint {last_checkpoint} is whole: free some "
+                            f"space and write the student with `wadi.py export --run {run_dir}`") \
+            from None
 
 
 def kept(last_checkpoint):
@@ -197,13 +243,20 @@ def kept(last_checkpoint):
             else "no checkpoint was written yet")
 
 
+def stopped_by_full_disk(error: DiskFull, last_checkpoint):
+    """The one line of a run that stopped because rank 0 could not write its step."""
+    resume = "; free some space and continue with --resume latest" if last_checkpoint else ""
+    return f"stopped: {error}; {kept(last_checkpoint)}, whole{resume}"
+
+
 def log_step(bar, out, step, totals, images_per_s):
     """The losses (totals[:2]) and throughput of a step in the progress bar and in out/train.log."""
     loss_g, loss_fake = totals[0].item(), totals[1].item()
     bar.update(1)
     bar.set_postfix(loss_G=f"{loss_g:.4g}", loss_fake=f"{loss_fake:.4g}",
                     img_s=f"{images_per_s:.2f}")
-    with open(os.path.join(out, "train.log"), "a") as f:
+    path = os.path.join(out, "train.log")
+    with disk_space(path), open(path, "a") as f:
         f.write(f"step {step} loss_G {loss_g:.6g} loss_fake {loss_fake:.6g} images/s "
                 f"{images_per_s:.3f} time {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
 
@@ -232,5 +285,6 @@ def validate(pipe, student, prompts, resolution, a_T, path):
     images = dataclasses.replace(pipe, denoiser=student).generate(
         prompts, list(range(len(prompts))), 1, a_T=a_T, resolution=resolution)
     student.train()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image_grid(images, cols=len(prompts)).save(path)
+    with disk_space(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image_grid(images, cols=len(prompts)).save(path)

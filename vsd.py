@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (TrainingError, TrainingInterrupted, checkpoint_path, export_student,
-                        find_checkpoint, interruptible, kept, load_checkpoint, log_step,
-                        save_and_validate)
+from checkpoint import (TrainingError, TrainingInterrupted, checkpoint_meta, checkpoint_path,
+                        export_student, find_checkpoint, interruptible, kept, load_checkpoint,
+                        log_step, save_and_validate, stopped_by_full_disk)
 from ddp import all_mean, no_sync, ranks
 from diffusion import A_T, Text, guided, one_step, predict, to_eps
-from loading import LoadError
+from loading import DiskFull, LoadError
 from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, shared_copy
 
 
@@ -208,6 +208,14 @@ def run_config(backbone, **given):
     return tuple(cls(**{k: v for k, v in chosen.items() if k in names[cls]}) for cls in names)
 
 
+def run_options(meta, run: TrainConfig, method: VSDConfig, prompts_sha256, processes):
+    """Everything a run is made with, as its checkpoints store it (checkpoint.check_resume compares
+    a resume's with them): `meta` (backbone, base model, adapter), both configs, the prompt list's
+    hash and the number of processes."""
+    return {**meta, **dataclasses.asdict(run), **dataclasses.asdict(method),
+            "prompts_sha256": prompts_sha256, "processes": processes}
+
+
 # TrainConfig.mixed_precision: the dtype of the frozen weights and activations (adapters stay fp32)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # both optimizers; fused: one kernel over all adapter tensors (toy CPU step: 17 -> 4 ms)
@@ -219,10 +227,11 @@ def epoch_permutation(n_prompts, seed, epoch):
     return torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def micro_batch(prompts, run: TrainConfig, step, micro, rank, world):
-    """The prompts of one micro-step, from the endless stream of per-epoch permutations, and the
-    seed of its draws: pure functions of (seed, rank, step, micro), so a resume goes on exactly."""
-    n, start = len(prompts), ((step * run.grad_accum + micro) * world + rank) * run.batch_size
+def micro_batch(prompts, run: TrainConfig, seen, step, micro, rank, world):
+    """The prompts of one micro-step, from the endless stream of per-epoch permutations after the
+    `seen` images of the steps before, and the seed of its draws: pure functions of (seed, images
+    seen, rank, step, micro), so a resume goes on exactly."""
+    n, start = len(prompts), seen + (micro * world + rank) * run.batch_size
     batch = [prompts[epoch_permutation(n, run.seed, i // n)[i % n]]
              for i in range(start, start + run.batch_size)]
     return batch, int(np.random.SeedSequence([run.seed, rank, step, micro]).generate_state(1)[0])
@@ -251,10 +260,12 @@ def networks_for(teacher, run: TrainConfig, device, world):
     return Networks(teacher, student, fake, *wrapped, params, opts, scalers, ema)
 
 
-def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None, log=print):
+def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None, options=None,
+          log=print):
     """Distill `pipe.denoiser` into a one-step student on `prompts`; returns (student, fake). Under
     torchrun, ddp.process_device() first. A text encoder too large to keep beside training (PixArt's
-    T5) encodes the prompts once into the cache in `run.cache_dir` and is freed."""
+    T5) encodes the prompts once into the cache in `run.cache_dir` and is freed. `meta` goes with
+    the checkpoints and the exported student, `options` (run_options) with the checkpoints."""
     rank, world = ranks()
     # the networks: one frozen denoiser in the weights' dtype under two adapted copies
     dtype = WEIGHT_DTYPES[run.mixed_precision]
@@ -265,13 +276,14 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
     nets = networks_for(teacher, run, device, world)
     # where the run starts, how long it goes, what every step shares
     per_step = run.batch_size * run.grad_accum * world
-    max_steps = run.max_steps or math.ceil(run.epochs * len(prompts) / per_step)
     os.makedirs(run.out, exist_ok=True)
-    step, last_ckpt = 0, None
+    step, seen, last_ckpt, failed = 0, 0, None, None  # failed: rank 0's write to a full disk
     if run.resume:
         last_ckpt = find_checkpoint(run.out, run.resume)
         step = load_checkpoint(last_ckpt, nets.student, nets.fake, nets.opts, nets.ema,
                                log if rank == 0 else lambda _: None)
+        seen = checkpoint_meta(last_ckpt).get("images_seen", step * per_step)
+    max_steps = run.max_steps or step + math.ceil((run.epochs * len(prompts) - seen) / per_step)
     c_null = pipe.encode_prompts([""]).to(device, dtype)
     shape, n_timesteps = pipe.latent_shape(run.resolution), len(pipe.schedule.alphas_cumprod)
     meta = {**(meta or {}), "a_T": method.a_T, "prediction_type": pipe.schedule.prediction_type}
@@ -285,30 +297,40 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
         while step < max_steps:
             start = time.perf_counter()
             # forward and backward, micro-step by micro-step
-            totals = torch.zeros(3, device=device)  # loss_G, loss_fake, whether interrupted here
+            totals = torch.zeros(4, device=device)  # loss_G, loss_fake, interrupted, rank 0 failed
             for micro in range(run.grad_accum):
-                batch, seed = micro_batch(prompts, run, step, micro, rank, world)
+                batch, seed = micro_batch(prompts, run, seen, step, micro, rank, world)
                 generator = torch.Generator(device).manual_seed(seed)
                 draws = draw(generator, run.batch_size, shape, method, n_timesteps)
                 c = pipe.encode_prompts(batch).to(device, dtype)
                 sync = world == 1 or micro == run.grad_accum - 1
                 totals[:2] += micro_step(nets, pipe.schedule, c, c_null.expand(len(batch)), draws,
                                          method, autocast, sync, run.grad_accum) / run.grad_accum
-            totals[2] = float(stop["requested"])
+            totals[2:] = torch.tensor([stop["requested"], failed is not None], dtype=torch.float)
             totals = all_mean(totals, world)  # every rank learns of an interrupt at the same step
+            if totals[3] > 0:  # rank 0 could not write the last step: all stop here, at once
+                raise TrainingError(stopped_by_full_disk(failed, last_ckpt) if rank == 0 else
+                                    f"stopped at step {step}: rank 0 could not write (full disk)")
             if not torch.isfinite(totals[:2]).all():
                 loss_g, loss_fake = totals[:2].tolist()
                 raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={loss_g}, "
                                     f"loss_fake={loss_fake}); stopped, {kept(last_ckpt)}")
             # the update
             update(nets, method.max_grad_norm, run.ema)
-            step += 1
+            step, seen = step + 1, seen + per_step
             # log, checkpoint, validate
             interrupted = totals[2].item() > 0
             if rank == 0:
-                log_step(bar, run.out, step, totals, per_step / (time.perf_counter() - start))
-                last_ckpt = save_and_validate(pipe, nets, run, method.a_T, meta, step, max_steps,
-                                              interrupted) or last_ckpt
+                try:
+                    log_step(bar, run.out, step, totals, per_step / (time.perf_counter() - start))
+                    last_ckpt = save_and_validate(pipe, nets, run, method.a_T,
+                                                  {**meta, "images_seen": seen,
+                                                   "options": options}, step, max_steps,
+                                                  interrupted) or last_ckpt
+                except DiskFull as e:  # the other ranks learn of it at the next step
+                    failed = e
+            if failed and (world == 1 or step == max_steps or interrupted):  # no step left to tell
+                raise TrainingError(stopped_by_full_disk(failed, last_ckpt))
             if interrupted:
                 raise TrainingInterrupted(
                     f"interrupted at step {step} of {max_steps}: saved "
@@ -317,6 +339,7 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
     if rank == 0:  # the run's own student: its EMA when it keeps one
         if nets.ema is not None:
             load_adapters(nets.student, nets.ema)
-        export_student(nets.student, os.path.join(run.out, "student.safetensors"), meta)
+        export_student(nets.student, os.path.join(run.out, "student.safetensors"), meta,
+                       last_ckpt)
         log(f"wrote {os.path.join(run.out, 'student.safetensors')} (merged one-step denoiser)")
     return nets.student, nets.fake

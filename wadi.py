@@ -21,7 +21,6 @@ file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `t
 step and exits with 130.
 """
 import dataclasses
-import json
 import os
 import sys
 
@@ -34,17 +33,18 @@ import cli
 import pretrain
 import toy
 import toyeval
-from checkpoint import (TrainingError, TrainingInterrupted, export_student, find_checkpoint,
-                        load_checkpoint, own_adapters)
+from checkpoint import (TrainingError, TrainingInterrupted, check_resume, export_student,
+                        find_checkpoint, load_checkpoint, own_adapters)
 from cli import UsageError
 from ddp import process_device
-from loading import LoadError, fetch_file, read_json, read_tensors
+from loading import LoadError, disk_space, fetch_file, read_json, read_tensors, write_json
 from lorad import ADAPTERS, count_trainable, load_adapters
 from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS, load_control,
                       load_pipeline, pick_backbone, student_a_T, text_encoder_kind)
 from vae import AutoencoderKL
+from protocol import caption_hash
 from vsd import (BACKBONE_DEFAULTS, WEIGHT_DTYPES, TrainConfig, VSDConfig, build_networks, run_config,
-                 train)
+                 run_options, train)
 
 
 def cmd_sample(args):
@@ -124,22 +124,25 @@ def cmd_train(args):
         prompts = [toy.prompt(a) for a in toy.all_attributes()]
     else:
         raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
-    if run.resume:
-        find_checkpoint(run.out, run.resume)  # before anything is written to --out
     rank, world, device = process_device()
-    model = args.model or pick_backbone(args.backbone, run.resolution).repo
-    pipe = load_pipeline(args.backbone, model, dtype=WEIGHT_DTYPES[run.mixed_precision], device=device,
-                         vae=rank == 0, resolution=run.resolution)
-    run = dataclasses.replace(run, resolution=cli.check_resolution(pipe, run.resolution))
+    spec = pick_backbone(args.backbone, run.resolution, args.model)
+    model = args.model or spec.repo
+    run = dataclasses.replace(run, resolution=run.resolution or spec.resolution)
     if args.backbone in toy.BACKBONES:
         run = dataclasses.replace(run, validation_prompts=tuple(
             toy.prompt(a) for a in toy.balanced_attributes(8)))
     meta = {"backbone": args.backbone, "base_model": model, "adapter": run.adapter}
+    options = run_options(meta, run, method, caption_hash(prompts), world)
+    if run.resume:  # before anything is written to --out
+        check_resume(find_checkpoint(run.out, run.resume), options,
+                     print if rank == 0 else lambda _: None)
+    pipe = load_pipeline(args.backbone, model, dtype=WEIGHT_DTYPES[run.mixed_precision], device=device,
+                         vae=rank == 0, resolution=run.resolution)
+    cli.check_resolution(pipe, run.resolution)
     if rank == 0:
-        os.makedirs(run.out, exist_ok=True)
-        with open(os.path.join(run.out, "run.json"), "w") as f:
-            json.dump({**meta, **dataclasses.asdict(run), **dataclasses.asdict(method)}, f, indent=2)
-    student, _ = train(pipe, prompts, run, method, device, meta)
+        with disk_space(run.out):
+            write_json(os.path.join(run.out, "run.json"), options)
+    student, _ = train(pipe, prompts, run, method, device, meta, options)
     if args.backbone in toy.BACKBONES and rank == 0:
         toyeval.report(pipe, student, model, run.out, args.eval_samples, run.cache_dir)
 

@@ -156,9 +156,34 @@ def write_clip_vocab(directory):
 # Commands
 
 
-def run_cli(*args, launcher=()):
+def run_evaluate(*args, launcher=()):
     """`python [launcher] evaluate.py ARGS` in a fresh process, offline, with numpy's BLAS on one thread
     (on two shared cores its idle threads spinning next to torch's would double the time)."""
     return subprocess.run([sys.executable, *launcher, "evaluate.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a tiny SD repository
+
+TRAIN = ["train", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
+         "--validate-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A tiny SD repository (tests/repo.py) with five training prompts in prompts.txt."""
+    from tests.repo import write_tiny_sd_repo
+    root = str(tmp_path_factory.mktemp("tiny-sd"))
+    write_tiny_sd_repo(root)
+    with open(os.path.join(root, "prompts.txt"), "w") as f:
+        f.write("a red cat\na blue dog\na green tree\nthe sea at night\na small house\n")
+    return root
+
+
+def train_cli(repo, out, *extra):
+    """`wadi.py train` in this process on the tiny repository: batch 2 at 16 px, ranks 4 / 2."""
+    import wadi
+    return wadi.main([*TRAIN, "--model", repo, "--prompts", os.path.join(repo, "prompts.txt"),
+                      "--out", str(out), *extra])

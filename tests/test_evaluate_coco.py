@@ -22,7 +22,7 @@ from loading import LoadError
 from openclip import load_open_clip, load_open_clip_tokenizer
 from tests.repo import write_tiny_pixart_repo, write_tiny_sd_repo
 from tests.conftest import (OPENCLIP_SMALL, openclip_reference, random_fid_inception_state,
-                            run_cli, write_clip_vocab, write_openclip_repo)
+                            run_evaluate, write_clip_vocab, write_openclip_repo)
 
 NUM = 4  # generated images (precision/recall with k = 3 needs 4); the fake val2014 holds 6
 
@@ -111,7 +111,7 @@ def assert_same_metrics(got, want):
 @pytest.fixture(scope="module")
 def first(env):
     out = env.root / "run"
-    result = run_cli(*coco_args(env, out, *generate_args(env)))
+    result = run_evaluate(*coco_args(env, out, *generate_args(env)))
     assert result.returncode == 0, result.stderr[-3000:]
     return SimpleNamespace(out=str(out), metrics=read_metrics(out), stdout=result.stdout)
 
@@ -181,7 +181,7 @@ def test_rerun_resumes_and_reuses_the_reference_cache(env, first, tmp_path, caps
     os.remove(images / "00003.png")
     cache = first.metrics["reference"]["statistics"]
     cache_time = os.stat(cache).st_mtime_ns
-    result = run_cli(*coco_args(env, out, *generate_args(env)))
+    result = run_evaluate(*coco_args(env, out, *generate_args(env)))
     m = read_metrics(out)
     assert result.returncode == 0 and m["generated_now"] == 1
     assert {f: os.stat(images / f).st_mtime_ns for f in before if f != "00003.png"} == \
@@ -206,7 +206,7 @@ def test_images_mode_scores_a_folder_by_index(env, first, tmp_path, capsys):
     shutil.copy(os.path.join(first.out, "images", "00000.png"), folder / "17.png")  # beyond --num: ignored
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "scored"
-    result = run_cli(*coco_args(env, out, "--images", str(folder), "--no-pr"))
+    result = run_evaluate(*coco_args(env, out, "--images", str(folder), "--no-pr"))
     assert result.returncode == 0, result.stderr[-3000:]
     m = read_metrics(out)
     assert m["generator"] is None and m["generated_now"] == 0 and m["image_folder"] == str(folder)
@@ -225,7 +225,7 @@ def test_two_processes_give_the_same_metrics(env, first, tmp_path):
     out, cache = tmp_path / "ddp", str(tmp_path / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on the CPU, even on a one-GPU machine
-        result = run_cli(*coco_args(env, out, *generate_args(env), cache=cache),
+        result = run_evaluate(*coco_args(env, out, *generate_args(env), cache=cache),
                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     m = read_metrics(out)
@@ -295,7 +295,7 @@ def test_indexed_images(tmp_path):
 # Errors: one line, exit code 2
 
 def test_errors_are_one_line(env, tmp_path, capsys):
-    result = run_cli(*coco_args(env, tmp_path / "o"), "--coco-dir", str(tmp_path / "no-coco"))
+    result = run_evaluate(*coco_args(env, tmp_path / "o"), "--coco-dir", str(tmp_path / "no-coco"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr == f"error: COCO images not found: {tmp_path / 'no-coco' / 'val2014'} (--coco-dir is the " \
                             f"folder holding val2014/ and annotations/)\n"

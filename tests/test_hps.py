@@ -25,7 +25,7 @@ import hps
 import wadi
 from openclip import VIT_H_14
 from tests.repo import write_tiny_sd_repo
-from tests.conftest import random_ids, relative_error, run_cli, write_clip_vocab
+from tests.conftest import random_ids, relative_error, run_evaluate, write_clip_vocab
 
 # ViT-H-14's layout, shrunk: head width 80 -> 20, patch 14 (4 x 4 patches), a text tower narrower than the
 # vision tower, GELU, mlp_ratio 4
@@ -319,7 +319,7 @@ def test_two_processes_give_the_same_scores(env, first, tmp_path):
     out = tmp_path / "ddp"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on the CPU, even on a one-GPU machine
-        result = run_cli(*hps_args(env, out, *generate_args(env)),
+        result = run_evaluate(*hps_args(env, out, *generate_args(env)),
                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     m = read_metrics(out)

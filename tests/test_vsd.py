@@ -15,26 +15,8 @@ import vsd
 import wadi
 from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import load_pipeline
-from tests.repo import write_tiny_sd_repo
+from tests.conftest import TRAIN, train_cli
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
-
-TRAIN = ["train", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
-         "--validate-every", "100"]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tiny-sd"))
-    write_tiny_sd_repo(root)
-    with open(os.path.join(root, "prompts.txt"), "w") as f:
-        f.write("a red cat\na blue dog\na green tree\nthe sea at night\na small house\n")
-    return root
-
-
-def train_cli(repo, out, *extra):
-    return wadi.main([*TRAIN, "--model", repo, "--prompts", os.path.join(repo, "prompts.txt"), "--out", str(out),
-                      *extra])
-
 
 def networks(repo):
     pipe = load_pipeline("sd15", repo)
