@@ -114,16 +114,7 @@ def load_checkpoint(path, student, fake, opts, ema, log=print):
     if "step" not in meta:
         raise LoadError(f"{path} is not a WaDi training checkpoint (no step in its metadata)")
     for prefix, net in (("student", student), ("fake", fake)):
-        params = adapter_state_dict(net)
-        own = own_adapters(tensors, prefix)
-        if own.keys() != params.keys():
-            missing, unexpected = params.keys() - own.keys(), own.keys() - params.keys()
-            raise LoadError(f"{path} does not match the {prefix}'s adapters: {len(missing)} "
-                            f"missing {sorted(missing)[:3]}, {len(unexpected)} unexpected "
-                            f"{sorted(unexpected)[:3]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(own[k])
+        load_adapters(net, own_adapters(tensors, prefix), what=f"the {prefix} adapters of {path}")
     has_ema = any(k.startswith("ema.") for k in tensors)
     if ema is not None:
         for k in ema:

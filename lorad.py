@@ -245,14 +245,14 @@ def adapter_state_dict(model: nn.Module) -> dict:
             for p_name, p in m.named_parameters(recurse=False)}
 
 
-def load_adapters(model: nn.Module, state: dict) -> nn.Module:
+def load_adapters(model: nn.Module, state: dict, what="adapter tensors") -> nn.Module:
     """Copy adapter tensors (by `adapter_state_dict` key) into the model's adapters; keys and shapes
-    must match."""
+    must match (a LoadError names `what` and the keys that differ)."""
     params = adapter_state_dict(model)
     missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
     wrong = sorted(k for k in params.keys() & state.keys() if params[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise LoadError(f"adapter tensors do not match the model: {len(missing)} missing "
+        raise LoadError(f"{what} do not match the model: {len(missing)} missing "
                         f"{sorted(missing)[:3]}, {len(unexpected)} unexpected "
                         f"{sorted(unexpected)[:3]}, {len(wrong)} with wrong shapes {wrong[:3]}")
     with torch.no_grad():
