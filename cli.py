@@ -16,6 +16,7 @@ import sys
 import torch
 from PIL import Image
 
+from controlnet import load_controlnet, read_control_images
 from loading import LoadError, file_metadata
 from pipeline import BACKBONES, DTYPES, image_grid, load_schedule, pick_backbone
 
@@ -178,6 +179,26 @@ def journeydb_caption(row):
     else:
         caption = row.get("prompt")
     return caption if isinstance(caption, str) else None
+
+
+def check_control(controlnet, control_images, n_prompts):
+    """A UsageError unless --controlnet and --control-image come together, with one image for all
+    prompts or one per prompt."""
+    if bool(controlnet) != bool(control_images):
+        raise UsageError("--controlnet and --control-image go together")
+    if control_images and len(control_images) not in (1, n_prompts):
+        raise UsageError(f"give one --control-image for all prompts or one per prompt "
+                         f"({n_prompts} prompts, {len(control_images)} images)")
+
+
+def load_control(pipe, spec, image_paths, resolution=None):
+    """The ControlNet `spec` (`controlnet.load_controlnet`: a repo, directory or file) in the
+    pipeline's dtype and device, checked to fit its U-Net, and the control images `image_paths` as
+    (N, 3, H, W) in [0, 1] at the output resolution. LoadError for a missing, unreadable or unfit
+    file."""
+    param = next(pipe.denoiser.parameters())
+    net = load_controlnet(spec, pipe.denoiser, pipe.downsampling(), param.dtype, param.device)
+    return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
 def check_resolution(pipe, resolution):

@@ -16,7 +16,7 @@ from PIL import Image
 
 import textcache
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
-from controlnet import ControlledUNet, load_controlnet, read_control_images
+from controlnet import ControlledUNet
 from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
 from dit import PixArt
 from loading import LoadError, MissingFile, build, fetch, file_metadata, load_component, load_weights, read_json, \
@@ -275,15 +275,6 @@ def load_tokenizer(model, kind="clip"):
         return CLIPTokenizer(os.path.dirname(paths[0]))
     except (ValueError, KeyError, OSError) as e:
         raise LoadError(f"cannot read the tokenizer of {model}: {type(e).__name__}: {e}") from None
-
-
-def load_control(pipe, spec, image_paths, resolution=None):
-    """The ControlNet `spec` (`controlnet.load_controlnet`: a repo, directory or file) in the pipeline's dtype
-    and device, checked to fit its U-Net, and the control images `image_paths` as (N, 3, H, W) in [0, 1] at the
-    output resolution. LoadError for a missing, unreadable or unfit file."""
-    param = next(pipe.denoiser.parameters())
-    net = load_controlnet(spec, pipe.denoiser, pipe.downsampling(), param.dtype, param.device)
-    return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
 def load_unet_file(path, cfg, dtype=torch.float32, device="cpu", cls=UNet):

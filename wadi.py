@@ -39,7 +39,7 @@ from cli import UsageError
 from ddp import process_device
 from loading import LoadError, disk_space, fetch_file, read_json, read_tensors, write_json
 from lorad import ADAPTERS, count_trainable, load_adapters
-from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS, load_control,
+from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS,
                       load_pipeline, pick_backbone, student_a_T, text_encoder_kind)
 from vae import AutoencoderKL
 from protocol import caption_hash
@@ -55,11 +55,7 @@ def cmd_sample(args):
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
     unet = fetch_file(args.unet, "--unet") if args.unet else None
-    if bool(args.controlnet) != bool(args.control_image):
-        raise UsageError("--controlnet and --control-image go together")
-    if args.control_image and len(args.control_image) not in (1, len(prompts)):
-        raise UsageError(f"give one --control-image for all prompts or one per prompt "
-                         f"({len(prompts)} prompts, {len(args.control_image)} images)")
+    cli.check_control(args.controlnet, args.control_image, len(prompts))
     backbone, model = cli.student_backbone(args.backbone, args.model, unet, "--unet", args.resolution)
     cli.check_steps(model, args.steps)
     pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=args.resolution)
@@ -69,7 +65,7 @@ def cmd_sample(args):
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     controlnet, control = None, None
     if args.controlnet:
-        controlnet, control = load_control(pipe, args.controlnet, args.control_image, resolution)
+        controlnet, control = cli.load_control(pipe, args.controlnet, args.control_image, resolution)
         if len(control) > 1:  # one per job
             control = control.repeat_interleave(args.num_per_prompt, 0)
     images = []
