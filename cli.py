@@ -137,33 +137,53 @@ def check_steps(model, steps, option="--steps"):
 def read_prompts(path, log=print):
     """Prompts from a file: plain text (one per line), a JSON list of strings, or JSON lines: the
     JourneyDB annotations (the caption under "Task2", key "Caption", "Caption:" or "caption", as the
-    official loader reads it; de-duplicated and sorted as there) or rows with a "prompt". Rows without a
-    usable caption are skipped and counted in one `log` line. A UTF-8 byte-order mark and CRLF line ends
-    (as Windows editors save) make no difference. A LoadError when nothing usable is left."""
+    official loader reads it; de-duplicated and sorted as there) or rows with a "prompt". Text and JSON
+    lines are read line by line, so memory holds the prompts, not the file (JourneyDB's 1.4M-row
+    annotations: BENCHMARKS.md); a JSON list is one value and is parsed whole. Rows without a usable
+    caption are skipped and counted in one `log` line. A UTF-8 byte-order mark and CRLF line ends (as
+    Windows editors save) make no difference. A LoadError when the file cannot be read or parsed (with
+    the line) or nothing usable is left."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+            if path.endswith(".jsonl"):
+                prompts = journeydb_prompts(f, path, log)
+            elif path.endswith(".json"):
+                prompts = json.load(f)
+                if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                    raise ValueError("expected a JSON list of strings")
+                prompts = [p.strip() for p in prompts if p.strip()]
+            else:
+                prompts = [p for p in map(str.strip, f) if p]
     except (OSError, UnicodeDecodeError) as e:
         raise LoadError(f"cannot read the prompt file {path}: {e}") from None
-    try:
-        if path.endswith(".jsonl"):
-            captions = [journeydb_caption(json.loads(line)) for line in text.splitlines() if line.strip()]
-            usable = [c.strip() for c in captions if c and c.strip()]
-            if len(usable) < len(captions):
-                log(f"{path}: skipped {len(captions) - len(usable)} prompts without a caption")
-            prompts = sorted(set(usable))
-        elif path.endswith(".json"):
-            prompts = json.loads(text)
-            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("expected a JSON list of strings")
-        else:
-            prompts = text.splitlines()
-    except ValueError as e:
-        raise LoadError(f"cannot parse the prompt file {path}: {type(e).__name__}: {e}") from None
-    prompts = [p.strip() for p in prompts if p.strip()]
+    except ValueError as e:  # json's errors say where: line and column
+        raise LoadError(f"cannot parse the prompt file {path}: {e}") from None
     if not prompts:
         raise LoadError(f"the prompt file {path} has no prompts")
     return prompts
+
+
+def journeydb_prompts(lines, path, log=print):
+    """The sorted distinct captions (`journeydb_caption`, stripped) of JSON lines, one row at a time;
+    rows without one are counted in one `log` line. A ValueError names the line it cannot parse."""
+    captions, skipped = set(), 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            caption = journeydb_caption(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {number}, column {e.colno}: {e.msg}") from None
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
+        caption = caption.strip() if caption else ""
+        if caption:
+            captions.add(caption)
+        else:
+            skipped += 1
+    if skipped:
+        log(f"{path}: skipped {skipped} prompts without a caption")
+    return sorted(captions)
 
 
 JOURNEYDB_KEYS = ("Caption", "Caption:", "caption")  # the official loader's spellings of the Task2 key

@@ -1,6 +1,7 @@
 """Several processes under torchrun, shared by training (vsd.py) and the evaluation protocols
-(protocol.py): the process group and this process's rank and device, DDP's gradient sync, and means
-and gathers over ranks. Without torchrun everything here is the single-process case.
+(protocol.py): the process group and this process's rank and device, DDP's gradient sync, means
+and gathers over ranks, and one rank's result sent to all. Without torchrun everything here is the
+single-process case.
 """
 import contextlib
 import os
@@ -31,6 +32,29 @@ def ranks():
             raise RuntimeError("under torchrun, call ddp.process_device() before training")
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def from_first_rank(fn, *args):
+    """fn(*args) computed by rank 0 alone and sent to every rank (pickled over a gloo group: host
+    memory, never a GPU's); what fn raises on rank 0 is raised on every rank, so none waits for an
+    answer that never comes. One process: fn(*args). Reading a prompt file this way reads it once
+    per job, not once per process (docs/training.md)."""
+    rank, world = ranks()
+    if world == 1:
+        return fn(*args)
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = fn(*args)
+        except Exception as e:  # raised again below, on every rank
+            box[0] = e
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dist.broadcast_object_list(box, src=0, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def no_sync(net, skip):

@@ -36,7 +36,7 @@ import toyeval
 from checkpoint import (TrainingError, TrainingInterrupted, check_resume, export_student,
                         find_checkpoint, load_checkpoint, own_adapters)
 from cli import UsageError
-from ddp import process_device
+from ddp import from_first_rank, process_device
 from loading import LoadError, disk_space, fetch_file, read_json, read_tensors, write_json
 from lorad import ADAPTERS, count_trainable, load_adapters
 from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS,
@@ -114,13 +114,13 @@ def cmd_train(args):
     run, method = run_config(args.backbone, **{k: v for k, v in vars(args).items() if k in fields})
     if args.dry_run:
         return dry_run(args.backbone, run, args.model)
-    if args.prompts:
-        prompts = cli.read_prompts(args.prompts)
+    rank, world, device = process_device()
+    if args.prompts:  # read by rank 0 alone, sent to the others (ddp.from_first_rank)
+        prompts = from_first_rank(cli.read_prompts, args.prompts)
     elif args.backbone in toy.BACKBONES:
         prompts = [toy.prompt(a) for a in toy.all_attributes()]
     else:
         raise UsageError("give --prompts FILE (text, JSON list, or the JourneyDB .jsonl annotations)")
-    rank, world, device = process_device()
     spec = pick_backbone(args.backbone, run.resolution, args.model)
     model = args.model or spec.repo
     run = dataclasses.replace(run, resolution=run.resolution or spec.resolution)

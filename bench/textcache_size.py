@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import read_prompts  # noqa: E402
+from cli import read_prompts  # noqa: E402
 from t5 import MAX_LENGTH, T5Tokenizer  # noqa: E402
 
 DIM, BYTES = 4096, 2  # T5 v1.1 XXL's d_model; bf16 / fp16

@@ -1,39 +1,56 @@
-"""Run by tests/test_vsd.py under `torchrun --nproc_per_node 2`: a short distillation with DDP on gloo,
-then each rank writes its student adapters and its own first fake-score loss (before averaging)."""
+"""Run by tests/test_vsd.py under `torchrun --nproc_per_node 2`: a short distillation through `wadi.py train`
+with DDP on gloo; each rank then writes its student adapters, its own first fake-score loss (before
+averaging), how often it read the prompt file, the prompts it trained on, and the one-line error that a
+missing prompt file gives it."""
+import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+import cli
 import vsd
-from cli import read_prompts
-from ddp import process_device
+import wadi
+from ddp import from_first_rank
+from loading import LoadError
 from lorad import adapter_state_dict
-from pipeline import load_pipeline
 
 repo, out = sys.argv[1:3]
-local_losses = []
-real_fake_loss = vsd.fake_loss
+local_losses, reads, trained = [], [], {}
+real_fake_loss, real_read, real_train = vsd.fake_loss, cli.read_prompts, wadi.train
 
 
-def recording(*args, **kwargs):
+def recording_loss(*args, **kwargs):
     loss = real_fake_loss(*args, **kwargs)
     local_losses.append(loss.item())
     return loss
 
 
-vsd.fake_loss = recording
-process_device()
-pipe = load_pipeline("sd15", repo, vae=int(os.environ["RANK"]) == 0)
-config = vsd.TrainConfig(out=out, batch_size=1, max_steps=2, resolution=16, rank=4, rank_fake=2,
-                         checkpoint_every=100, validate_every=100)
-student, _ = vsd.train(pipe, read_prompts(os.path.join(repo, "prompts.txt")), config, vsd.VSDConfig(),
-                       torch.device("cpu"), log=lambda *a: None)
-rank = dist.get_rank()
-save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(student).items()},
+def counting_read(*args, **kwargs):
+    reads.append(args[0])
+    return real_read(*args, **kwargs)
+
+
+def keeping_train(pipe, prompts, *args, **kwargs):
+    trained["prompts"] = prompts
+    trained["student"], fake = real_train(pipe, prompts, *args, **kwargs)
+    return trained["student"], fake
+
+
+vsd.fake_loss, cli.read_prompts, wadi.train = recording_loss, counting_read, keeping_train
+code = wadi.main(["train", "--model", repo, "--prompts", os.path.join(repo, "prompts.txt"), "--out", out,
+                  "--batch-size", "1", "--max-steps", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
+                  "--checkpoint-every", "100", "--validate-every", "100", "--device", "cpu"])
+assert code == 0, code
+rank, train_reads = dist.get_rank(), len(reads)
+try:
+    from_first_rank(cli.read_prompts, os.path.join(repo, "no-such-prompts.txt"))
+    error = None
+except LoadError as e:
+    error = str(e)
+save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(trained["student"]).items()},
           os.path.join(out, f"adapters-rank{rank}.safetensors"))
-with open(os.path.join(out, f"loss-rank{rank}.txt"), "w") as f:
-    f.write(repr(local_losses[0]))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"loss": local_losses[0], "reads": train_reads, "prompts": trained["prompts"], "error": error}, f)
 dist.destroy_process_group()

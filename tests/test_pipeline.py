@@ -1,8 +1,11 @@
 """pipeline.py: prompt files as editors and JourneyDB write them, the backbone and base model of a student
 file, students as they are published (pickles), and tokenizer folders as transformers 5 writes them."""
+import importlib.util
 import json
 import os
 import shutil
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from evaluate import caption_hash
 from loading import LoadError
 from cli import read_prompts, student_backbone
 from pipeline import BACKBONES, load_pipeline, load_tokenizer
+from tests.conftest import ROOT
 
 PROMPTS = ["a photo of a cat", "a watercolor of a lighthouse, at dawn", "émigré café"]
 
@@ -46,6 +50,60 @@ def test_journeydb_rows_without_a_caption_are_skipped_and_counted(tmp_path):
     path.write_text(json.dumps({"Task2": {"Caption": None}}) + "\n")
     with pytest.raises(LoadError, match="has no prompts"):
         read_prompts(str(path), log=lines.append)
+
+
+def load_prompt_bench():
+    spec = importlib.util.spec_from_file_location("prompt_file", os.path.join(ROOT, "bench", "prompt_file.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["train_anno.jsonl", "captions.txt"])
+def test_prompt_files_are_read_line_by_line(name, tmp_path):
+    """JourneyDB's 1.4M-row annotations took +3.0 GiB to read whole, +7.0 GiB once one caption held an emoji
+    (then every character of the one big string takes 4 bytes). Read line by line, the peak is the prompts
+    themselves: here a 4,000-row file in JourneyDB's layout (bench/prompt_file.py, 0.1% of the rows with emoji
+    and CJK), whose whole-file reading peaked at 26x (.jsonl) and 4.7x (.txt) the prompts' bytes."""
+    rows = tmp_path / "train_anno.jsonl"
+    load_prompt_bench().write(str(rows), 4000, 0.001)
+    path = tmp_path / name
+    if name.endswith(".txt"):
+        with open(rows, encoding="utf-8") as f:
+            path.write_text("".join(json.loads(line)["Task2"]["Caption"] + "\n" for line in f), encoding="utf-8")
+    tracemalloc.start()
+    try:
+        prompts = read_prompts(str(path), log=lambda _: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    held = sys.getsizeof(prompts) + sum(sys.getsizeof(p) for p in prompts)
+    assert len(prompts) == (3600 if name.endswith(".jsonl") else 4000)  # every tenth row repeats a caption
+    assert sum("\U0001f431" in p and "猫" in p for p in prompts) >= 4  # rows 0, 1000, 2000, 3000 (and repeats)
+    assert peak < 1.5 * held, (peak, held)
+
+
+def test_prompt_lines_end_only_at_line_ends(tmp_path):
+    """A JSON string may hold U+2028, U+0085 or a form feed unescaped (json.dumps(..., ensure_ascii=False) writes
+    them so); such a caption is one prompt, in JSON lines and in text alike (as the official loader's `for row in
+    file`), and a bad row is named by its line."""
+    caption = "a cat\u2028on a mat\x85at\x0cdawn"
+    rows = tmp_path / "anno.jsonl"
+    rows.write_text("\n".join(json.dumps({"Task2": {"Caption": c}}, ensure_ascii=False)
+                              for c in (caption, "zeta")) + "\n", encoding="utf-8")
+    assert read_prompts(str(rows)) == [caption, "zeta"]
+    text = tmp_path / "p.txt"
+    text.write_text(f"{caption}\r\nzeta\r\n", encoding="utf-8", newline="")
+    assert read_prompts(str(text)) == [caption, "zeta"]
+    rows.write_text('{"Task2": {"Caption": "a"}}\n\n{"Task2": {"Caption": "b",}}\n[1]\n')
+    with pytest.raises(LoadError, match=r"anno.jsonl: line 3, column 27: Expecting property name"):
+        read_prompts(str(rows))
+    rows.write_text('{"Task2": {"Caption": "a"}}\n[1]\n')
+    with pytest.raises(LoadError, match=r"anno.jsonl: line 2: expected a JSON object per line, got list$"):
+        read_prompts(str(rows))
+    rows.write_bytes(b'{"Task2": {"Caption": "a"}}\n{"Task2": {"Caption": "\xff"}}\n')
+    with pytest.raises(LoadError, match="cannot read the prompt file .*anno.jsonl: 'utf-8' codec can't decode"):
+        read_prompts(str(rows))
 
 
 def test_a_student_file_brings_its_backbone_and_base_model(tmp_path):

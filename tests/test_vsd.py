@@ -308,9 +308,16 @@ def test_two_process_ddp_with_gloo(repo, tmp_path):
     assert r0.keys() == r1.keys()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # DDP kept the ranks in step
     assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("theta_a"))
-    noise = [float(open(os.path.join(out, f"loss-rank{r}.txt")).read()) for r in (0, 1)]
-    assert noise[0] != noise[1]  # each rank drew its own noise and prompts
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank drew its own noise and prompts
     assert os.path.isfile(os.path.join(out, "student.safetensors"))
+    # the prompt file is read once, by rank 0, and every rank trains on the same list
+    assert [r["reads"] for r in ranks] == [1, 0]
+    assert ranks[0]["prompts"] == ranks[1]["prompts"] == open(os.path.join(repo, "prompts.txt")).read().split("\n")[:5]
+    # rank 0's error reaches every rank, none waits for a list that never comes
+    missing = os.path.join(repo, "no-such-prompts.txt")
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[1]["error"].startswith(f"cannot read the prompt file {missing}: [Errno 2]")
 
 
 def test_interrupt_saves_the_step_and_resume_is_exact(repo, tmp_path, monkeypatch, capsys):
