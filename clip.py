@@ -2,14 +2,18 @@
 Diffusion and the byte-level BPE tokenizer that feeds it.
 
 - `CLIPTextModel`: token + position embeddings, a stack of pre-norm transformer layers with causal
-  self-attention, a final LayerNorm; `forward(input_ids)` returns the last hidden state (B, L, D).
+  self-attention, a final LayerNorm; `forward(input_ids, attention_mask=None)` returns the last
+  hidden state (B, L, D). Stable Diffusion encodes without a mask, so the positions after the prompt
+  attend to the pad tokens before them; the official WaDi training code passes the tokenizer's mask
+  for its training prompts (docs/training.md).
   It reads a transformers `text_encoder/config.json` (SD1.5: ViT-L/14 text, quick_gelu; SD2.1:
   OpenCLIP-H text, gelu, 23 layers) and its state dict has the keys of the text-encoder files on the
   Hugging Face Hub (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...);
   `convert_text_state_dict` brings other transformers layouts to it.
 - `CLIPTokenizer`: byte-level BPE with CLIP's pre-tokenizer, reading a `tokenizer/` directory
   (`vocab.json`, `merges.txt`, the special-token files); ids equal those of transformers 5's
-  `CLIPTokenizer` with `padding="max_length", truncation=True`, as diffusers calls it.
+  `CLIPTokenizer` with `padding="max_length", truncation=True`, as diffusers calls it, and so does
+  its `attention_mask`.
 
 The encoder layers are generic (width, activation, causal or not): one implementation serves the
 text model here and both OpenCLIP towers of the evaluation (openclip.py). The config parsing
@@ -50,8 +54,8 @@ class CLIPAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, causal=False):  # x: (B, L, D)
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=causal)
+    def forward(self, x, mask=None, causal=False):  # x: (B, L, D); mask: see layers.attention
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask, causal)
         return self.out_proj(out)
 
 
@@ -78,8 +82,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(dim, mlp_hidden, act)
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, causal=False):  # x: (B, L, D)
-        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+    def forward(self, x, mask=None, causal=False):  # x: (B, L, D)
+        x = x + self.self_attn(self.layer_norm1(x), mask, causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -91,9 +95,9 @@ class CLIPEncoder(nn.Module):
         self.layers = nn.ModuleList(
             [CLIPEncoderLayer(dim, heads, mlp_hidden, act, eps) for _ in range(depth)])
 
-    def forward(self, x, causal=False):
+    def forward(self, x, mask=None, causal=False):
         for layer in self.layers:
-            x = layer(x, causal=causal)
+            x = layer(x, mask, causal)
         return x
 
 
@@ -111,7 +115,10 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """Embeddings, causal encoder, final LayerNorm."""
+    """Embeddings, causal encoder, final LayerNorm. With an `attention_mask` (B, L), 1 on tokens and 0
+    on padding, as transformers' `CLIPTextModel` takes it, each position attends to the tokens up to
+    itself only, never to padding; the outputs at the tokens are the same as without it (they see no
+    padding anyway), those at the padding positions are not."""
 
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
@@ -120,8 +127,14 @@ class CLIPTextTransformer(nn.Module):
                                    c.intermediate_size, c.hidden_act, c.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, input_ids):  # (B, L) -> (B, L, D)
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), causal=True))
+    def forward(self, input_ids, attention_mask=None):  # (B, L) -> (B, L, D)
+        x = self.embeddings(input_ids)
+        if attention_mask is None:
+            return self.final_layer_norm(self.encoder(x, causal=True))
+        L = input_ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L): query, key
+        return self.final_layer_norm(self.encoder(x, mask))
 
 
 class CLIPTextModel(nn.Module):
@@ -137,8 +150,8 @@ class CLIPTextModel(nn.Module):
         """From a transformers `text_encoder/config.json` dict."""
         return cls(CLIPTextConfig.from_dict(cfg))
 
-    def forward(self, input_ids):  # (B, L) token ids, L <= max_position_embeddings
-        return self.text_model(input_ids)  # (B, L, D)
+    def forward(self, input_ids, attention_mask=None):  # (B, L) ids, L <= max_position_embeddings
+        return self.text_model(input_ids, attention_mask)  # (B, L, D)
 
 
 @dataclass
@@ -313,10 +326,15 @@ class CLIPTokenizer:
                     ids.extend(self.bpe(chars))
         return ids
 
-    def __call__(self, prompts):
-        """A list of prompts -> LongTensor (B, model_max_length)."""
-        rows = []
+    def __call__(self, prompts, return_mask=False):
+        """A list of prompts -> LongTensor (B, model_max_length); with `return_mask`, also the
+        attention mask (B, model_max_length): 1 on BOS, the prompt's tokens and EOS, 0 on padding."""
+        rows, lengths = [], []
         for prompt in prompts:
             ids = [self.bos_id, *self.encode(prompt)[:self.max_length - 2], self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)  # (B, max_length)
+            lengths.append(len(ids))
+        ids = torch.tensor(rows, dtype=torch.long)  # (B, max_length)
+        if not return_mask:
+            return ids
+        return ids, (torch.arange(self.max_length) < torch.tensor(lengths)[:, None]).long()

@@ -95,10 +95,15 @@ def text_encoder_kind(cfg):
 
 
 @torch.no_grad()
-def encode_text(encoder, tokenizer, prompts):
-    """Text of a list of prompts, on the encoder's device: CLIP: ids -> last hidden state (no mask);
+def encode_text(encoder, tokenizer, prompts, clip_mask=False):
+    """Text of a list of prompts, on the encoder's device: CLIP: ids -> last hidden state, without a
+    mask as Stable Diffusion encodes (with `clip_mask`, CLIP attends to the prompt's tokens only, as
+    the official training code encodes its training prompts; the denoiser gets no mask either way);
     T5: (ids, mask) -> last hidden state (B, 120, D) and the mask ("" has one valid token, eos)."""
     device = next(encoder.parameters()).device
+    if isinstance(tokenizer, CLIPTokenizer) and clip_mask:
+        ids, mask = (t.to(device) for t in tokenizer(prompts, return_mask=True))
+        return Text(encoder(ids, mask))
     tokens = tokenizer(prompts)
     if isinstance(tokens, tuple):  # T5: ids and padding mask
         ids, mask = (t.to(device) for t in tokens)
@@ -131,12 +136,12 @@ class Pipeline:
         return (self.denoiser.config.in_channels, size, size)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts):
+    def encode_prompts(self, prompts, clip_mask=False):
         """Text of a list of prompts: embeddings (B, L, D) and mask (None for CLIP), from the resident text
-        encoder, else from the prompt cache (on the denoiser's device and dtype), which must hold them:
-        `prepare_prompts` first."""
+        encoder (`clip_mask`: see `encode_text`), else from the prompt cache (on the denoiser's device and
+        dtype), which must hold them: `prepare_prompts` first."""
         if self.text_encoder is not None:
-            return encode_text(self.text_encoder, self.tokenizer, prompts)
+            return encode_text(self.text_encoder, self.tokenizer, prompts, clip_mask)
         missing = [p for p in prompts if self.prompt_cache is None or p not in self.prompt_cache]
         if missing:
             raise KeyError(f"{len(missing)} prompts (e.g. {missing[0]!r}) are not in the prompt cache; "

@@ -11,6 +11,7 @@ Three networks share ONE copy of the frozen denoiser weights (a U-Net or PixArt'
     loss_G    = 0.5 |x0 - sg(x0 - g)|^2                  -> student  (its gradient is g dx0/dtheta)
     loss_fake = |sqrt(a_t') (eps_fake(xt', t', c') - eps')|^2,  t' ~ U{0..999}, xt' from sg(x0),
                 c' = "" with probability 0.1 per sample         -> fake score network
+                (per batch with VSDConfig.official_prompts, docs/training.md)
 
 The paper's settings are the defaults of `VSDConfig` (the method) and `TrainConfig` (the run), and
 `BACKBONE_DEFAULTS` says where a backbone departs from them. Randomness and data order are pure
@@ -43,7 +44,10 @@ class VSDConfig:
     guidance: float = 1.5     # CFG scale of the teacher and of the fake score network
     t_min: int = 20           # the generator loss draws t ~ U{t_min, ..., t_max - 1}
     t_max: int = 981
-    drop_prob: float = 0.1    # empty prompt for the fake score network's own loss
+    drop_prob: float = 0.1    # empty prompt for the fake score network's own loss, per sample
+    # the official SD code's text handling (docs/training.md): CLIP's attention mask on the
+    # training prompts only, and the fake score's empty prompt drawn per batch
+    official_prompts: bool = False
     max_grad_norm: float = 1.0
     a_T: float = A_T          # the one-step generator's noise level
 
@@ -62,14 +66,16 @@ def build_networks(teacher, rank, rank_fake, adapter="lorad"):
 
 
 def draw(generator, batch, shape, method: VSDConfig, n_timesteps=1000):
-    """Every random quantity of one step, in a fixed order, from one generator."""
+    """Every random quantity of one step, in a fixed order, from one generator; the fake score's
+    empty prompt per sample, or for the whole batch with `method.official_prompts`."""
     kw = dict(generator=generator, device=generator.device)
+    drops = 1 if method.official_prompts else batch
     return dict(z=torch.randn((batch, *shape), **kw),
                 t=torch.randint(method.t_min, method.t_max, (batch,), **kw),
                 eps=torch.randn((batch, *shape), **kw),
                 t_fake=torch.randint(0, n_timesteps, (batch,), **kw),
                 eps_fake=torch.randn((batch, *shape), **kw),
-                drop=torch.rand((batch,), **kw) < method.drop_prob)
+                drop=(torch.rand((drops,), **kw) < method.drop_prob).expand(batch))
 
 
 def generator_loss(student, teacher, fake, schedule, c: Text, c_null: Text, draws,
@@ -302,7 +308,7 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
                 batch, seed = micro_batch(prompts, run, seen, step, micro, rank, world)
                 generator = torch.Generator(device).manual_seed(seed)
                 draws = draw(generator, run.batch_size, shape, method, n_timesteps)
-                c = pipe.encode_prompts(batch).to(device, dtype)
+                c = pipe.encode_prompts(batch, method.official_prompts).to(device, dtype)
                 sync = world == 1 or micro == run.grad_accum - 1
                 totals[:2] += micro_step(nets, pipe.schedule, c, c_null.expand(len(batch)), draws,
                                          method, autocast, sync, run.grad_accum) / run.grad_accum

@@ -281,6 +281,9 @@ def build_parser():
                    help="fake score adapter rank " + default_help("rank_fake"))
     g.add_argument("--guidance", type=cli.SCALE,
                    help="CFG scale of teacher and fake score " + default_help("guidance"))
+    g.add_argument("--official-prompts", action="store_true", default=None, help="as the official SD "
+                   "code: CLIP's attention mask on the training prompts only, the fake score's empty "
+                   "prompt per batch (default: no mask, per sample; docs/training.md)")
     g.add_argument("--ema", type=cli.number(0, 1, high_open=True), nargs="?", const=0.999,
                    help="EMA decay of the student adapter, 0.999 when given bare, 0 off "
                         + default_help("ema"))

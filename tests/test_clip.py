@@ -11,7 +11,7 @@ import transformers
 
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from loading import load_weights, read_safetensors
-from tests.conftest import ROOT, write_clip_vocab
+from tests.conftest import ROOT, relative_error, write_clip_vocab
 
 SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
              max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
@@ -165,3 +165,38 @@ def test_tokenizer_layout(tokenizer_dirs):
     assert long[0] == 49406 and long[76] == 49407 and (long[1:76] == long[1]).all()  # cut to 75, EOS kept
     assert sd15.encode("wow!!!") == [2781, 995]  # "wow</w>", "!!!</w>"
     assert sd21.encode("wow!!!") == [2781, 0, 0, 0]  # "!" is SD2.1's pad, a special token of its own
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_attention_mask_matches_transformers(hidden_act, tmp_path):
+    """With the tokenizer's attention mask (the official WaDi training code encodes its training prompts so),
+    ours equals transformers' CLIPTextModel(ids, attention_mask=mask): the same at the tokens as without a mask
+    (they never see the padding, which comes after them), different at every padding position."""
+    ref = reference_model(hidden_act)
+    ref.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        ours = CLIPTextModel.from_config(json.load(f))
+    load_weights(ours, convert_text_state_dict(read_safetensors(str(tmp_path / "model.safetensors"))))
+    ours.eval()
+    ids = torch.randint(3, SMALL["vocab_size"], (3, 77), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([77, 12, 2])  # no padding; a prompt; "" (BOS, EOS)
+    mask = (torch.arange(77) < lengths[:, None]).long()
+    ids[mask == 0] = SMALL["pad_token_id"]
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        got, unmasked = ours(ids, mask), ours(ids)
+    assert relative_error(got, want) < 1e-5
+    tokens, padding = mask.bool(), ~mask.bool()
+    assert relative_error(got[tokens], unmasked[tokens]) < 1e-5
+    change = (got - unmasked).abs().amax(-1)[padding]
+    assert len(change) == 65 + 75 and change.min() > 1e-2
+
+
+@pytest.mark.parametrize("backbone", ["sd15", "sd21"])
+def test_tokenizer_attention_mask_matches_transformers(backbone, tokenizer_dirs):
+    ref = transformers.CLIPTokenizer.from_pretrained(tokenizer_dirs[backbone])
+    prompts = [*PROMPTS, ""]
+    want = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids, mask = CLIPTokenizer(tokenizer_dirs[backbone])(prompts, return_mask=True)
+    assert ids.tolist() == want.input_ids.tolist() and mask.tolist() == want.attention_mask.tolist()
+    assert mask[-1].sum() == 2 and mask.sum(1).max() == 77 and mask.dtype == torch.long

@@ -15,7 +15,7 @@ import vsd
 import wadi
 from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import load_pipeline
-from tests.conftest import TRAIN, train_cli
+from tests.conftest import TRAIN, relative_error, train_cli
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
 
 def networks(repo):
@@ -81,6 +81,58 @@ def test_step_matches_hand_written_reference(repo):
     ref_f = torch.autograd.grad(loss_ref, [p for p in fake.parameters() if p.requires_grad])
     for mine, ref in zip(grads_f, ref_f):
         assert torch.allclose(mine, ref, atol=1e-7, rtol=1e-4)
+
+
+def test_the_empty_prompt_is_drawn_per_sample_or_per_batch():
+    """The fake score loss drops the prompt to "" with probability 0.1 per sample; with official_prompts per
+    batch, as the official loop's one `random.random() < 0.1` a step. Nothing else drawn changes."""
+    def drops(official):
+        method = VSDConfig(official_prompts=official)
+        steps = [draw(torch.Generator().manual_seed(s), 4, (1, 2, 2), method) for s in range(2000)]
+        return steps[0], torch.stack([d["drop"] for d in steps]).float()  # (2000, 4)
+    (ours, per_sample), (official, per_batch) = drops(False), drops(True)
+    assert all(torch.equal(ours[k], official[k]) for k in ("z", "t", "eps", "t_fake", "eps_fake"))
+    assert 0.09 < per_sample.mean() < 0.11 and (per_sample.min(1).values != per_sample.max(1).values).sum() > 400
+    assert 0.085 < per_batch.mean() < 0.115 and torch.equal(per_batch.min(1).values, per_batch.max(1).values)
+
+
+def test_official_prompts_mask_the_training_prompts_only(repo, tmp_path, monkeypatch):
+    """--official-prompts encodes the training prompts as transformers' CLIPTextModel with the tokenizer's
+    attention mask (the official dataset code) and "" without one (its encode_prompt); by default neither is
+    masked. On random weights the mask changes every padding position of the training prompts."""
+    from transformers import CLIPTextModel
+    ref = CLIPTextModel.from_pretrained(os.path.join(repo, "text_encoder")).eval()
+    tokenizer = load_pipeline("sd15", repo, vae=False).tokenizer
+    seen, real_loss, real_batch = [], vsd.generator_loss, vsd.micro_batch
+
+    def recording_loss(student, teacher, fake, schedule, c, c_null, draws, method):
+        seen[-1] += [c.embeds.detach().clone(), c_null.embeds[:1].detach().clone(), c.mask]
+        return real_loss(student, teacher, fake, schedule, c, c_null, draws, method)
+
+    def recording_batch(*args):
+        batch, seed = real_batch(*args)
+        seen.append([batch])
+        return batch, seed
+
+    monkeypatch.setattr(vsd, "generator_loss", recording_loss)
+    monkeypatch.setattr(vsd, "micro_batch", recording_batch)
+    runs = {}
+    for official in (False, True):
+        out = tmp_path / str(official)
+        assert train_cli(repo, out, "--max-steps", "1", *(["--official-prompts"] if official else [])) == 0
+        assert json.load(open(out / "run.json"))["official_prompts"] is official
+        runs[official] = seen.pop()
+    (batch, c, c_null, mask), (batch_official, c_official, c_null_official, mask_official) = runs.values()
+    assert batch == batch_official and mask is mask_official is None  # the U-Net gets no mask either way
+    ids, attention = tokenizer(batch, return_mask=True)
+    with torch.no_grad():
+        masked = ref(ids, attention_mask=attention).last_hidden_state
+        unmasked, empty = ref(ids).last_hidden_state, ref(tokenizer([""])).last_hidden_state
+    assert relative_error(c_official, masked) < 1e-5 and relative_error(c, unmasked) < 1e-5
+    assert relative_error(c_null_official, empty) < 1e-5 and relative_error(c_null, empty) < 1e-5
+    padding = attention == 0
+    assert padding.sum() > 0 and (c_official - c).abs().amax(-1)[padding].min() > 1e-3
+    assert relative_error(c_official[~padding], c[~padding]) < 1e-5
 
 
 def test_training_steps_change_adapters_not_base(repo, tmp_path):
