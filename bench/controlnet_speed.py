@@ -12,7 +12,8 @@ for them. The student has the teacher's architecture (a merged LoRaD student cos
 
 The text has 77 tokens except on the toy (16, its tokenizer's length). Each mode runs --warmup untimed calls,
 then --repeats timed ones, alternating between the modes so that a change in a shared machine's load hits both;
-the medians and their ratio are printed (CUDA is synchronised around each call).
+the medians and their ratio are printed (CUDA is synchronised around each call), and with --json FILE written
+as JSON (bench/gpu_check.py reads them).
 
     python bench/controlnet_speed.py --config toy --threads 1 --repeats 5
     python bench/controlnet_speed.py --config small --threads 1 --repeats 3
@@ -54,23 +55,33 @@ def read(*path):
         return json.load(f)
 
 
-def sd_pipeline(config, dtype, device, tokenizer_dir):
-    """A Stable-Diffusion-shaped pipeline and ControlNet with random weights, built on `device`."""
+def sd_tokenizer(directory):
+    """The toy's word-level tokenizer, padded to SD's 77 tokens, written to `directory` (SD's vocabulary is
+    not in configs/)."""
+    toy.write_tokenizer(directory)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77}, f)
+    return directory
+
+
+def sd_pipeline(config, dtype, device, tokenizer_dir, with_controlnet=True):
+    """A Stable-Diffusion-shaped pipeline and ControlNet (None without `with_controlnet`) with random
+    weights, built on `device`."""
     small = config == "small"
     unet_cfg = SMALL_UNET if small else read("sd15", "unet", "config.json")
     text_cfg = {**read("sd15", "text_encoder", "config.json"), **(SMALL_TEXT if small else {})}
     vae_cfg = {**read("sd15", "vae", "config.json"), **(SMALL_VAE if small else {})}
     with torch.device(device):
         unet = UNet.from_config(unet_cfg)
-        controlnet = ControlNet.from_config(unet_cfg) if small else ControlNet.from_config(
-            read("sd-controlnet-canny", "config.json"))
+        controlnet = None if not with_controlnet else ControlNet.from_config(unet_cfg) if small else \
+            ControlNet.from_config(read("sd-controlnet-canny", "config.json"))
         text, vae = CLIPTextModel.from_config(text_cfg), AutoencoderKL.from_config(vae_cfg)
     with open(os.path.join(ROOT, "configs", "sd15", "scheduler", "scheduler_config.json")) as f:
         schedule = NoiseSchedule.from_config(json.load(f))
-    nets = [n.to(dtype).eval().requires_grad_(False) for n in (unet, text, controlnet)]
+    nets = [n.to(dtype).eval().requires_grad_(False) for n in (unet, text, controlnet) if n is not None]
     pipe = Pipeline(nets[0], vae.eval().requires_grad_(False), nets[1], CLIPTokenizer(tokenizer_dir), schedule,
                     RESOLUTION[config])
-    return pipe, pipe.denoiser, nets[2]
+    return pipe, pipe.denoiser, controlnet and nets[2]
 
 
 def toy_pipeline(student, controlnet, dtype, device):
@@ -106,6 +117,7 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5, help="the teacher's CFG scale")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,11 +126,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         if args.config == "toy":
             pipe, student, controlnet = toy_pipeline(args.student, args.controlnet, dtype, device)
-        else:  # the toy's word-level tokenizer, padded to SD's 77 tokens
-            toy.write_tokenizer(tokenizer_dir)
-            with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), "w") as f:
-                json.dump({"model_max_length": 77}, f)
-            pipe, student, controlnet = sd_pipeline(args.config, dtype, device, tokenizer_dir)
+        else:
+            pipe, student, controlnet = sd_pipeline(args.config, dtype, device, sd_tokenizer(tokenizer_dir))
     attributes = toy.balanced_attributes(args.batch_size)
     prompts, seeds = [toy.unplaced_prompt(a) for a in attributes], list(range(args.batch_size))
     image = torch.rand(1, 3, pipe.resolution, pipe.resolution, generator=torch.Generator().manual_seed(0))
@@ -147,6 +156,12 @@ def main(argv=None):
         print(f"| {name} | {statistics.median(t):.3f} ({min(t):.3f}-{max(t):.3f}) |")
     one, many = (statistics.median(t) for t in times.values())
     print(f"\nteacher / student: {many / one:.1f}x ({100 * (1 - one / many):.2f}% less time)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "resolution": pipe.resolution, "batch_size": args.batch_size,
+                       "dtype": args.dtype, "device": where, "torch": torch.__version__,
+                       "seconds": {name: statistics.median(t) for name, t in times.items()},
+                       "ratio": many / one}, f, indent=1)
     return many / one
 
 

@@ -1,9 +1,11 @@
-"""Time one VSD training step (paper Sec. 3.3) of our loop against a re-creation of the official one.
+"""Time one VSD training step (paper Sec. 3.3) of our loop against a re-creation of the official one,
+on the SD1.5 U-Net or PixArt-alpha's DiT (--config sd15 / pixart: the built-in full configs; small /
+pixart-small: reduced ones for CPUs).
 
 A step is what vsd.train does per batch, minus data loading and text encoding (the text embeddings are
 random tensors of the right shape): the student's one-step forward and backward, the four no-grad CFG
 passes (teacher and fake score network, each with and without the prompt), the fake score network's own
-forward and backward, gradient clipping and the two AdamW steps (torch's default AdamW in both styles, as the
+forward and backward (PixArt: 120 T5 tokens of which 40 valid, 1 for ""; SD: 77 CLIP tokens), gradient clipping and the two AdamW steps (torch's default AdamW in both styles, as the
 official loop; vsd.train's is fused, vsd.ADAMW). Per style we report images/s and the
 median ms/step over --steps steps after --warmup untimed ones, the peak memory and the weight bytes held.
 
@@ -11,9 +13,10 @@ median ms/step over --steps steps after --warmup untimed ones, the peak memory a
             vsd.build_networks (adapters over ONE shared frozen copy); a step is vsd.generator_loss (CFG as
             one batch of cond + uncond) and its backward, then vsd.fake_loss and its backward, clipping, two AdamW steps, as in vsd.train.
   official  a RE-CREATION, for measurement only, of the official training loop (github.com/gudaochangsheng/
-            WaDi, train_dkd_sd.py), written here from a description of it: three diffusers
-            UNet2DConditionModel instances (teacher, student, fake), each with its own copy of the
-            weights; LoRaD as a forward hook on every targeted nn.Linear that throws the layer's output
+            WaDi, train_dkd_sd.py and train_dkd_dit.py), written here from a description of it: three
+            diffusers UNet2DConditionModel (or PixArtTransformer2DModel) instances (teacher, student, fake),
+            each with its own copy of the weights; LoRaD as a forward hook on every nn.Linear that our
+            adapters target (lorad.LAYERS), which throws the layer's output
             away and calls F.linear again with a rotated weight (wrapped angles, torch.empty_like and
             strided assignment, bias added afterwards); CFG as two separate calls; the student's backward
             and optimizer step come before the fake score network's forward. Kept as ours, so that both
@@ -32,11 +35,13 @@ weights, optimizer state, activations and allocator slack. "weights held" counts
 storage once, however many networks use it. "CPU time" is the process's CPU time per step: on a shared CPU
 machine it leaves out the time spent waiting for a core (on CUDA it only shows the host side). GFLOP/step is
 torch's FlopCounterMode over one more step: matmuls and convolutions, plus attention where the counter knows
-the kernel (on CUDA, not on CPU); it does not depend on the machine's load.
+the kernel (on CUDA, not on CPU); it does not depend on the machine's load. --json FILE also writes the
+figures as JSON (bench/gpu_check.py reads them).
 
     python bench/vsd_step.py --config small --device cpu --threads 1 --repeats 2 --steps 3 --warmup 1
     python bench/vsd_step.py --config sd15 --device cuda --dtype bf16 --batch-size 16 --resolution 512 \
         --grad-checkpointing --repeats 3
+    python bench/vsd_step.py --config pixart --device cuda --dtype bf16 --grad-checkpointing
 """
 import argparse
 import json
@@ -52,12 +57,13 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel  # the official style's network (imported by both workers alike)
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel  # the official style's networks
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from diffusion import A_T, T_MAX, NoiseSchedule, Text
+from dit import PixArt
 from lorad import adapter_state_dict
 from unet import UNet
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
@@ -67,15 +73,25 @@ SMALL = {"block_out_channels": [64, 128, 128], "layers_per_block": 2, "attention
          "cross_attention_dim": 64, "norm_num_groups": 32, "in_channels": 4, "out_channels": 4, "sample_size": 16,
          "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
          "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
-# per config: resolution, batch size, student rank, fake score rank (small: the SD1.5 ranks / 8)
-DEFAULTS = {"small": (128, 4, 32, 4), "sd15": (512, 16, 256, 32)}
-TEXT_TOKENS = 77
+# a reduced PixArt-alpha (diffusers config keys): 2 blocks of width 64, 16 x 16 latents
+SMALL_DIT = {"num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
+             "num_layers": 2, "cross_attention_dim": 64, "attention_bias": True, "sample_size": 16,
+             "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+             "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+             "caption_channels": 64}
+# per config: resolution, batch size, student rank, fake score rank (small: the SD1.5 ranks / 8; PixArt:
+# the paper's 128 and our fake score rank, 32; pixart-small: / 8)
+DEFAULTS = {"small": (128, 4, 32, 4), "sd15": (512, 16, 256, 32), "pixart-small": (128, 4, 16, 4),
+            "pixart": (256, 16, 128, 32)}
+# text tokens of CLIP (SD) and of T5 (PixArt), of which a prompt's and "" are valid (T5's mask)
+TEXT = {"unet": (77, None, None), "dit": (120, 40, 1)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=["small", "sd15"], default="small",
-                   help="small: a reduced SD-shaped U-Net for CPUs; sd15: configs/sd15/unet/config.json")
+    p.add_argument("--config", choices=sorted(DEFAULTS), default="small",
+                   help="small / pixart-small: a reduced SD U-Net / PixArt DiT for CPUs; sd15, pixart: "
+                        "configs/sd15/unet, configs/pixart-256/transformer")
     p.add_argument("--batch-size", type=int, help="sd15: 16, small: 4")
     p.add_argument("--resolution", type=int,
                    help="image side in pixels, latents are 1/8 of it (sd15: 512, small: 128)")
@@ -92,6 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1,
                    help="run each style this many times, alternating, and pool the timed steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one style, one JSON line
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -104,11 +121,18 @@ def parse_args(argv=None):
     return args
 
 
-def unet_config(name):
-    if name == "small":
-        return SMALL
-    with open(os.path.join(ROOT, "configs", "sd15", "unet", "config.json")) as f:
+def read_config(*path):
+    with open(os.path.join(ROOT, "configs", *path)) as f:
         return json.load(f)
+
+
+def denoiser_config(name):
+    """(diffusers config, family, schedule) of --config."""
+    if name.startswith("pixart"):
+        cfg = SMALL_DIT if name == "pixart-small" else read_config("pixart-256", "transformer", "config.json")
+        return cfg, "dit", read_config("pixart-256", "scheduler", "scheduler_config.json")
+    cfg = SMALL if name == "small" else read_config("sd15", "unet", "config.json")
+    return cfg, "unet", read_config("sd15", "scheduler", "scheduler_config.json")
 
 
 def rss_kib(field="VmRSS"):
@@ -129,7 +153,7 @@ def build_ours(cfg, args, device, dtype):
     """(student, teacher, fake) as vsd.train builds them, adapters drawn away from the identity."""
     torch.manual_seed(args.seed)
     with device:
-        teacher = UNet.from_config(cfg)
+        teacher = (PixArt if args.config.startswith("pixart") else UNet).from_config(cfg)
     teacher.to(dtype).eval()
     student, fake = build_networks(teacher, args.rank, args.rank_fake)
     with torch.no_grad():
@@ -144,7 +168,7 @@ def build_ours(cfg, args, device, dtype):
 
 def step_ours(nets, opts, schedule, c, c_null, d, vsd, autocast):
     student, teacher, fake = nets
-    c, c_null = Text(c), Text(c_null)
+    c, c_null = Text(*c), Text(*c_null)
     with autocast:
         loss_g, x0 = generator_loss(student, teacher, fake, schedule, c, c_null, d, vsd)
     loss_g.backward()
@@ -176,34 +200,32 @@ def lorad_hook(module, inputs, output):
     return out
 
 
-def hook_adapters(net, adapters, skip):
-    """Give every nn.Linear in the U-Net blocks (names containing `skip` excepted) fp32 `theta_a`, `theta_b`
-    parameters, here with the values of our adapters at the same path, and the LoRaD hook."""
-    hooked = 0
-    for name, m in net.named_modules():
-        if isinstance(m, nn.Linear) and name.startswith(("down_blocks.", "mid_block.", "up_blocks.")) \
-                and not any(s in name for s in skip):
-            m.theta_a = nn.Parameter(adapters[f"{name}.theta_a"].detach().clone())
-            m.theta_b = nn.Parameter(adapters[f"{name}.theta_b"].detach().clone())
-            m.register_forward_hook(lorad_hook)
-            hooked += 2
-    assert hooked == len(adapters), "the official-style targets differ from ours"
+def hook_adapters(net, adapters):
+    """Give every nn.Linear that our `adapters` name (same module paths: diffusers keys) fp32 `theta_a`,
+    `theta_b` parameters with their values, and the LoRaD hook."""
+    modules = dict(net.named_modules())
+    for name in sorted({k.rsplit(".", 1)[0] for k in adapters}):
+        m = modules[name]
+        assert isinstance(m, nn.Linear), name
+        m.theta_a = nn.Parameter(adapters[f"{name}.theta_a"].detach().clone())
+        m.theta_b = nn.Parameter(adapters[f"{name}.theta_b"].detach().clone())
+        m.register_forward_hook(lorad_hook)
 
 
 def build_official(cfg, args, device, dtype):
-    """Three diffusers U-Nets, each with its own copy of the weights of `build_ours`."""
+    """Three diffusers denoisers, each with its own copy of the weights of `build_ours`."""
     student, teacher, fake = build_ours(cfg, args, device, dtype)
     state = teacher.state_dict()
-    hooks = {"student": (adapter_state_dict(student), ()), "teacher": None,
-             "fake": (adapter_state_dict(fake), ("proj_in", "proj_out", "time_emb_proj"))}
+    hooks = {"student": adapter_state_dict(student), "teacher": None, "fake": adapter_state_dict(fake)}
+    reference = PixArtTransformer2DModel if args.config.startswith("pixart") else UNet2DConditionModel
     nets = []
-    for role, hook in hooks.items():
+    for role, adapters in hooks.items():
         with torch.device("meta"):
-            net = UNet2DConditionModel.from_config(cfg)
+            net = reference.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
         net.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
         net.requires_grad_(False)
         if role != "teacher":
-            hook_adapters(net, *hook)
+            hook_adapters(net, adapters)
             net.train()
             if args.grad_checkpointing:
                 net.enable_gradient_checkpointing()
@@ -211,20 +233,30 @@ def build_official(cfg, args, device, dtype):
     return nets
 
 
+def call(net, x, t, text):
+    """A diffusers denoiser's noise prediction under text (embeddings, mask): the U-Net's, or the first
+    C channels of PixArt's (the rest is its learned variance)."""
+    embeds, mask = text
+    if isinstance(net, UNet2DConditionModel):
+        return net(x, t, embeds).sample
+    return net(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :x.shape[1]]
+
+
 def step_official(nets, opts, schedule, c, c_null, d, vsd, autocast):
     student, teacher, fake = nets
     opt_student, opt_fake = opts
-    s, dtype = vsd.guidance, c.dtype
+    s, dtype = vsd.guidance, c[0].dtype
     with autocast:
         z = d["z"].to(dtype)
-        x0 = (z.float() - math.sqrt(1 - A_T) * student(z, torch.full_like(d["t"], T_MAX), c).sample.float()) \
+        x0 = (z.float() - math.sqrt(1 - A_T) * call(student, z, torch.full_like(d["t"], T_MAX), c).float()) \
             / math.sqrt(A_T)
         xt = schedule.add_noise(x0.detach(), d["eps"], d["t"]).to(dtype)
         a = schedule.alpha(d["t"], xt)
         with torch.no_grad():
-            cond, uncond = teacher(xt, d["t"], c).sample, teacher(xt, d["t"], c_null).sample
+            cond, uncond = call(teacher, xt, d["t"], c), call(teacher, xt, d["t"], c_null)
             eps_real = (uncond + s * (cond - uncond)).float()
-            cond, uncond = fake(xt, d["t"], c).sample, fake(xt, d["t"], c_null).sample
+            cond, uncond = call(fake, xt, d["t"], c), call(fake, xt, d["t"], c_null)
             eps_fake = (uncond + s * (cond - uncond)).float()
             g = torch.nan_to_num((1 - a) * (eps_real - eps_fake))
         loss_g = 0.5 * F.mse_loss(x0, (x0 - g).detach())
@@ -236,8 +268,10 @@ def step_official(nets, opts, schedule, c, c_null, d, vsd, autocast):
     with autocast:
         xt = schedule.add_noise(x0.detach(), d["eps_fake"], d["t_fake"])
         a = schedule.alpha(d["t_fake"], xt)
-        prompt = torch.where(d["drop"][:, None, None], c_null, c)
-        pred = fake(xt.to(dtype), d["t_fake"], prompt).sample.float()
+        drop = d["drop"]
+        prompt = (torch.where(drop[:, None, None], c_null[0], c[0]),
+                  None if c[1] is None else torch.where(drop[:, None], c_null[1], c[1]))
+        pred = call(fake, xt.to(dtype), d["t_fake"], prompt).float()
         loss_fake = F.mse_loss(a.sqrt() * pred, a.sqrt() * d["eps_fake"])
     loss_fake.backward()
     torch.nn.utils.clip_grad_norm_(fake.parameters(), vsd.max_grad_norm)
@@ -253,9 +287,8 @@ def measure(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    cfg = unet_config(args.config)
-    with open(os.path.join(ROOT, "configs", "sd15", "scheduler", "scheduler_config.json")) as f:
-        schedule = NoiseSchedule.from_config(json.load(f))
+    cfg, family, schedule = denoiser_config(args.config)
+    schedule = NoiseSchedule.from_config(schedule)
     vsd = VSDConfig()
     rss_before = rss_kib()
 
@@ -270,10 +303,14 @@ def measure(args):
     weights = held_bytes(nets)
     trainable = [sum(p.numel() for p in net.parameters() if p.requires_grad) for net in (nets[0], nets[2])]
 
-    text = torch.Generator(device).manual_seed(args.seed)
-    c = torch.randn(args.batch_size, TEXT_TOKENS, cfg["cross_attention_dim"], generator=text, device=device)
-    c_null = torch.randn(1, TEXT_TOKENS, cfg["cross_attention_dim"], generator=text, device=device)
-    c, c_null = c.to(dtype), c_null.to(dtype).expand(args.batch_size, -1, -1)
+    text, (tokens, valid, valid_null) = torch.Generator(device).manual_seed(args.seed), TEXT[family]
+    width = cfg["caption_channels"] if family == "dit" else cfg["cross_attention_dim"]
+    c = torch.randn(args.batch_size, tokens, width, generator=text, device=device).to(dtype)
+    c_null = torch.randn(1, tokens, width, generator=text, device=device).to(dtype)
+    c_null = c_null.expand(args.batch_size, -1, -1)
+    masks = [None if n is None else (torch.arange(tokens, device=device) < n).long().expand(args.batch_size, -1)
+             for n in (valid, valid_null)]
+    c, c_null = (c, masks[0]), (c_null, masks[1])
     shape = (cfg["in_channels"], args.resolution // 8, args.resolution // 8)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     cuda = device.type == "cuda"
@@ -382,6 +419,13 @@ def main():
             verdict = "" if args.dtype != "fp32" else ", equal within 1e-4" if relative < 1e-4 else ", DIFFERENT"
             print(f"first step {key}: ours {a:.8g}, official {b:.8g}, |diff| {abs(a - b):.1e} "
                   f"(relative {relative:.1e}{verdict})")
+    if args.json:
+        styles = {style: {**s, "images_per_s": args.batch_size / s["ms"] * 1e3, "loss_g": runs[style][0]["loss_g"],
+                          "loss_fake": runs[style][0]["loss_fake"]} for style, s in summary.items()}
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "batch_size": args.batch_size, "resolution": args.resolution,
+                       "dtype": args.dtype, "grad_checkpointing": args.grad_checkpointing, "ranks": [args.rank, args.rank_fake],
+                       "device": first["device"], "torch": first["torch"], "styles": styles, "failed": failed}, f, indent=1)
     return 1 if failed else 0
 
 
