@@ -212,10 +212,13 @@ def interruptible():
             signal.signal(s, handler)
 
 
-def export_student(student, path, metadata, last_checkpoint=None):
-    """The merged one-step student as a full denoiser state dict in the original network's keys
-    (adapters folded in), with `metadata` (backbone, base model, a_T, ...). A full disk at the end
-    of a run (`last_checkpoint`: its final one) is a TrainingError saying how to export later."""
+def export_student(student, path, metadata, last_checkpoint=None, ema=None):
+    """The merged one-step student (with the adapters `ema` when given: the run's own student) as a
+    full denoiser state dict in the original network's keys, with `metadata` (backbone, base model,
+    a_T, ...). A full disk at the end of a run (`last_checkpoint`: its final one) is a
+    TrainingError saying how to export later."""
+    if ema is not None:
+        load_adapters(student, ema)
     merged = merge_adapters(shared_copy(student))
     try:
         save_tensors(merged.state_dict(), path, metadata)
@@ -279,3 +282,25 @@ def validate(pipe, student, prompts, resolution, a_T, path):
     with disk_space(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         image_grid(images, cols=len(prompts)).save(path)
+
+
+def resume(run, nets, per_step, log):
+    """(step, images seen, checkpoint) where the run `run` (vsd.TrainConfig) starts: (0, 0, None),
+    or the state of the checkpoint run.resume names restored into `nets` (vsd.Networks)."""
+    if not run.resume:
+        return 0, 0, None
+    path = find_checkpoint(run.out, run.resume)
+    step = load_checkpoint(path, nets.student, nets.fake, nets.opts, nets.ema, log)
+    return step, checkpoint_meta(path).get("images_seen", step * per_step), path
+
+
+def check_step(totals, step, rank, failed, last_ckpt):
+    """Stop every rank at once when rank 0 could not write the last step (`failed`, totals[3]) or
+    a loss (totals[:2]) is not finite."""
+    if totals[3] > 0:
+        raise TrainingError(stopped_by_full_disk(failed, last_ckpt) if rank == 0 else
+                            f"stopped at step {step}: rank 0 could not write (full disk)")
+    if not torch.isfinite(totals[:2]).all():
+        loss_g, loss_fake = totals[:2].tolist()
+        raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={loss_g}, "
+                            f"loss_fake={loss_fake}); stopped, {kept(last_ckpt)}")

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (TrainingError, TrainingInterrupted, checkpoint_meta, checkpoint_path,
-                        export_student, find_checkpoint, interruptible, kept, load_checkpoint,
-                        log_step, save_and_validate, stopped_by_full_disk)
+from checkpoint import (TrainingError, TrainingInterrupted, check_step, checkpoint_path,
+                        export_student, interruptible, log_step, resume, save_and_validate,
+                        stopped_by_full_disk)
 from ddp import all_mean, no_sync, ranks
 from diffusion import A_T, Text, guided, one_step, predict, to_eps
 from loading import DiskFull, LoadError
-from lorad import add_adapters, adapter_state_dict, count_trainable, load_adapters, shared_copy
+from lorad import add_adapters, adapter_state_dict, count_trainable, shared_copy
 
 
 @dataclass
@@ -283,12 +283,8 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
     # where the run starts, how long it goes, what every step shares
     per_step = run.batch_size * run.grad_accum * world
     os.makedirs(run.out, exist_ok=True)
-    step, seen, last_ckpt, failed = 0, 0, None, None  # failed: rank 0's write to a full disk
-    if run.resume:
-        last_ckpt = find_checkpoint(run.out, run.resume)
-        step = load_checkpoint(last_ckpt, nets.student, nets.fake, nets.opts, nets.ema,
-                               log if rank == 0 else lambda _: None)
-        seen = checkpoint_meta(last_ckpt).get("images_seen", step * per_step)
+    step, seen, last_ckpt = resume(run, nets, per_step, log if rank == 0 else lambda _: None)
+    failed = None  # rank 0's write to a full disk
     max_steps = run.max_steps or step + math.ceil((run.epochs * len(prompts) - seen) / per_step)
     c_null = pipe.encode_prompts([""]).to(device, dtype)
     shape, n_timesteps = pipe.latent_shape(run.resolution), len(pipe.schedule.alphas_cumprod)
@@ -314,13 +310,7 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
                                          method, autocast, sync, run.grad_accum) / run.grad_accum
             totals[2:] = torch.tensor([stop["requested"], failed is not None], dtype=torch.float)
             totals = all_mean(totals, world)  # every rank learns of an interrupt at the same step
-            if totals[3] > 0:  # rank 0 could not write the last step: all stop here, at once
-                raise TrainingError(stopped_by_full_disk(failed, last_ckpt) if rank == 0 else
-                                    f"stopped at step {step}: rank 0 could not write (full disk)")
-            if not torch.isfinite(totals[:2]).all():
-                loss_g, loss_fake = totals[:2].tolist()
-                raise TrainingError(f"non-finite loss at step {step + 1} (loss_G={loss_g}, "
-                                    f"loss_fake={loss_fake}); stopped, {kept(last_ckpt)}")
+            check_step(totals, step, rank, failed, last_ckpt)
             # the update
             update(nets, method.max_grad_norm, run.ema)
             step, seen = step + 1, seen + per_step
@@ -338,14 +328,11 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
             if failed and (world == 1 or step == max_steps or interrupted):  # no step left to tell
                 raise TrainingError(stopped_by_full_disk(failed, last_ckpt))
             if interrupted:
-                raise TrainingInterrupted(
-                    f"interrupted at step {step} of {max_steps}: saved "
-                    f"{checkpoint_path(run.out, step)}; continue with the same command and "
-                    f"--resume latest")
+                raise TrainingInterrupted(f"interrupted at step {step} of {max_steps}: saved "
+                                          f"{checkpoint_path(run.out, step)}; continue with the "
+                                          f"same command and --resume latest")
     if rank == 0:  # the run's own student: its EMA when it keeps one
-        if nets.ema is not None:
-            load_adapters(nets.student, nets.ema)
-        export_student(nets.student, os.path.join(run.out, "student.safetensors"), meta,
-                       last_ckpt)
-        log(f"wrote {os.path.join(run.out, 'student.safetensors')} (merged one-step denoiser)")
+        path = os.path.join(run.out, "student.safetensors")
+        export_student(nets.student, path, meta, last_ckpt, nets.ema)
+        log(f"wrote {path} (merged one-step denoiser)")
     return nets.student, nets.fake
