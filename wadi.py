@@ -44,7 +44,7 @@ from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCO
                       load_pipeline, pick_backbone, student_a_T, text_encoder_kind)
 from vae import AutoencoderKL
 from vsd import (BACKBONE_DEFAULTS, WEIGHT_DTYPES, TrainConfig, VSDConfig, build_networks, run_config,
-                 train)
+                 train, trainable_by_kind)
 
 
 def cmd_sample(args):
@@ -89,9 +89,11 @@ def dry_run(backbone, run: TrainConfig, model=None):
     before training starts and is not counted)."""
     spec = pick_backbone(backbone, run.resolution, model)
     config = lambda part: read_json(os.path.join(spec.configs, part, "config.json"))  # noqa: E731
+    blocks = (run.orth_blocks, run.orth_blocks_fake)
     with torch.device("meta"):
         teacher = DENOISERS[spec.denoiser].from_config(config(spec.denoiser))
-        student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter)
+        student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter, blocks)
+        kinds = trainable_by_kind(teacher, run.rank, run.rank_fake, blocks)
         text_kind = text_encoder_kind(config("text_encoder"))
         text = TEXT_ENCODERS[text_kind][0].from_config(config("text_encoder"))
         has_vae = os.path.isfile(os.path.join(spec.configs, "vae", "config.json"))
@@ -111,6 +113,7 @@ def dry_run(backbone, run: TrainConfig, model=None):
           f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} "
           f"GiB before activations (batch {run.batch_size} at {run.resolution or spec.resolution}px; "
           f"--grad-checkpointing trades compute for most of them)")
+    print(kinds)
 
 
 def cmd_train(args):
@@ -179,7 +182,8 @@ def load_run(run_dir, checkpoint="latest", ema=False):
     option = "--run" if checkpoint == "latest" else "--checkpoint"
     checkpoint = find_checkpoint(run_dir, checkpoint, option=option)
     pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
-    student, fake = build_networks(pipe.denoiser, run["rank"], run["rank_fake"], run["adapter"])
+    student, fake = build_networks(pipe.denoiser, run["rank"], run["rank_fake"], run["adapter"],
+                                   (run.get("orth_blocks"), run.get("orth_blocks_fake")))
     load_checkpoint(checkpoint, student, fake, {}, None, log=lambda _: None)
     averaged = own_adapters(read_tensors(checkpoint), "ema")
     if ema and averaged:
@@ -276,10 +280,13 @@ def build_parser():
                                                          "the built-in configs: counts and memory")
     g = p.add_argument_group("method")
     g.add_argument("--adapter", choices=sorted(ADAPTERS),
-                   help="the paper's LoRaD, or a baseline of its Table 2 (default: lorad)")
+                   help="the paper's LoRaD, or a baseline of its Table 2 or R4 (orth-*; default: lorad)")
     g.add_argument("--rank", type=cli.POSITIVE, help="student adapter rank " + default_help("rank"))
     g.add_argument("--rank-fake", type=cli.POSITIVE,
                    help="fake score adapter rank " + default_help("rank_fake"))
+    g.add_argument("--orth-blocks", type=cli.POSITIVE, help="orth-*: diagonal blocks per student layer "
+                   + default_help("orth_blocks"))
+    g.add_argument("--orth-blocks-fake", type=cli.POSITIVE, help="fake score's blocks " + default_help("orth_blocks_fake"))
     g.add_argument("--guidance", type=cli.SCALE,
                    help="CFG scale of teacher and fake score " + default_help("guidance"))
     g.add_argument("--ema", type=cli.number(0, 1, high_open=True), nargs="?", const=0.999,
