@@ -47,14 +47,22 @@ class Adapter(nn.Module):
         if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
             raise ValueError(f"adapters support zero-padded convolutions only, "
                              f"got padding_mode={base.padding_mode}")
-        base.requires_grad_(False)
+        inner = {id(p) for m in base.modules() if isinstance(m, Adapter)
+                 for p in m.adapter_parameters().values()}
+        for p in base.parameters():  # not those of adapters inside it (`full` wraps a block last)
+            if id(p) not in inner:
+                p.requires_grad_(False)
         self.base = base
+
+    def adapter_parameters(self) -> dict:
+        """{name: tensor} of the adapter's own parameters: all but its base's."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
 
     def merged_params(self) -> dict:
         """{name: tensor} of the base parameters the adapter replaces (the rest: the base's)."""
         return {"weight": self.merged_weight().view(self.base.weight.shape)}
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):  # more inputs: a block under `full` (PixArt's)
         with torch.autocast(x.device.type, enabled=False):  # the adapter in fp32, even in autocast
             new = self.merged_params()
         params = {name: new.get(name, p).to(x.dtype)
@@ -65,7 +73,7 @@ class Adapter(nn.Module):
         if isinstance(b, nn.Conv2d):
             return F.conv2d(x, params["weight"], params.get("bias"), b.stride, b.padding,
                             b.dilation, b.groups)
-        return torch.func.functional_call(b, params, (x,))
+        return torch.func.functional_call(b, params, (x, *args), kwargs)
 
     def merged(self) -> nn.Module:
         """A plain layer like the base holding the merged parameters (in the base dtype); the
@@ -297,7 +305,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
     release's naming; an orthogonal adapter's `...parametrizations.rotation.original`): each
     adapter's parameters but its base's."""
     return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, Adapter)
-            for p_name, p in m.named_parameters() if not p_name.startswith("base.")}
+            for p_name, p in m.adapter_parameters().items()}
 
 
 def load_adapters(model: nn.Module, state: dict) -> nn.Module:

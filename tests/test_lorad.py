@@ -13,7 +13,7 @@ from lorad import (ADAPTERS, ORTHOGONAL_MAPS, Adapter, DoRAFrozenNormLinear, DoR
 from vsd import ADAMW
 from dit import PixArt
 from unet import UNet
-from tests.conftest import small_unet_config
+from tests.conftest import small_dit_config, small_unet_config
 
 
 def lorad(out_f=6, in_f=8, rank=3, dtype=torch.float64, scale=1.0, seed=0):
@@ -262,6 +262,23 @@ def test_full_trains_every_parameter_under_the_network_keys():
     grads = {k: p.grad for k, p in adapter_state_dict(unet).items()}
     assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if "norm" in k or "conv_in" in k)
     assert all(not p.requires_grad for n, p in unet.named_parameters() if ".base." in n)
+
+
+def test_full_on_a_dit_trains_the_blocks_too():
+    """PixArt's transformer blocks hold a parameter of their own (scale_shift_table) beside their layers, so `full`
+    wraps each block after its layers: wrapping the block must not freeze the layers' trainable copies."""
+    torch.manual_seed(0)
+    dit = PixArt.from_config(small_dit_config())
+    total = sum(p.numel() for p in dit.parameters())
+    add_adapters(dit, "student", 0, "full")
+    blocks = [m for n, m in dit.named_modules() if n.startswith("transformer_blocks.") and n.count(".") == 1]
+    assert blocks and all(isinstance(m, FullModule) for m in blocks)  # a block holding adapted layers
+    # all but the network's own final scale_shift_table (2, width): `full` wraps layers, not the network itself
+    assert count_trainable(dit) == sum(p.numel() for p in adapter_state_dict(dit).values()) == total - 2 * 24
+    x, c = torch.randn(1, 4, 16, 16), torch.randn(1, 3, small_dit_config()["caption_channels"])
+    dit(x, 10, c).square().mean().backward()
+    grads = {k: p.grad for k, p in adapter_state_dict(dit).items()}
+    assert all(g is not None for k, g in grads.items() if k.startswith("transformer_blocks.0."))
 
 
 def test_fake_rule_skips_projections_and_time():
