@@ -16,9 +16,12 @@ import sys
 import torch
 from PIL import Image
 
+from checkpoint import find_checkpoint, load_checkpoint, own_adapters
 from controlnet import load_controlnet, read_control_images
-from loading import LoadError, file_metadata
-from pipeline import BACKBONES, DTYPES, image_grid, load_schedule, pick_backbone
+from loading import LoadError, file_metadata, read_json, read_tensors
+from lorad import load_adapters
+from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, load_schedule, pick_backbone
+from vsd import build_networks
 
 
 class UsageError(Exception):
@@ -262,3 +265,23 @@ def save_images(images, out, grid=False):
         Image.fromarray(im).save(os.path.join(out, f"{i:05d}.png"))
     if grid:
         image_grid(images).save(os.path.join(out, "grid.png"))
+
+
+def load_run(run_dir, checkpoint="latest", ema=False):
+    """A `train` run directory: its options (run.json), the checkpoint file (`checkpoint`: a path or
+    latest), the pipeline (no VAE) and the student and fake score networks holding that checkpoint's
+    adapters; with `ema`, the student holds the checkpoint's EMA adapters when it has them (what
+    `train` exports)."""
+    if not os.path.isfile(os.path.join(run_dir, "run.json")):
+        raise LoadError(f"--run {run_dir} is not a train run directory (it has no run.json)")
+    run = read_json(os.path.join(run_dir, "run.json"))
+    option = "--run" if checkpoint == "latest" else "--checkpoint"
+    checkpoint = find_checkpoint(run_dir, checkpoint, option=option)
+    pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
+    student, fake = build_networks(pipe.denoiser, run["rank"], run["rank_fake"], run["adapter"],
+                                   (run.get("orth_blocks"), run.get("orth_blocks_fake")))
+    load_checkpoint(checkpoint, student, fake, {}, None, log=lambda _: None)
+    averaged = own_adapters(read_tensors(checkpoint), "ema")
+    if ema and averaged:
+        load_adapters(student, averaged)
+    return run, checkpoint, pipe, student, fake

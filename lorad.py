@@ -1,7 +1,9 @@
 """LoRaD, the paper's adapter (WaDi Sec. 3.2): a low-rank rotation of the weight directions of a
 frozen nn.Linear; the baselines of the adapter ablation (paper Table 2: LoRA, DoRA, DoRA with frozen
-norms, full fine-tuning; LoRA and DoRA also on convolutions) behind the same calls; the one table of
-which layers get an adapter (`LAYERS`: the paper's parameter counts); adding, counting and merging.
+norms, full fine-tuning; LoRA and DoRA also on convolutions) and of the orthogonal-map ablation
+(paper Table R4: a learned orthogonal matrix in torch's three parametrisations) behind the same
+calls; the one table of which layers get an adapter (`LAYERS`: the paper's parameter counts);
+adding, counting and merging.
 
 LoRaD. Split a weight W (out x in) row-wise into norms and directions, W = m * V, m_i = ||W_i||.
 Angles theta = theta_a @ theta_b (out x in/2, rank r) rotate each pair of neighbouring input columns
@@ -14,11 +16,13 @@ defined for an all-zero row, where V is not). theta_a starts at zero, so the ada
 identity; a trained adapter merges into a plain weight W'.
 """
 import copy
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import orthogonal
 
 from loading import LoadError
 
@@ -43,14 +47,22 @@ class Adapter(nn.Module):
         if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
             raise ValueError(f"adapters support zero-padded convolutions only, "
                              f"got padding_mode={base.padding_mode}")
-        base.requires_grad_(False)
+        inner = {id(p) for m in base.modules() if isinstance(m, Adapter)
+                 for p in m.adapter_parameters().values()}
+        for p in base.parameters():  # not those of adapters inside it (`full` wraps a block last)
+            if id(p) not in inner:
+                p.requires_grad_(False)
         self.base = base
+
+    def adapter_parameters(self) -> dict:
+        """{name: tensor} of the adapter's own parameters: all but its base's."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
 
     def merged_params(self) -> dict:
         """{name: tensor} of the base parameters the adapter replaces (the rest: the base's)."""
         return {"weight": self.merged_weight().view(self.base.weight.shape)}
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):  # more inputs: a block under `full` (PixArt's)
         with torch.autocast(x.device.type, enabled=False):  # the adapter in fp32, even in autocast
             new = self.merged_params()
         params = {name: new.get(name, p).to(x.dtype)
@@ -61,7 +73,7 @@ class Adapter(nn.Module):
         if isinstance(b, nn.Conv2d):
             return F.conv2d(x, params["weight"], params.get("bias"), b.stride, b.padding,
                             b.dilation, b.groups)
-        return torch.func.functional_call(b, params, (x,))
+        return torch.func.functional_call(b, params, (x, *args), kwargs)
 
     def merged(self) -> nn.Module:
         """A plain layer like the base holding the merged parameters (in the base dtype); the
@@ -146,8 +158,48 @@ class FullModule(Adapter):
         return dict(self.named_parameters(recurse=False))
 
 
+class OrthogonalLinear(Adapter):
+    """The orthogonal-map baseline (paper Table R4): W' = W R^T, R a learned orthogonal matrix
+    (in x in), block-diagonal with `blocks` blocks of size b = in / blocks, registered as `rotation`
+    (blocks, b, b) and kept orthogonal by torch's parametrisation
+    (torch.nn.utils.parametrizations.orthogonal) through `orthogonal_map`: matrix_exp, cayley or
+    householder. R turns the input side, so every row of W keeps its norm, as with LoRaD; but where
+    LoRaD turns each row in planes of its own, one dense rotation turns all rows of a layer alike.
+    R starts as the identity. The stored tensor (what count_trainable and the optimizer see) is
+    blocks * b^2; each map reads only the strict lower triangle of a block (`count_effective`), and
+    householder the signs of the diagonal (-1, no gradient: weight decay would break R; vsd.ADAMW
+    has none)."""
+
+    def __init__(self, base: nn.Linear, blocks: int, orthogonal_map: str):
+        if base.in_features % blocks:
+            raise ValueError(f"{blocks} diagonal blocks do not divide "
+                             f"in_features={base.in_features}")
+        super().__init__(base)
+        b = base.in_features // blocks
+        eye = torch.zeros(blocks, b, b, device=base.weight.device, dtype=torch.float32)
+        eye.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # (torch.eye on the meta device imports dynamo)
+        self.rotation = nn.Parameter(eye)
+        # no dynamic trivialisation: its `base` would stay I (torch re-bases only when assigned to),
+        # a (blocks, b, b) buffer and a matmul for nothing; without it, registering on I gives R = I
+        orthogonal(self, "rotation", orthogonal_map, use_trivialization=False)
+        # householder's stored tensor comes out of LAPACK column-major; the fused AdamW (vsd.ADAMW)
+        # reads memory flat and would pair it with row-major moments restored from a checkpoint
+        stored = self.parametrizations.rotation
+        stored.original = nn.Parameter(stored.original.detach().contiguous())
+
+    def merged_weight(self):
+        R = self.rotation  # (blocks, b, b), orthogonal
+        W = self.base.weight.to(R.dtype).unflatten(1, (R.shape[0], -1))  # (out, blocks, b)
+        return torch.einsum("onj,nij->oni", W, R).flatten(1)  # row block n: W_n R_n^T
+
+
+# the orthogonal-map baselines of paper Table R4, by torch's three maps
+ORTHOGONAL_MAPS = {"orth-matrix-exp": "matrix_exp", "orth-cayley": "cayley",
+                   "orth-householder": "householder"}
 ADAPTERS = {"lorad": LoRaDLinear, "lora": LoRALinear, "dora": DoRALinear,
-            "dora-frozen-norm": DoRAFrozenNormLinear, "full": FullModule}
+            "dora-frozen-norm": DoRAFrozenNormLinear, "full": FullModule,
+            **{kind: functools.partial(OrthogonalLinear, orthogonal_map=orthogonal_map)
+               for kind, orthogonal_map in ORTHOGONAL_MAPS.items()}}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -182,11 +234,11 @@ ROLES = ("student", "fake")
 
 def selected_layers(model: nn.Module, role: str, kind: str = "lorad") -> list:
     """(name, module) of the layers of `model` that get an adapter of `kind` in `role` (student or
-    fake): LoRaD the nn.Linear layers of LAYERS[(model.family, role)]; a LoRA / DoRA student the
-    nn.Linear and nn.Conv2d layers of its Table 2 rule where the family has one; a `full` student
-    every layer holding parameters (the whole denoiser: Table 2's FT, 859.52M on SD1.5); a fake
-    score network its LoRaD rule whatever the kind. Deepest first, so that a layer is wrapped (and
-    merged) before any layer holding it."""
+    fake): LoRaD and the orthogonal maps the nn.Linear layers of LAYERS[(model.family, role)]; a
+    LoRA / DoRA student the nn.Linear and nn.Conv2d layers of its Table 2 rule where the family has
+    one; a `full` student every layer holding parameters (the whole denoiser: Table 2's FT, 859.52M
+    on SD1.5); a fake score network its LoRaD rule whatever the kind. Deepest first, so that a layer
+    is wrapped (and merged) before any layer holding it."""
     if role not in ROLES:
         raise ValueError(f"unknown adapter role {role!r} (known: {', '.join(ROLES)})")
     table2 = LAYERS.get((model.family, "table2-student"))
@@ -210,13 +262,14 @@ def shared_copy(net):
     return copy.deepcopy(net, memo)
 
 
-def add_adapters(model: nn.Module, role: str, rank: int, kind: str = "lorad") -> nn.Module:
+def add_adapters(model: nn.Module, role: str, size: int, kind: str = "lorad") -> nn.Module:
     """Freeze `model` and replace every layer that `selected_layers` picks for `role` by an adapter
-    of `kind` wrapping it. Returns the model (changed in place)."""
+    of `kind` wrapping it; `size` is the rank of a low-rank adapter, the number of diagonal blocks
+    of an orthogonal one (`full` ignores it). Returns the model (changed in place)."""
     model.requires_grad_(False)
     for name, layer in selected_layers(model, role, kind):
         try:
-            adapter = ADAPTERS[kind](layer, rank)
+            adapter = ADAPTERS[kind](layer, size)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
         parent, _, child = name.rpartition(".")
@@ -225,7 +278,16 @@ def add_adapters(model: nn.Module, role: str, rank: int, kind: str = "lorad") ->
 
 
 def count_trainable(model: nn.Module) -> int:
+    """The trainable parameters as stored: what the optimizer holds (and saves) a state for."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_effective(model: nn.Module) -> int:
+    """count_trainable, but an orthogonal adapter's blocks count the b (b - 1) / 2 entries of their
+    strict lower triangle, the only ones its map differentiates (the others get no gradient)."""
+    blocks = [m.parametrizations.rotation.original.shape for m in model.modules()
+              if isinstance(m, OrthogonalLinear)]
+    return count_trainable(model) - sum(n * b * b - n * b * (b - 1) // 2 for n, b, _ in blocks)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -240,9 +302,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict:
     """The adapter tensors by `<module path>.<name>` (e.g. `...attn1.to_q.theta_a`: the official
-    release's naming)."""
+    release's naming; an orthogonal adapter's `...parametrizations.rotation.original`): each
+    adapter's parameters but its base's."""
     return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, Adapter)
-            for p_name, p in m.named_parameters(recurse=False)}
+            for p_name, p in m.adapter_parameters().items()}
 
 
 def load_adapters(model: nn.Module, state: dict, what="adapter tensors") -> nn.Module:

@@ -35,7 +35,7 @@ from checkpoint import (TrainingError, TrainingInterrupted, check_step, checkpoi
 from ddp import all_mean, no_sync, ranks
 from diffusion import A_T, Text, guided, one_step, predict, to_eps
 from loading import DiskFull, LoadError
-from lorad import add_adapters, adapter_state_dict, count_trainable, shared_copy
+from lorad import ORTHOGONAL_MAPS, add_adapters, adapter_state_dict, count_trainable, shared_copy
 
 
 @dataclass
@@ -52,14 +52,17 @@ class VSDConfig:
     a_T: float = A_T          # the one-step generator's noise level
 
 
-def build_networks(teacher, rank, rank_fake, adapter="lorad"):
+def build_networks(teacher, rank, rank_fake, adapter="lorad", blocks=None):
     """The student and the fake score network on top of `teacher` (frozen, shared), adapted on the
-    layers lorad.LAYERS names for the teacher's family. A layer the adapter cannot take (LoRaD needs
-    an even input width) is a LoadError naming it."""
+    layers lorad.LAYERS names for the teacher's family: at ranks `rank` / `rank_fake`, or for an
+    orthogonal adapter (lorad.ORTHOGONAL_MAPS) with `blocks` = (student, fake score) diagonal
+    blocks per layer. A layer the adapter cannot take (LoRaD needs an even input width, the blocks
+    must divide it) is a LoadError naming it."""
     teacher.requires_grad_(False)
+    sizes = blocks if adapter in ORTHOGONAL_MAPS else (rank, rank_fake)
     try:
-        student = add_adapters(shared_copy(teacher), "student", rank, adapter)
-        fake = add_adapters(shared_copy(teacher), "fake", rank_fake, adapter)
+        student = add_adapters(shared_copy(teacher), "student", sizes[0], adapter)
+        fake = add_adapters(shared_copy(teacher), "fake", sizes[1], adapter)
     except ValueError as e:
         raise LoadError(f"cannot put {adapter} adapters on this denoiser: {e}") from None
     return student, fake
@@ -167,7 +170,12 @@ class TrainConfig:
     out: str = None               # run directory: log, checkpoints, samples, student
     rank: int = 256               # LoRaD rank of the student
     rank_fake: int = 32           # and of the fake score network
-    adapter: str = "lorad"        # or a baseline of paper Table 2 (lorad.ADAPTERS)
+    adapter: str = "lorad"        # or a baseline of paper Table 2 or R4 (lorad.ADAPTERS)
+    # an orthogonal adapter's diagonal blocks per layer: the numbers whose stored counts come
+    # closest to LoRaD's at the ranks above (SD1.5 84.97M / 9.50M, LoRaD 83.80M / 9.38M; SD2.1
+    # 94.84M / 9.95M, LoRaD 94.43M / 9.51M: docs/analysis.md)
+    orth_blocks: int = 4
+    orth_blocks_fake: int = 32
     lr: float = 1e-4
     lr_fake: float = 1e-2
     batch_size: int = 16          # per process and micro-step (the paper: 16 x 8 GPUs)
@@ -191,10 +199,14 @@ class TrainConfig:
 
 # where a backbone departs from the defaults of TrainConfig and VSDConfig
 BACKBONE_DEFAULTS = {
-    "pixart": dict(rank=128),  # paper Sec. 4.1
-    # the toy: what distills its teacher on 2 CPU cores within minutes (docs/toy.md)
+    # paper Sec. 4.1; orthogonal blocks: 59.28M / 19.35M stored against LoRaD's 81.22M / 20.13M (the
+    # student's input widths, 1152 and 4096 among them, leave powers of two: 8 blocks 118.55M)
+    "pixart": dict(rank=128, orth_blocks=16, orth_blocks_fake=48),
+    # the toy: what distills its teacher on 2 CPU cores within minutes (docs/toy.md); orthogonal
+    # blocks: 163,904 / 71,264 stored against LoRaD's 188,800 / 78,272
     "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, rank=16, rank_fake=8, guidance=3.0,
-                ema=0.99, checkpoint_every=300, validate_every=300),
+                ema=0.99, checkpoint_every=300, validate_every=300, orth_blocks=4,
+                orth_blocks_fake=8),
 }
 # the toy DiT: the toy's recipe for twice the steps (docs/toy-dit.md)
 BACKBONE_DEFAULTS["toy-dit"] = {**BACKBONE_DEFAULTS["toy"], "max_steps": 2400,
@@ -247,7 +259,8 @@ def networks_for(teacher, run: TrainConfig, device, world):
     """The student and fake score network on `teacher`, their optimizers, loss scalers, EMA and
     (under torchrun) DDP wrappers."""
     torch.manual_seed(run.seed)  # identical adapter initialisation on every rank
-    student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter)
+    student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter,
+                                   (run.orth_blocks, run.orth_blocks_fake))
     for net in (student, fake):
         net.train()
         net.gradient_checkpointing = run.grad_checkpointing

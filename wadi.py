@@ -33,12 +33,11 @@ import cli
 import pretrain
 import toy
 import toyeval
-from checkpoint import (TrainingError, TrainingInterrupted, check_resume, export_student,
-                        find_checkpoint, load_checkpoint, own_adapters)
+from checkpoint import TrainingError, TrainingInterrupted, check_resume, export_student, find_checkpoint
 from cli import UsageError
 from ddp import from_first_rank, process_device
-from loading import LoadError, disk_space, fetch_file, read_json, read_tensors, write_json
-from lorad import ADAPTERS, count_trainable, load_adapters
+from loading import LoadError, disk_space, fetch_file, read_json, write_json
+from lorad import ADAPTERS, ORTHOGONAL_MAPS, count_effective, count_trainable
 from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS,
                       load_pipeline, pick_backbone, student_a_T, text_encoder_kind)
 from vae import AutoencoderKL
@@ -85,9 +84,11 @@ def dry_run(backbone, run: TrainConfig, model=None):
     before training starts and is not counted)."""
     spec = pick_backbone(backbone, run.resolution, model)
     config = lambda part: read_json(os.path.join(spec.configs, part, "config.json"))  # noqa: E731
+    blocks = (run.orth_blocks, run.orth_blocks_fake)
     with torch.device("meta"):
         teacher = DENOISERS[spec.denoiser].from_config(config(spec.denoiser))
-        student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter)
+        student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter, blocks)
+        kinds = trainable_by_kind(teacher, run.rank, run.rank_fake, blocks)
         text_kind = text_encoder_kind(config("text_encoder"))
         text = TEXT_ENCODERS[text_kind][0].from_config(config("text_encoder"))
         has_vae = os.path.isfile(os.path.join(spec.configs, "vae", "config.json"))
@@ -107,6 +108,23 @@ def dry_run(backbone, run: TrainConfig, model=None):
           f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} "
           f"GiB before activations (batch {run.batch_size} at {run.resolution or spec.resolution}px; "
           f"--grad-checkpointing trades compute for most of them)")
+    print(kinds)
+
+
+def trainable_by_kind(teacher, rank, rank_fake, blocks):
+    """The dry run's table: the student's and the fake score network's trainable parameters for
+    every adapter kind of lorad.ADAPTERS on `teacher`; for an orthogonal one the stored count and
+    the effective one (lorad.count_effective)."""
+    lines = [f"every adapter, student / fake score trainable (ranks {rank} / {rank_fake}; orth-*: "
+             f"blocks {blocks[0]} / {blocks[1]}, stored and effective):"]
+    for kind in ADAPTERS:
+        nets = build_networks(teacher, rank, rank_fake, kind, blocks)
+        stored, effective = ([count(n) / 1e6 for n in nets] for count in (count_trainable,
+                                                                         count_effective))
+        lines.append(f"  {kind:<17} {stored[0]:8.2f}M / {stored[1]:.2f}M" + (
+            f"   (effective {effective[0]:.2f}M / {effective[1]:.2f}M)"
+            if kind in ORTHOGONAL_MAPS else ""))
+    return "\n".join(lines)
 
 
 def cmd_train(args):
@@ -167,28 +185,10 @@ def cmd_pretrain(args):
         pretrain.pretrain_toy(out, **options)
 
 
-def load_run(run_dir, checkpoint="latest", ema=False):
-    """A `train` run directory: its options (run.json), the checkpoint file (`checkpoint`: a path or
-    latest), the pipeline (no VAE) and the student and fake score networks holding that checkpoint's
-    adapters; with `ema`, the student holds the checkpoint's EMA adapters when it has them (what
-    `train` exports)."""
-    if not os.path.isfile(os.path.join(run_dir, "run.json")):
-        raise LoadError(f"--run {run_dir} is not a train run directory (it has no run.json)")
-    run = read_json(os.path.join(run_dir, "run.json"))
-    option = "--run" if checkpoint == "latest" else "--checkpoint"
-    checkpoint = find_checkpoint(run_dir, checkpoint, option=option)
-    pipe = load_pipeline(run["backbone"], run["base_model"], vae=False)
-    student, fake = build_networks(pipe.denoiser, run["rank"], run["rank_fake"], run["adapter"])
-    load_checkpoint(checkpoint, student, fake, {}, None, log=lambda _: None)
-    averaged = own_adapters(read_tensors(checkpoint), "ema")
-    if ema and averaged:
-        load_adapters(student, averaged)
-    return run, checkpoint, pipe, student, fake
-
-
 def cmd_export(args):
     cli.check_out_file(args.out, (".safetensors",), "--out")
-    run, checkpoint, pipe, student, _ = load_run(args.run, args.checkpoint or "latest", ema=not args.raw)
+    run, checkpoint, pipe, student, _ = cli.load_run(args.run, args.checkpoint or "latest",
+                                                     ema=not args.raw)
     weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
     meta = {"backbone": run["backbone"], "base_model": run["base_model"], "adapter": run["adapter"],
             "a_T": run.get("a_T", VSDConfig.a_T), "prediction_type": pipe.schedule.prediction_type,
@@ -275,10 +275,13 @@ def build_parser():
                                                          "the built-in configs: counts and memory")
     g = p.add_argument_group("method")
     g.add_argument("--adapter", choices=sorted(ADAPTERS),
-                   help="the paper's LoRaD, or a baseline of its Table 2 (default: lorad)")
+                   help="the paper's LoRaD, or a baseline of its Table 2 or R4 (orth-*; default: lorad)")
     g.add_argument("--rank", type=cli.POSITIVE, help="student adapter rank " + default_help("rank"))
     g.add_argument("--rank-fake", type=cli.POSITIVE,
                    help="fake score adapter rank " + default_help("rank_fake"))
+    g.add_argument("--orth-blocks", type=cli.POSITIVE, help="orth-*: diagonal blocks per student layer "
+                   + default_help("orth_blocks"))
+    g.add_argument("--orth-blocks-fake", type=cli.POSITIVE, help="fake score's blocks " + default_help("orth_blocks_fake"))
     g.add_argument("--guidance", type=cli.SCALE,
                    help="CFG scale of teacher and fake score " + default_help("guidance"))
     g.add_argument("--official-prompts", action="store_true", default=None, help="as the official SD "

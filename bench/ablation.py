@@ -1,13 +1,15 @@
-"""The paper's ablations on the toy backbone: the adapters of Table 2 (LoRaD, LoRA, DoRA, DoRA with frozen
-norms, full fine-tuning at equal VSD steps), the rank table (rows A-F: student and fake score ranks) and the
+"""The paper's ablations on the toy backbone: the adapters of Table 2 and Table R4 (LoRaD, LoRA, DoRA, DoRA with
+frozen norms, full fine-tuning, the three orthogonal maps at equal VSD steps), the rank table (rows A-F: student and fake score ranks) and the
 swap of Fig. 2(c) (a student, its norm swap and its direction swap). Each subcommand trains its runs with
 `wadi.py train` (in this process, one after the other, each logging to RUN/console.log; finished runs are
 skipped, interrupted ones resumed from their last checkpoint), scores every checkpoint with the toy protocol
 (toyeval.evaluate_toy, the exported student's EMA adapters), analyzes every student against the teacher
 (analysis.py: NM / DM), and writes OUT/<table>.md, OUT/<table>.json and OUT/<table>-fd.png (FD against step,
-one line per row: the mean over seeds, the band from the lowest to the highest).
+one line per row: the mean over seeds, the band from the lowest to the highest). The adapter table also gives each
+row's time per step (the median over a run's steps in its train.log: wall clock, as noisy as the machine's load)
+and the peak memory of one toy VSD step (bench/memory.py in a fresh process, cached in OUT/memory-<adapter>.json).
 
-    python bench/ablation.py adapters     # 5 adapters x seeds 0 1 2: 15 runs
+    python bench/ablation.py adapters     # 8 adapters x seeds 0 1 2: 24 runs
     python bench/ablation.py ranks        # rows A-F x seeds 0 1: 12 runs, 2 of them shared with `adapters`
     python bench/ablation.py swap         # the full and LoRaD students of seed 0 (shared with `adapters`)
     nohup python bench/ablation.py adapters > runs/ablation/adapters.log 2>&1 &     (in the background)
@@ -15,24 +17,28 @@ one line per row: the mean over seeds, the band from the lowest to the highest).
     python bench/ablation.py adapters --backbone toy-dit   (the same on the toy DiT, in runs/ablation-toy-dit)
 
 Runs take 6 to 7 min each on 2 free cores with their scoring (1,200 steps of batch 4, the toy defaults; measured on
-the rank table's last 6 runs); all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed>, so the three tables reuse them.
+the rank table's last 6 runs); all runs share OUT/runs/<adapter>-r<rank>-f<fake rank>-s<seed> (orthogonal maps:
+-b<blocks>-f<fake blocks>-, the toy's), so the three tables reuse them.
 Learning rates per adapter (LR below) are the ones the toy probes found stable (README, "The toy backbone").
 """
 import argparse
 import contextlib
 import json
 import os
+import statistics
+import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analysis  # noqa: E402
+import cli  # noqa: E402
 import toy  # noqa: E402
 import toyeval  # noqa: E402
 import wadi  # noqa: E402
 from loading import load_weights, read_json, read_safetensors  # noqa: E402
-from lorad import ADAPTERS, count_trainable, load_adapters, merge_adapters  # noqa: E402
+from lorad import ADAPTERS, ORTHOGONAL_MAPS, count_trainable, load_adapters, merge_adapters  # noqa: E402
 from checkpoint import list_checkpoints  # noqa: E402
 from pipeline import BACKBONES, DENOISERS  # noqa: E402
 from vsd import BACKBONE_DEFAULTS, build_networks  # noqa: E402
@@ -41,11 +47,14 @@ TOY = BACKBONE_DEFAULTS["toy"]  # the toy recipe
 # (student lr, fake score lr) per adapter: LoRA at LoRaD's 1e-3 / 1e-2 diverges on the toy, 3e-4 / 3e-3 does
 # not; full fine-tuning of the whole denoiser at 1e-4 / 1e-3 (the README's probes)
 LR = {"lorad": (1e-3, 1e-2), "lora": (3e-4, 3e-3), "dora": (3e-4, 3e-3), "dora-frozen-norm": (3e-4, 3e-3),
-      "full": (1e-4, 1e-3)}
-# paper Table 2 (SD1.5, COCO 2017 5k): #Params, FID, CLIP, NM (%), DM (%)
+      "full": (1e-4, 1e-3), **dict.fromkeys(ORTHOGONAL_MAPS, (1e-3, 1e-2))}  # orthogonal maps: LoRaD's, untuned
+# paper Table 2 (SD1.5, COCO 2017 5k): #Params, FID, CLIP, NM (%), DM (%); Table R4 (SD1.5, COCO 2017): FID and
+# training cost in A100-days of the orthogonal maps and LoRaD (householder's "104.4 (2.1)" as printed)
 PAPER_TABLE2 = {"lora": ("120.9M", 25.27, 0.29, 0.06, 0.83), "dora": ("121.2M", 26.56, 0.30, 0.03, 0.55),
                 "dora-frozen-norm": ("120.9M", 24.52, 0.30, None, 0.92), "full": ("860.0M", 23.30, 0.30, 0.10, 2.21),
-                "lorad": ("83.8M", 20.86, 0.31, None, 2.89)}
+                "lorad": ("83.8M", 20.86, 0.31, None, 2.89), "orth-matrix-exp": (None, 33.43, None, None, None),
+                "orth-cayley": (None, 26.72, None, None, None), "orth-householder": (None, 121.15, None, None, None)}
+PAPER_DAYS = {"lorad": "2.1", "orth-matrix-exp": "12.1", "orth-cayley": "10.4", "orth-householder": "104.4 (2.1)"}
 # the rank table (SD1.5, COCO 2014 30k): setting -> (student rank, fake rank, FID, CLIP); on the toy, C is
 # the default (16 / 8): student ranks x 1/16, fake ranks x 1/4
 PAPER_RANKS = {"A": (64, 32, 13.64, 0.30), "B": (128, 32, 13.16, 0.29), "C": (256, 32, 10.79, 0.31),
@@ -55,8 +64,17 @@ TOY_RANKS = {k: (s * TOY["rank"] // 256, f * TOY["rank_fake"] // 32) for k, (s, 
 PAPER_SWAP = {"student": (9.4, 0.30), "norm": (10.1, 0.30), "direction": (250.7, 0.12)}
 
 
+def sizes(kind, rank, rank_fake):
+    """The train options that size a run's adapters: the ranks, or for an orthogonal map the toy's blocks (the
+    counts closest to LoRaD's: 163,904 / 71,264 against 188,800 / 78,272)."""
+    if kind in ORTHOGONAL_MAPS:
+        return {"orth_blocks": TOY["orth_blocks"], "orth_blocks_fake": TOY["orth_blocks_fake"]}
+    return {"rank": rank, "rank_fake": rank_fake}
+
+
 def run_dir(args, kind, rank, rank_fake, seed):
-    return os.path.join(args.out, "runs", f"{kind}-r{rank}-f{rank_fake}-s{seed}")
+    size, fake = sizes(kind, rank, rank_fake).values()
+    return os.path.join(args.out, "runs", f"{kind}-{'b' if kind in ORTHOGONAL_MAPS else 'r'}{size}-f{fake}-s{seed}")
 
 
 def train_run(args, kind, rank, rank_fake, seed):
@@ -64,7 +82,7 @@ def train_run(args, kind, rank, rank_fake, seed):
     directory, or raises RuntimeError with the end of its log when training failed."""
     out = run_dir(args, kind, rank, rank_fake, seed)
     lr, lr_fake = LR[kind]
-    options = {"adapter": kind, "rank": rank, "rank_fake": rank_fake, "seed": seed, "max_steps": args.steps,
+    options = {"adapter": kind, **sizes(kind, rank, rank_fake), "seed": seed, "max_steps": args.steps,
                "checkpoint_every": args.every, "lr": lr, "lr_fake": lr_fake}
     if os.path.isfile(os.path.join(out, "run.json")):
         run = read_json(os.path.join(out, "run.json"))
@@ -73,8 +91,9 @@ def train_run(args, kind, rank, rank_fake, seed):
             raise RuntimeError(f"{out} was trained with other options {differ}; remove it or pick another --out")
         if os.path.isfile(os.path.join(out, "student.safetensors")):
             return out
-    argv = ["train", "--backbone", args.backbone, "--model", args.model, "--out", out, "--adapter", kind, "--rank", str(rank),
-            "--rank-fake", str(rank_fake), "--seed", str(seed), "--max-steps", str(args.steps), "--checkpoint-every",
+    size = [x for k, v in sizes(kind, rank, rank_fake).items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    argv = ["train", "--backbone", args.backbone, "--model", args.model, "--out", out, "--adapter", kind, *size,
+            "--seed", str(seed), "--max-steps", str(args.steps), "--checkpoint-every",
             str(args.every), "--validate-every", str(args.every), "--keep-checkpoints", "0", "--lr", str(lr),
             "--lr-fake", str(lr_fake), "--eval-samples", str(args.n)]
     if list_checkpoints(out):
@@ -94,7 +113,7 @@ def train_run(args, kind, rank, rank_fake, seed):
 def checkpoint_student(out, checkpoint):
     """(pipe, merged student) of one checkpoint of a run, with the EMA adapters when the run kept them
     (what `train` exports at the end)."""
-    _, path, pipe, student, _ = wadi.load_run(out, os.path.join(out, checkpoint))
+    _, path, pipe, student, _ = cli.load_run(out, os.path.join(out, checkpoint))
     ema = {k[4:]: v for k, v in read_safetensors(path).items() if k.startswith("ema.")}
     if ema:
         load_adapters(student, ema)
@@ -152,7 +171,8 @@ def trainable(args, kind, rank, rank_fake):
     """(student, fake score) trainable parameters, counted on the meta device."""
     with torch.device("meta"):
         teacher = denoiser(args)
-        return tuple(count_trainable(net) for net in build_networks(teacher, rank, rank_fake, kind))
+        nets = build_networks(teacher, rank, rank_fake, kind, (TOY["orth_blocks"], TOY["orth_blocks_fake"]))
+        return tuple(count_trainable(net) for net in nets)
 
 
 def seed_runs(args, kind, rank, rank_fake, reference, variants=("student",)):
@@ -171,8 +191,27 @@ def seed_runs(args, kind, rank, rank_fake, reference, variants=("student",)):
             continue
         metrics = read_json(os.path.join(out, "metrics.json"))
         curve = scored_curve(out, args, reference, variants)
-        runs.append({"seed": seed, "dir": out, "metrics": metrics, "curve": curve, "analysis": analyzed(out, args)})
+        runs.append({"seed": seed, "dir": out, "metrics": metrics, "curve": curve, "analysis": analyzed(out, args),
+                     "ms_per_step": ms_per_step(out)})
     return runs
+
+
+def ms_per_step(out):
+    """The median wall-clock time of a run's steps in ms, from its train.log (images per step / images per s)."""
+    run, lines = read_json(os.path.join(out, "run.json")), open(os.path.join(out, "train.log")).read().splitlines()
+    return statistics.median(run["batch_size"] * run["grad_accum"] / float(s.split()[7]) * 1e3 for s in lines)
+
+
+def step_memory(args, kind):
+    """bench/memory.py's row for `kind` on the backbone (one VSD step in a fresh process: peak memory over the frozen
+    weights, ms/step), cached in OUT/memory-<kind>.json; None when it failed, or is not cached under --finished."""
+    path = os.path.join(args.out, f"memory-{kind}.json")
+    if not os.path.isfile(path) and not args.finished:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.py")
+        subprocess.run([sys.executable, script, "--backbone", args.backbone, "--kinds", kind, "--steps", "3",
+                        "--threads", "1", "--json", path], stdout=subprocess.DEVNULL, check=False)
+    rows = read_json(path)["rows"] if os.path.isfile(path) else []
+    return rows[0] if rows and "note" not in rows[0] else None
 
 
 def mean_spread(values):
@@ -200,6 +239,7 @@ def row_figures(runs, variant="student"):
     done = [r for r in runs if "error" not in r]
     final = [r["curve"][variant][-1] for r in done if r["curve"][variant]]
     return {"fd": mean_spread([f[1] for f in final]), "accuracy": mean_spread([f[2] for f in final]),
+            "ms_per_step": mean_spread([r.get("ms_per_step") for r in done]),
             "nm": mean_spread([r["analysis"]["norm_mean"] for r in done]),
             "dm": mean_spread([r["analysis"]["direction_mean"] for r in done]),
             "seeds": len(done), "failed": [r["seed"] for r in runs if "error" in r and r["error"] != "not run"],
@@ -257,22 +297,25 @@ def write_table(args, name, header, lines, rows, payload, title):
 
 
 def cmd_adapters(args, reference):
-    header = ["adapter", "student params", "FD", "accuracy", "NM (%)", "DM (%)", "seeds",
-              "paper #Params", "paper FID", "paper CLIP", "paper NM", "paper DM"]
+    header = ["adapter", "student params", "FD", "accuracy", "NM (%)", "DM (%)", "ms/step (runs)",
+              "one step alone: ms, peak MiB", "seeds", "paper #Params", "paper FID", "paper CLIP", "paper NM",
+              "paper DM", "paper A100-days"]
     lines, rows, payload = [], [], []
     for kind in args.kinds:
         rank, rank_fake = TOY["rank"], TOY["rank_fake"]
         runs = seed_runs(args, kind, rank, rank_fake, reference)
         fig, params = row_figures(runs), trainable(args, kind, rank, rank_fake)[0]
-        paper = PAPER_TABLE2[kind]
+        paper, memory = PAPER_TABLE2[kind], step_memory(args, kind)
+        alone = f"{memory['ms']:.0f}, {memory['peak_over_frozen'] / 2**20:.1f}" if memory else "-"
         lines.append([kind, f"{params:,}", cell(fig["fd"]), cell(fig["accuracy"], 3), cell(fig["nm"], 4),
-                      cell(fig["dm"], 4), seeds_cell(fig),
-                      paper[0], *(paper_cell(v) for v in paper[1:])])
+                      cell(fig["dm"], 4), cell(fig["ms_per_step"], 0), alone, seeds_cell(fig),
+                      paper_cell(paper[0]), *(paper_cell(v) for v in paper[1:]), PAPER_DAYS.get(kind, "-")])
         rows.append((kind, runs, "student"))
-        payload.append({"adapter": kind, "rank": rank, "rank_fake": rank_fake, "student_params": params, **fig,
-                        "paper": dict(zip(("params", "fid", "clip", "nm", "dm"), paper)), "runs": runs})
+        payload.append({"adapter": kind, **sizes(kind, rank, rank_fake), "student_params": params, **fig,
+                        "step_alone": memory, "runs": runs, "paper": dict(zip(
+                            ("params", "fid", "clip", "nm", "dm", "a100_days"), (*paper, PAPER_DAYS.get(kind))))})
     write_table(args, "adapters", header, lines, rows, payload,
-                f"Table 2 on the toy: adapters at {args.steps} VSD steps, seeds {args.seeds}")
+                f"Tables 2 and R4 on the toy: adapters at {args.steps} VSD steps, seeds {args.seeds}")
 
 
 def cmd_ranks(args, reference):

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 from diffusion import one_step, predict, to_eps, to_x0  # noqa: E402
-from wadi import load_run  # noqa: E402
+from cli import load_run  # noqa: E402
 
 
 def main(argv=None):

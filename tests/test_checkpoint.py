@@ -117,7 +117,7 @@ def test_full_disk_under_torchrun_stops_every_rank_in_one_line(repo, tmp_path):
 # Resuming with changed options
 
 REFUSED = {"backbone", "base_model", "adapter", "rank", "rank_fake", "seed", "resolution", "a_T",
-           "prompts_sha256", "official_prompts"}
+           "prompts_sha256", "official_prompts", "orth_blocks", "orth_blocks_fake"}
 
 
 def test_every_option_is_either_free_at_a_resume_or_refused():

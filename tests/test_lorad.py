@@ -7,12 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loading import LoadError, read_tensors, save_tensors
-from lorad import (ADAPTERS, Adapter, DoRAFrozenNormLinear, DoRALinear, FullModule, LoRALinear, LoRaDLinear,
-                   add_adapters, adapter_state_dict, count_trainable, load_adapters, merge_adapters, rotate_pairs,
-                   selected_layers)
+from lorad import (ADAPTERS, ORTHOGONAL_MAPS, Adapter, DoRAFrozenNormLinear, DoRALinear, FullModule, LoRALinear,
+                   LoRaDLinear, OrthogonalLinear, add_adapters, adapter_state_dict, count_effective, count_trainable,
+                   load_adapters, merge_adapters, rotate_pairs, selected_layers)
+from vsd import ADAMW
 from dit import PixArt
 from unet import UNet
-from tests.conftest import small_unet_config
+from tests.conftest import small_dit_config, small_unet_config
 
 
 def lorad(out_f=6, in_f=8, rank=3, dtype=torch.float64, scale=1.0, seed=0):
@@ -124,7 +125,7 @@ def test_merged_model_equals_adapted_model(kind):
     unet = UNet.from_config(small_unet_config()).eval()  # SD1.5's layout: proj_in / proj_out are 1x1 convolutions
     add_adapters(unet, "student", 4, kind)
     convs = [m for m in unet.modules() if isinstance(m, Adapter) and isinstance(m.base, nn.Conv2d)]
-    assert (len(convs) > 0) == (kind != "lorad")  # the baselines adapt the convolutions too
+    assert (len(convs) > 0) == (kind in ("lora", "dora", "dora-frozen-norm", "full"))  # Table 2's baselines: convs too
     with torch.no_grad():
         for p in unet.parameters():
             if p.requires_grad:
@@ -263,6 +264,23 @@ def test_full_trains_every_parameter_under_the_network_keys():
     assert all(not p.requires_grad for n, p in unet.named_parameters() if ".base." in n)
 
 
+def test_full_on_a_dit_trains_the_blocks_too():
+    """PixArt's transformer blocks hold a parameter of their own (scale_shift_table) beside their layers, so `full`
+    wraps each block after its layers: wrapping the block must not freeze the layers' trainable copies."""
+    torch.manual_seed(0)
+    dit = PixArt.from_config(small_dit_config())
+    total = sum(p.numel() for p in dit.parameters())
+    add_adapters(dit, "student", 0, "full")
+    blocks = [m for n, m in dit.named_modules() if n.startswith("transformer_blocks.") and n.count(".") == 1]
+    assert blocks and all(isinstance(m, FullModule) for m in blocks)  # a block holding adapted layers
+    # all but the network's own final scale_shift_table (2, width): `full` wraps layers, not the network itself
+    assert count_trainable(dit) == sum(p.numel() for p in adapter_state_dict(dit).values()) == total - 2 * 24
+    x, c = torch.randn(1, 4, 16, 16), torch.randn(1, 3, small_dit_config()["caption_channels"])
+    dit(x, 10, c).square().mean().backward()
+    grads = {k: p.grad for k, p in adapter_state_dict(dit).items()}
+    assert all(g is not None for k, g in grads.items() if k.startswith("transformer_blocks.0."))
+
+
 def test_fake_rule_skips_projections_and_time():
     with torch.device("meta"):
         unet = add_adapters(UNet.from_config(small_unet_config(use_linear_projection=True)), "fake", 2)
@@ -314,3 +332,141 @@ def test_rotation_stays_fp32_under_autocast():
     expected = F.linear(x.bfloat16(), layer.merged_weight().bfloat16(), layer.base.bias.bfloat16())
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     assert not torch.equal(in_bf16, expected)  # angles from a bf16 matmul would differ
+
+
+# -------------------------------------------------------------------------------------------------
+# The orthogonal maps of paper Table R4: W' = W R^T, R block-diagonal, orthogonal through torch's parametrisation
+
+def orth(kind, in_f=48, out_f=20, blocks=3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return ADAPTERS[kind](nn.Linear(in_f, out_f).to(dtype), blocks).to(dtype)
+
+
+def train_steps(layer, steps=20, lr=0.02):
+    """AdamW steps of the training loop's settings (vsd.ADAMW) on a loss that turns the weights."""
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=lr, **ADAMW)
+    x, target = torch.randn(16, layer.base.in_features), torch.randn(16, layer.base.out_features)
+    for _ in range(steps):
+        F.mse_loss(layer(x), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kind", list(ORTHOGONAL_MAPS))
+def test_orthogonal_identity_at_init_exactly(kind):
+    layer = orth(kind)
+    R = layer.rotation
+    assert R.shape == (3, 16, 16) and torch.equal(R, torch.eye(16).expand(3, 16, 16))
+    assert torch.equal(layer.merged_weight(), layer.base.weight)
+    x = torch.randn(4, 48)
+    assert torch.equal(layer(x), layer.base(x))
+    X = layer.parametrizations.rotation.original
+    assert X.dtype == torch.float32 and X.is_contiguous()  # fused AdamW pairs it with its moments in flat memory
+
+
+@pytest.mark.parametrize("kind", list(ORTHOGONAL_MAPS))
+def test_orthogonal_stays_orthogonal_and_keeps_row_norms_after_training(kind):
+    layer = orth(kind)
+    train_steps(layer)
+    R = layer.rotation.detach()
+    eye, R64 = torch.eye(16, dtype=torch.float64), R.double()  # the fp32 R's own error, not that of a fp32 product
+    assert (R64 @ R64.mT - eye).abs().max() < 1e-6 and (R64.mT @ R64 - eye).abs().max() < 1e-6
+    assert (R - torch.eye(16)).abs().max() > 0.05  # it did turn
+    W, W2 = layer.base.weight, layer.merged_weight().detach()
+    assert ((W2.norm(dim=1) - W.norm(dim=1)).abs() / W.norm(dim=1)).max() < 1e-6
+    assert (W2 - W).abs().max() > 0.01
+    # W' = W R^T with R = diag(R_1, R_2, R_3): block by block on the input columns
+    full_R = torch.block_diag(*R)
+    torch.testing.assert_close(W2, W @ full_R.T, rtol=0, atol=1e-6)
+    # the entries no map reads got no update (householder: the -1 diagonal; weight decay would break R)
+    X = layer.parametrizations.rotation.original.detach()
+    assert torch.equal(X.triu(1), torch.zeros_like(X))
+    assert torch.equal(X.diagonal(dim1=-2, dim2=-1), torch.full((3, 16), -1.0 if kind == "orth-householder" else 1.0))
+
+
+@pytest.mark.parametrize("kind", list(ORTHOGONAL_MAPS))
+def test_orthogonal_gradcheck_float64(kind):
+    layer = orth(kind, in_f=12, out_f=5, blocks=3, dtype=torch.float64)
+    X0 = layer.parametrizations.rotation.original.detach().clone()
+    x = torch.randn(4, 12, dtype=torch.float64)
+
+    def f(L, x):  # the entries the maps read: the strict lower triangle (householder reads the diagonal's sign too)
+        X = X0 + L.tril(-1)
+        return torch.func.functional_call(layer, {"parametrizations.rotation.original": X}, (x,))
+
+    L = 0.3 * torch.randn_like(X0)  # away from the identity
+    assert (f(L, x) - layer(x)).abs().max() > 0.05
+    assert torch.autograd.gradcheck(f, (L.requires_grad_(), x.requires_grad_()), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(ORTHOGONAL_MAPS))
+def test_orthogonal_merge_equals_adapted_forward_in_every_dtype(kind):
+    layer = orth(kind)
+    train_steps(layer, steps=5)
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.merged()(x), layer(x), rtol=0, atol=1e-6)
+    # a bf16 base: R and W R^T in fp32, then one cast, in the adapted forward and in the merged layer alike
+    bf16 = ADAPTERS[kind](nn.Linear(48, 20).bfloat16(), 3)
+    load_adapters(bf16, adapter_state_dict(layer))
+    assert bf16.parametrizations.rotation.original.dtype == torch.float32
+    merged = bf16.merged()
+    assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16 and merged.bias is bf16.base.bias
+    with torch.no_grad():
+        assert torch.equal(bf16(x.bfloat16()), merged(x.bfloat16()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(bf16(x), merged(x))
+    assert not torch.equal(merged.weight, bf16.base.weight)
+
+
+def test_orthogonal_blocks_must_divide_the_input_width_and_the_error_names_the_layer():
+    model = nn.Module()
+    model.family = "unet"
+    model.down_blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 6), nn.Linear(6, 2))])
+    with pytest.raises(ValueError, match=r"down_blocks\.0\.2: 4 diagonal blocks do not divide in_features=6"):
+        add_adapters(model, "student", 4, "orth-cayley")
+
+
+# SD1.5 / SD2.1 / PixArt at the default blocks (vsd.TrainConfig, BACKBONE_DEFAULTS): stored (what the optimizer holds)
+# and effective (the strict lower triangles, b (b - 1) / 2 per block); LoRaD's beside: 83.80M / 9.38M, 94.43M, 81.22M / 20.13M
+ORTH_COUNTS = [("sd15/unet", "student", 4, 84_974_592, 42_392_288), ("sd15/unet", "fake", 32, 9_495_424, 4_666_784),
+               ("sd21/unet", "student", 4, 94_839_808, 47_308_320), ("sd21/unet", "fake", 32, 9_954_176, 4_892_064),
+               ("pixart-256/transformer", "student", 16, 59_275_264, 29_424_768),
+               ("pixart-256/transformer", "fake", 48, 19_353_600, 9_467_136)]
+
+
+@pytest.mark.parametrize("config,role,blocks,stored,effective", ORTH_COUNTS)
+def test_orthogonal_counts_on_the_full_configs(config, role, blocks, stored, effective):
+    with open(f"configs/{config}/config.json") as f:
+        cfg = json.load(f)
+    network = PixArt if config.startswith("pixart") else UNet
+    with torch.device("meta"):
+        model = network.from_config(cfg)
+        widths = [m.in_features for _, m in selected_layers(model, role)]
+        add_adapters(model, role, blocks, "orth-householder")
+    assert stored == sum(w * w // blocks for w in widths) and effective == sum(w * (w // blocks - 1) // 2 for w in widths)
+    assert count_trainable(model) == stored and count_effective(model) == effective
+    adapters = [m for m in model.modules() if isinstance(m, OrthogonalLinear)]
+    assert len(adapters) == len(widths)
+    assert not any(list(m.parametrizations.buffers()) for m in adapters)  # no trivialisation `base` (blocks, b, b)
+    assert all(k.endswith(".parametrizations.rotation.original") for k in adapter_state_dict(model))
+
+
+def test_orthogonal_block_defaults_come_closest_to_lorads_counts():
+    """The default blocks per backbone are, among the divisors of every input width, the ones whose stored count
+    comes closest to LoRaD's at the backbone's ranks (student and fake score)."""
+    from vsd import run_config
+    configs = {"sd15": ("sd15/unet", UNet), "sd21": ("sd21/unet", UNet), "pixart": ("pixart-256/transformer", PixArt),
+               "toy": (None, UNet)}
+    for backbone, (config, network) in configs.items():
+        path = f"configs/{config}/config.json" if config else "assets/toy/unet/config.json"
+        with open(path) as f:
+            cfg = json.load(f)
+        run, _ = run_config(backbone)
+        for role, rank, blocks in (("student", run.rank, run.orth_blocks), ("fake", run.rank_fake, run.orth_blocks_fake)):
+            with torch.device("meta"):
+                target = count_trainable(add_adapters(network.from_config(cfg), role, rank))
+                widths = [m.in_features for _, m in selected_layers(network.from_config(cfg), role)]
+            gcd = math.gcd(*widths)
+            stored = {n: sum(w * w // n for w in widths) for n in range(1, gcd + 1) if gcd % n == 0}
+            assert blocks == min(stored, key=lambda n: abs(stored[n] - target)), (backbone, role, stored, target)

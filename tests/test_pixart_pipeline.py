@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import cli
 import t5
 import textcache
 import wadi
@@ -133,7 +134,7 @@ def test_export_loads_in_diffusers_and_matches_the_adapted_student(repo, run, tm
     assert (meta["a_T"], meta["backbone"], meta["base_model"]) == ("0.0047", "pixart", repo)
     ref = PixArtTransformer2DModel.from_pretrained(os.path.join(repo, "transformer"))
     ref.load_state_dict(load_file(exported), strict=True)
-    _, _, pipe, student, _ = wadi.load_run(str(run.out))
+    _, _, pipe, student, _ = cli.load_run(str(run.out))
     torch.manual_seed(0)
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([999, 400]), torch.randn(2, 6, 32)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])

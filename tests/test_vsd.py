@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import cli
 import loading
 import vsd
 import wadi
-from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
+from lorad import ORTHOGONAL_MAPS, OrthogonalLinear, adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import load_pipeline
 from tests.conftest import TRAIN, relative_error, train_cli
 from vsd import VSDConfig, build_networks, draw, fake_loss, generator_loss
@@ -275,14 +276,14 @@ def test_dry_run_prints_paper_counts(backbone, expected, capsys):
 
 
 @pytest.mark.parametrize("adapter,expected", [("lora", "120.90M"), ("dora", "121.15M"), ("dora-frozen-norm", "120.90M"),
-                                              ("full", "859.52M"), ("lorad", "83.80M")])
+                                              ("full", "859.52M"), ("lorad", "83.80M"), ("orth-cayley", "84.97M")])
 def test_dry_run_prints_the_table2_counts(adapter, expected, capsys):
     assert wadi.main(["train", "--backbone", "sd15", "--dry-run", "--adapter", adapter]) == 0
     student = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("student"))
     assert student.endswith(f"trainable {expected}")
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "full"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "full", *ORTHOGONAL_MAPS])
 def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
     """One optimizer step, a checkpoint, a fresh pair of networks restored from it (adapters, EMA, optimizer
     moments), and the exported merged student equal to the adapted one."""
@@ -290,7 +291,7 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
     x, c = torch.randn(2, 4, 8, 8), pipe.encode_prompts(["a red cat", "the sea"]).embeds
 
     def networks():
-        student, fake = build_networks(pipe.denoiser, 4, 2, kind)
+        student, fake = build_networks(pipe.denoiser, 4, 2, kind, blocks=(2, 4))
         opts = {name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, **vsd.ADAMW)
                 for name, net in (("student", student), ("fake", fake))}
         return student, fake, opts
@@ -342,6 +343,55 @@ def test_resume_with_ema_continues_exactly_for_every_adapter(repo, tmp_path, kin
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_dry_run_table_of_every_adapter(capsys):
+    """The dry run's table: every adapter kind on the backbone, the orthogonal ones at the default blocks, stored and
+    effective (the strict lower triangles)."""
+    expected = {"sd15": ["lorad                83.80M / 9.38M", "full                859.52M / 242.33M",
+                         "orth-householder     84.97M / 9.50M   (effective 42.39M / 4.67M)", "blocks 4 / 32"],
+                "sd21": ["orth-cayley          94.84M / 9.95M   (effective 47.31M / 4.89M)"],
+                "pixart": ["lorad                81.22M / 20.13M", "blocks 16 / 48",
+                           "orth-matrix-exp      59.28M / 19.35M   (effective 29.42M / 9.47M)"]}
+    for backbone, lines in expected.items():
+        assert wadi.main(["train", "--backbone", backbone, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert all(line in out for line in lines), out
+    assert wadi.main(["train", "--backbone", "sd15", "--dry-run", "--orth-blocks", "8", "--orth-blocks-fake", "64"]) == 0
+    assert "orth-cayley          42.49M / 4.75M" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", list(ORTHOGONAL_MAPS))
+def test_orthogonal_adapters_resume_exactly_and_stay_orthogonal(repo, tmp_path, kind):
+    """Two VSD steps straight and one plus one resumed give the same checkpoint bit for bit (adapters, EMA, AdamW
+    moments); after them every R is orthogonal to 1e-6 and W' keeps the row norms of W."""
+    common = ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind, "--orth-blocks", "2",
+              "--orth-blocks-fake", "4", "--lr", "1e-2"]
+    assert train_cli(repo, tmp_path / "straight", "--max-steps", "2", *common) == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "1", *common) == 0
+    assert train_cli(repo, tmp_path / "split", "--max-steps", "2", *common, "--resume", "latest") == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint-0000002.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoint-0000002.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith("parametrizations.rotation.original") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    _, _, _, student, fake = cli.load_run(str(tmp_path / "straight"))
+    for net in (student, fake):
+        adapters = [m for m in net.modules() if isinstance(m, OrthogonalLinear)]
+        assert adapters
+        moved = 0.0
+        for m in adapters:
+            # the trained parameters through torch's map in float64: orthogonal to 1e-12; the fp32 R the network
+            # uses: to 1e-5 (fp32 rounding on blocks of 128: matrix_exp is off by up to 2.2e-6, cayley less)
+            R64 = m.parametrizations.rotation[0](m.parametrizations.rotation.original.detach().double())
+            R = m.rotation.detach().double()
+            eye = torch.eye(R.shape[-1], dtype=torch.float64)
+            assert (R64 @ R64.mT - eye).abs().max() < 1e-12 and (R @ R.mT - eye).abs().max() < 1e-5
+            W, W2 = m.base.weight.detach().double(), m.merged_weight().detach().double()
+            assert torch.allclose(W2.norm(dim=1), W.norm(dim=1), rtol=1e-6, atol=0)
+            moved = max(moved, (R - eye).abs().max().item())
+        assert moved > 1e-3  # the two steps did turn R
 
 
 def test_bf16_mixed_precision_step(repo, tmp_path):
