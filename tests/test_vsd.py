@@ -333,7 +333,12 @@ def test_checkpoint_ema_and_export_for_every_adapter(repo, tmp_path, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "dora", "dora-frozen-norm", "full"])
 def test_resume_with_ema_continues_exactly_for_every_adapter(repo, tmp_path, kind):
-    common = ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind]
+    assert_resume_exact(repo, tmp_path, ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind])
+
+
+def assert_resume_exact(repo, tmp_path, common):
+    """Two VSD steps straight and one plus one resumed give the same checkpoint bit for bit (adapters,
+    EMA, AdamW moments) and the same exported student; returns the checkpoint."""
     assert train_cli(repo, tmp_path / "straight", "--max-steps", "2", *common) == 0
     assert train_cli(repo, tmp_path / "split", "--max-steps", "1", *common) == 0
     assert train_cli(repo, tmp_path / "split", "--max-steps", "2", *common, "--resume", "latest") == 0
@@ -343,6 +348,7 @@ def test_resume_with_ema_continues_exactly_for_every_adapter(repo, tmp_path, kin
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    return a
 
 
 def test_dry_run_table_of_every_adapter(capsys):
@@ -365,17 +371,9 @@ def test_dry_run_table_of_every_adapter(capsys):
 def test_orthogonal_adapters_resume_exactly_and_stay_orthogonal(repo, tmp_path, kind):
     """Two VSD steps straight and one plus one resumed give the same checkpoint bit for bit (adapters, EMA, AdamW
     moments); after them every R is orthogonal to 1e-6 and W' keeps the row norms of W."""
-    common = ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind, "--orth-blocks", "2",
-              "--orth-blocks-fake", "4", "--lr", "1e-2"]
-    assert train_cli(repo, tmp_path / "straight", "--max-steps", "2", *common) == 0
-    assert train_cli(repo, tmp_path / "split", "--max-steps", "1", *common) == 0
-    assert train_cli(repo, tmp_path / "split", "--max-steps", "2", *common, "--resume", "latest") == 0
-    a = load_file(str(tmp_path / "straight" / "checkpoint-0000002.safetensors"))
-    b = load_file(str(tmp_path / "split" / "checkpoint-0000002.safetensors"))
-    assert a.keys() == b.keys() and any(k.endswith("parametrizations.rotation.original") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
-    s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
-    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    a = assert_resume_exact(repo, tmp_path, ["--checkpoint-every", "1", "--ema", "0.5", "--adapter", kind,
+                                             "--orth-blocks", "2", "--orth-blocks-fake", "4", "--lr", "1e-2"])
+    assert any(k.endswith("parametrizations.rotation.original") for k in a)
     _, _, _, student, fake = cli.load_run(str(tmp_path / "straight"))
     for net in (student, fake):
         adapters = [m for m in net.modules() if isinstance(m, OrthogonalLinear)]
