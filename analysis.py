@@ -16,19 +16,22 @@ these readings were chosen, and the JSON carries the other plausible readings to
 the absolute norm change, the unit-vector distance ||V'_i - V_i||, the energy of the unsquared s, the
 mean of the per-layer stds and the statistics pooled over all rows.
 
-Files are read one tensor at a time (`loading.LazyTensors`), each layer in float64, so a full SD1.5 or
+Files are read one tensor at a time (`LazyTensors`), each layer in float64, so a full SD1.5 or
 PixArt pair fits a 24 GB CPU.
 """
 import json
 import math
 import os
+from collections.abc import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dit import CLASS_NAMES as PIXART_CLASSES, PixArt
-from loading import LazyTensors, LoadError, fetch, fetch_file, file_metadata, key_listing, read_json, weight_files
+from loading import (LoadError, fetch, fetch_file, file_metadata, key_listing, read_json, read_tensors, weight_files,
+                     weight_format)
 from lorad import ADAPTERS, selected_layers
 from pipeline import BACKBONES, DENOISERS
 from unet import UNet
@@ -198,6 +201,49 @@ def plot_figures(report, out_dir, title=""):
 # -----------------------------------------------------------------------------------------------
 # `wadi.py analyze`: where the weights come from
 
+class LazyTensors(Mapping):
+    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`)
+    by key, each read only when asked for: a whole network can be walked layer by layer without
+    holding it."""
+
+    def __init__(self, paths):
+        self.files, self.pickled = {}, {}
+        for path in paths:
+            if not os.path.isfile(path):
+                raise LoadError(f"weight file not found: {path}")
+            if weight_format(path) == "safetensors":
+                try:
+                    handle = safe_open(path, framework="pt")
+                    self.files.update({k: (handle, path) for k in handle.keys()})
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors "
+                                    f"file?): {e}") from None
+            else:
+                self.pickled.update(read_tensors(path, mmap=True))
+
+    def __getitem__(self, key):
+        if key in self.pickled:
+            return self.pickled[key]
+        handle, path = self.files[key]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LoadError(f"cannot read {key} from {path}: {e}") from None
+
+    def shape(self, key):
+        """The shape of one tensor, without reading it."""
+        if key in self.pickled:
+            return tuple(self.pickled[key].shape)
+        return tuple(self.files[key][0].get_slice(key).get_shape())
+
+    def __iter__(self):
+        return iter([*self.files, *self.pickled])
+
+    def __len__(self):
+        return len(self.files) + len(self.pickled)
+
+
+
 def weight_source(spec, option):
     """(files, info) of a denoiser given on the command line: a `train` run directory (its merged
     student.safetensors; info is its run.json), a directory in the Hugging Face layout (its unet/ or
@@ -205,17 +251,12 @@ def weight_source(spec, option):
     one file (a local path or owner/repo/file on the Hub: safetensors, or a .bin/.pth/.pt state dict;
     info is a safetensors file's metadata: backbone, base_model, adapter when we wrote it). `option` is the
     command-line option that named it, for the messages."""
-    if os.path.isdir(spec):
-        if os.path.isfile(os.path.join(spec, "run.json")):
-            student = os.path.join(spec, "student.safetensors")
-            if not os.path.isfile(student):
-                raise LoadError(f"the run {spec} has no student.safetensors yet (a finished run writes it; "
-                                f"`wadi.py export --run {spec} --out FILE` merges a checkpoint)")
-            return [student], read_json(os.path.join(spec, "run.json"))
+    run = os.path.join(spec, "run.json")
+    if os.path.isdir(spec) and not os.path.isfile(run):
         folder = next((f for f in DENOISERS if os.path.isfile(os.path.join(spec, f, "config.json"))), "unet")
         return weight_files(spec, folder), {}
-    path = fetch_file(spec, option)
-    return [path], file_metadata(path)
+    path = fetch_file(spec, option)  # a run directory: its student.safetensors
+    return [path], read_json(run) if os.path.isdir(spec) else file_metadata(path)
 
 
 def denoiser_config(backbone, model=None):

@@ -9,8 +9,9 @@ them, the log, sample grids, interrupts, and the exported student.
   the last one whole.
 - Ctrl-C (SIGINT) or SIGTERM during training asks the loop to finish its step and save it
   (`interruptible`); a second signal stops at once.
-- `train.log` has a line per step (losses, images/s, time); `samples/step-NNNNNNN.png` is a grid of
-  one-step samples for fixed prompts and seeds, drawn by the EMA student when the run keeps one.
+- `train.log` has a line per step (trainlog.py); `samples/step-NNNNNNN.png` is a grid of one-step
+  samples for fixed prompts and seeds, drawn by the EMA student when the run keeps one, and
+  `losses.png` the loss curves so far.
 - The exported student is the merged one-step denoiser, in the original network's keys.
 """
 import contextlib
@@ -19,13 +20,13 @@ import json
 import os
 import signal
 import threading
-import time
 
 import torch
 
 from loading import DiskFull, LoadError, disk_space, file_metadata, read_safetensors, save_tensors
 from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import image_grid
+from trainlog import plot_losses
 
 
 class TrainingError(Exception):
@@ -53,7 +54,7 @@ def save_checkpoint(path, step, student, fake, opts, ema, meta):
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(tensors, path, {"step": step, "meta": json.dumps(meta),
+    save_tensors(tensors, path, {"step": step, "meta": json.dumps(meta, sort_keys=True),
                                  "param_groups": json.dumps(groups)})
 
 
@@ -243,22 +244,11 @@ def stopped_by_full_disk(error: DiskFull, last_checkpoint):
     return f"stopped: {error}; {kept(last_checkpoint)}, whole{resume}"
 
 
-def log_step(bar, out, step, totals, images_per_s):
-    """The losses (totals[:2]) and throughput of a step in the progress bar and in out/train.log."""
-    loss_g, loss_fake = totals[0].item(), totals[1].item()
-    bar.update(1)
-    bar.set_postfix(loss_G=f"{loss_g:.4g}", loss_fake=f"{loss_fake:.4g}",
-                    img_s=f"{images_per_s:.2f}")
-    path = os.path.join(out, "train.log")
-    with disk_space(path), open(path, "a") as f:
-        f.write(f"step {step} loss_G {loss_g:.6g} loss_fake {loss_fake:.6g} images/s "
-                f"{images_per_s:.3f} time {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-
-
 def save_and_validate(pipe, nets, run, a_T, meta, step, max_steps, interrupted):
     """Rank 0 after a step of `train` (`nets`: vsd.Networks, `run`: vsd.TrainConfig): a checkpoint
     every run.checkpoint_every steps, at the end and when interrupted (returns its path, else None);
-    a sample grid every run.validate_every steps and at the end."""
+    a sample grid and the loss curves (losses.png) every run.validate_every steps and at the
+    end."""
     path = None
     if step % run.checkpoint_every == 0 or step == max_steps or interrupted:
         path = checkpoint_path(run.out, step)
@@ -268,6 +258,7 @@ def save_and_validate(pipe, nets, run, a_T, meta, step, max_steps, interrupted):
         with adapters_swapped(nets.student, nets.ema):
             validate(pipe, nets.student, run.validation_prompts, run.resolution, a_T,
                      os.path.join(run.out, "samples", f"step-{step:07d}.png"))
+        plot_losses([run.out], os.path.join(run.out, "losses.png"))
     return path
 
 
@@ -281,7 +272,7 @@ def validate(pipe, student, prompts, resolution, a_T, path):
     student.train()
     with disk_space(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        image_grid(images, cols=len(prompts)).save(path)
+        image_grid(images, cols=len(prompts), labels=prompts).save(path)
 
 
 def resume(run, nets, per_step, log):

@@ -11,16 +11,20 @@ import argparse
 import json
 import math
 import os
+import platform
+import shutil
+import subprocess
 import sys
 
 import torch
 from PIL import Image
 
-from checkpoint import find_checkpoint, load_checkpoint, own_adapters
+from checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, own_adapters
 from controlnet import load_controlnet, read_control_images
-from loading import LoadError, file_metadata, read_json, read_tensors
+from loading import LoadError, fetch, file_metadata, read_json, read_tensors
 from lorad import load_adapters
-from pipeline import BACKBONES, DTYPES, image_grid, load_pipeline, load_schedule, pick_backbone
+from pipeline import (BACKBONES, DTYPES, has_vae, image_grid, load_pipeline, load_schedule, parts_of,
+                      pick_backbone)
 from vsd import build_networks
 
 
@@ -98,12 +102,55 @@ RATE = number(0, low_open=True)  # learning rates
 SCALE = number(0)                # guidance scales
 
 
+def threads(text):
+    """An argparse type for --threads: `auto` or an integer >= 1."""
+    return text if text == "auto" else POSITIVE(text)
+
+
+def add_threads(parser):
+    parser.add_argument("--threads", type=threads, default="auto", help="CPU threads for torch: auto (the "
+                        "cores other processes leave idle; OMP_NUM_THREADS when set) or a number")
+
+
 # -------------------------------------------------------------------------------------------------
 # From options to what the library takes
 
 def pick_device(name):
     """--device: auto (a GPU when there is one), cpu, cuda, cuda:1, ..."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def busy_cores():
+    """How many cores other processes keep busy: the smaller of the last minute's load average and
+    the number of threads running now besides this one (Linux's /proc/loadavg; elsewhere the load
+    average alone). The smaller, because each alone overcounts: the average remembers a job that
+    just ended, the count a process that runs for an instant."""
+    busy = round(os.getloadavg()[0])
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return busy
+    return max(0, min(busy, running))
+
+
+def set_threads(count="auto"):
+    """--threads: how many CPU threads torch computes with; returns (threads, one line saying why).
+    `auto`: OMP_NUM_THREADS when it is set, else the cores that others do not keep busy
+    (`busy_cores`, at least one), shared by torchrun's processes on this machine. torch's threads
+    wait at every barrier for each other, so a thread more than the free cores runs several times
+    slower than one fewer (BENCHMARKS.md, "Threads")."""
+    cores = os.cpu_count() or 1
+    if count != "auto":
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        count, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        busy = busy_cores()
+        count = max(1, (cores - busy) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        why = f"auto: {cores} cores, {busy} kept busy by other processes; --threads N sets it"
+    torch.set_num_threads(count)
+    return count, f"threads: {count} ({why})"
 
 
 def pick_dtype(name, device):
@@ -224,17 +271,77 @@ def load_control(pipe, spec, image_paths, resolution=None):
     return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
-def check_resolution(pipe, resolution):
-    """The resolution to generate at (default: the backbone's), or a UsageError when the denoiser's
-    input grid cannot take it (a multiple of the autoencoder's downsampling, times the patch size of
-    a DiT)."""
-    resolution = resolution or pipe.resolution
-    factor = pipe.size_multiple()
+def check_resolution(backbone, model, resolution):
+    """`resolution` (None: the backbone's native one), or a UsageError when the denoiser's input grid
+    cannot take it: a multiple of the autoencoder's downsampling, times the patch size of a DiT. Read
+    from the configs of `model` (default: the backbone's repo), before any weights are loaded."""
+    if resolution is None:
+        return None
+    spec = pick_backbone(backbone, resolution, model)
+    model, parts = model or spec.repo, parts_of(model or spec.repo)
+    levels = len(read_json(fetch(parts, "vae/config.json"))["block_out_channels"]) if has_vae(parts) else 1
+    patch = read_json(fetch(model, f"{spec.denoiser}/config.json")).get("patch_size") or 1
+    factor = 2 ** (levels - 1) * patch
     if resolution % factor:
-        patch = " x the denoiser's patch size" if factor != pipe.downsampling() else ""
+        patch = f" x the denoiser's patch size {patch}" if patch > 1 else ""
         raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's "
                          f"downsampling{patch})")
     return resolution
+
+
+RUN_FILES = ("run.json", "train.log", "student.safetensors", "metrics.json", "comparison.png",
+             "losses.png", "samples")  # what `train` writes to --out, besides its checkpoints
+
+
+def check_run_out(out, resume, overwrite):
+    """Before `train` writes to `out`: a UsageError when it holds a run and the command neither
+    resumes nor overwrites it (two runs would mix their checkpoints and logs); with `overwrite`,
+    the old run's files to remove (`remove_run`, once the new run has loaded; nothing else in
+    `out` is touched)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + list_checkpoints(out)
+    if not found or resume:
+        return []
+    if not overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): continue it with --resume latest, "
+                         f"start over with --overwrite, or give another --out")
+    return found
+
+
+def remove_run(out, found):
+    """Remove the files `check_run_out` found in `out` (--overwrite)."""
+    for f in found:
+        path = os.path.join(out, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def environment(device, threads):
+    """What a run's numbers also depend on, for its run.json: the code's git commit, the torch and
+    CUDA versions, the CPU threads and the device."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "not a git checkout"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"git_commit": commit, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "threads": threads, "device": f"{device} ({name})", "python": platform.python_version()}
+
+
+def cpu_name():
+    """The CPU's model name and core count, e.g. "Intel(R) Xeon(R) ..., 2 cores"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "CPU"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def check_out_file(path, suffixes, option, directory_ok=False):
@@ -248,9 +355,11 @@ def check_out_file(path, suffixes, option, directory_ok=False):
                      + (" (or a directory)" if directory_ok else ""))
 
 
-def save_images(images, out, grid=False):
+def save_images(images, out, grid=False, labels=None):
     """uint8 images (N, H, W, 3): `out` ending in .png takes a single image (or the grid of several,
-    with each image beside it as NAME-i.png); otherwise `out` is a directory of 00000.png, ..."""
+    with each image beside it as NAME-i.png); otherwise `out` is a directory of 00000.png, ... (and
+    with `grid`, grid.png). The images keep their size; a grid enlarges small ones and writes
+    `labels` (one per image, e.g. the prompts) under them (pipeline.image_grid)."""
     if out.endswith(".png"):
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         if len(images) == 1:
@@ -258,13 +367,13 @@ def save_images(images, out, grid=False):
             return
         for i, im in enumerate(images):
             Image.fromarray(im).save(f"{out[:-4]}-{i}.png")
-        image_grid(images).save(out)
+        image_grid(images, labels=labels).save(out)
         return
     os.makedirs(out, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(os.path.join(out, f"{i:05d}.png"))
     if grid:
-        image_grid(images).save(os.path.join(out, "grid.png"))
+        image_grid(images, labels=labels).save(os.path.join(out, "grid.png"))
 
 
 def load_run(run_dir, checkpoint="latest", ema=False):

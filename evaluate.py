@@ -23,9 +23,8 @@ The metrics (metrics.py):
 - CLIP score: the mean cosine similarity between each image's and its caption's OpenCLIP ViT-g-14
   embeddings (scale 1; the paper reports 0.30-0.33), with openclip.py's towers.
 
-The networks live in their own modules (inception.py, openclip.py) and the metrics in metrics.py;
-this file holds the protocols and the command line. Every image, real or generated, goes through
-`metrics.center_crop_resize` (256 px) and then Inception's own resize (`inception.inception_resize`).
+The networks live in inception.py and openclip.py, the metrics in metrics.py; this file holds the
+protocols and the command line.
 
 The COCO protocol (`evaluate_coco`):
 - captions: COCO 2014 uses the 30,000-line `captions.txt` of GigaGAN / DMD2 given with --captions, or
@@ -35,7 +34,8 @@ The COCO protocol (`evaluate_coco`):
 - reference images: every image of val2014/ (40,504), or the val2017 images of the captions.
 - generation: image i from caption i and seed i (pipeline.seeded_noise), at the backbone's native
   resolution, saved as images/00000.png, ...; images already there are kept, so a run resumes.
-- every image, real or generated, goes through `center_crop_resize` (256 px) for all three metrics;
+- every image, real or generated, goes through `metrics.center_crop_resize` (256 px) for all three
+  metrics (and then Inception's own resize, `inception.inception_resize`);
   the CLIP score prefixes each caption with "A photo depicts " as GigaGAN's and DMD2's evaluators do;
   precision and recall compare the generated set to the whole reference set (k = 3).
 - under torchrun, rank r generates and extracts the features of the images r, r + world, ... and
@@ -43,7 +43,6 @@ The COCO protocol (`evaluate_coco`):
   rank 0 computes the metrics and writes metrics.json, grid.png and the reference cache.
 """
 import hashlib
-import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +58,7 @@ from controlnet import load_controlnet
 from ddp import all_gather, interleave, process_device
 from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
-from loading import LoadError, fetch, fetch_file, read_json
+from loading import LoadError, fetch, fetch_file, read_json, write_json
 from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
                      precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
@@ -227,9 +226,7 @@ def evaluate_coco(year, coco_dir, out, generation: Generation, captions_file=Non
         "inception": inception_file or FID_WEIGHTS_URL, "clip": None if no_clip else clip_model,
         "clip_prefix": CLIP_PREFIX, "precision_recall_k": PR_K, "preprocessing": PREPROCESSING, "world_size": world,
     }
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(out, "metrics.json"), metrics)
     image_grid(np.stack([np.asarray(read_image(p)) for p in paths[:GRID]])).save(os.path.join(out, "grid.png"))
     print(coco_table(metrics))
 
@@ -268,8 +265,7 @@ def cmd_toy(args):
         toyeval.cache_teacher_metrics(args.cache_dir, protocol, weights, results)
     print(toyeval.metrics_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
 
 
 def cmd_toy_controlnet(args):
@@ -283,10 +279,8 @@ def cmd_toy_controlnet(args):
     results, rows = toyeval.evaluate_toy_controlnet(pipe, student, controlnet, toyeval.load_classifier(
         os.path.join(model, "classifier")), **protocol)
     print(toyeval.control_table(results))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"protocol": protocol, "results": results}, f, indent=2)
-    image_grid(pipe.decode(rows), cols=8).save(os.path.join(args.out, "grid.png"))
+    write_json(os.path.join(args.out, "metrics.json"), {"protocol": protocol, "results": results})
+    image_grid(pipe.decode(rows), cols=8, row_labels=["mask", *results]).save(os.path.join(args.out, "grid.png"))
     print(f"rows of {os.path.join(args.out, 'grid.png')}: mask | " + " | ".join(results))
 
 
@@ -351,6 +345,7 @@ def build_parser():
     g.add_argument("--no-pr", action="store_true", help="skip precision and recall")
     g.add_argument("--cache-dir", default=CACHE_DIR, help="reference statistics, toy teacher figures, pixart's T5 "
                                                          "prompt embeddings")
+    cli.add_threads(parser)
     return parser
 
 
@@ -368,9 +363,10 @@ def main(argv=None):
         parser.error("--toy-controlnet needs --out DIR")
     if args.images and (args.unet or args.model):
         parser.error("--images scores existing images: --unet and --model are for generating them")
-    if args.num is not None and args.num <= (1 if args.no_pr or args.toy or args.toy_controlnet else PR_K):
-        parser.error(f"--num must be above {1 if args.no_pr or args.toy or args.toy_controlnet else PR_K} (FID needs 2 images, "
-                     f"precision/recall with k={PR_K} needs {PR_K + 1})")
+    least = 1 if args.no_pr or args.toy or args.toy_controlnet else PR_K
+    if args.num is not None and args.num <= least:
+        parser.error(f"--num must be above {least} (FID needs 2 images, precision/recall with k={PR_K} needs {PR_K + 1})")
+    cli.set_threads(args.threads)
     try:
         if args.toy:
             cmd_toy(args)

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 from urllib.parse import urlparse
-from collections.abc import Mapping
 
 import torch
 from huggingface_hub import constants, hf_hub_download
@@ -136,7 +135,8 @@ def open_safetensors(path):
 
 
 def save_tensors(tensors, path, metadata=None):
-    """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata`, written
+    """Write a state dict as a safetensors file: contiguous CPU copies, string `metadata` (sorted by
+    key: the same tensors and metadata give the same bytes, `sort_metadata`), written
     to a temporary file and renamed (a crash leaves the old file or the new one, never half of one),
     with the permissions of the user's umask like any other output (safetensors itself creates files
     0600). A full disk is a DiskFull, with the partial file removed."""
@@ -146,6 +146,7 @@ def save_tensors(tensors, path, metadata=None):
         with disk_space(path, sum(t.numel() * t.element_size() for t in tensors.values())):
             save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()} if metadata
                       else None)
+            sort_metadata(tmp)
     except DiskFull:
         if os.path.exists(tmp):  # what could be written of it only takes space
             os.remove(tmp)
@@ -154,6 +155,23 @@ def save_tensors(tensors, path, metadata=None):
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def sort_metadata(path):
+    """Rewrite a safetensors header with its metadata sorted by key, in place. safetensors writes the
+    metadata in the order of a hash map, which differs from process to process, so two files of the
+    same tensors and metadata would differ in their bytes (and their hashes). The header keeps its
+    length: the same entries in another order, padded with spaces as safetensors pads it."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(text) <= size, "a sorted safetensors header came out longer"
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def weight_format(path):
@@ -258,9 +276,18 @@ def fetch(model, path, hint="pass its directory with --model DIR"):
 
 
 def fetch_file(spec, option):
-    """A single file named by the command-line `option` (e.g. "--unet"): a local path, or
-    `owner/repo/path/in/repo` on the Hugging Face Hub (e.g. the official
-    `gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors`)."""
+    """A single file named by the command-line `option` (e.g. "--unet"): a local path, a `wadi.py
+    train` run directory (its merged student.safetensors), or `owner/repo/path/in/repo` on the
+    Hugging Face Hub (e.g. the official `gudaochangsheng/WaDi/rotated_unet-sdv1-5.safetensors`)."""
+    if os.path.isdir(spec):
+        student = os.path.join(spec, "student.safetensors")
+        if os.path.isfile(student):
+            return student
+        if os.path.isfile(os.path.join(spec, "run.json")):
+            raise LoadError(f"{option} {spec}: the run is unfinished (no student.safetensors yet); "
+                            f"`wadi.py export --run {spec} --out FILE` merges its last checkpoint")
+        raise LoadError(f"{option} {spec} is a directory, not a weight file (nor a train run: it "
+                        f"has no student.safetensors)")
     if os.path.isfile(spec) or spec.count("/") < 2 or spec.startswith((".", "/", "~")):
         if not os.path.isfile(spec):
             raise LoadError(f"{option}: file not found: {spec}")
@@ -303,48 +330,6 @@ def read_weights(model, component, dtype=None, variant=None, network=None):
     as `network` (the class they are for, if any) holds them (`cast_weight`)."""
     return {k: v for path in weight_files(model, component, variant)
             for k, v in read_safetensors(path, dtype, network).items()}
-
-
-class LazyTensors(Mapping):
-    """The tensors of weight files (safetensors, or torch pickles memory-mapped by `read_tensors`)
-    by key, each read only when asked for: a whole network can be walked layer by layer without
-    holding it."""
-
-    def __init__(self, paths):
-        self.files, self.pickled = {}, {}
-        for path in paths:
-            if not os.path.isfile(path):
-                raise LoadError(f"weight file not found: {path}")
-            if weight_format(path) == "safetensors":
-                try:
-                    handle = safe_open(path, framework="pt")
-                    self.files.update({k: (handle, path) for k in handle.keys()})
-                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise LoadError(f"cannot read {path} (corrupt or truncated safetensors "
-                                    f"file?): {e}") from None
-            else:
-                self.pickled.update(read_tensors(path, mmap=True))
-
-    def __getitem__(self, key):
-        if key in self.pickled:
-            return self.pickled[key]
-        handle, path = self.files[key]
-        try:
-            return handle.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise LoadError(f"cannot read {key} from {path}: {e}") from None
-
-    def shape(self, key):
-        """The shape of one tensor, without reading it."""
-        if key in self.pickled:
-            return tuple(self.pickled[key].shape)
-        return tuple(self.files[key][0].get_slice(key).get_shape())
-
-    def __iter__(self):
-        return iter([*self.files, *self.pickled])
-
-    def __len__(self):
-        return len(self.files) + len(self.pickled)
 
 
 def load_component(cls, model, component, dtype=None, device="cpu", rename=None):

@@ -8,11 +8,12 @@ embeddings come from a disk cache (textcache.py) that `Pipeline.prepare_prompts`
 import gc
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import textcache
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
@@ -34,10 +35,11 @@ class Backbone:
     resolution: int    # native image resolution in pixels
     configs: str       # built-in copies of the repo's configs: models build with no download
     denoiser: str = "unet"  # the denoiser's folder in the repo: unet/ (unet.UNet) or transformer/ (dit.PixArt)
+    guidance: float = 7.5   # the teacher's CFG scale for DDIM sampling (diffusers' pipeline default)
 
 
 def _pixart(repo, resolution):
-    return Backbone(repo, resolution, os.path.join(HERE, "configs", f"pixart-{resolution}"), "transformer")
+    return Backbone(repo, resolution, os.path.join(HERE, "configs", f"pixart-{resolution}"), "transformer", 4.5)
 
 
 # PixArt-alpha: one model (Hub repo) per resolution, chosen by --resolution
@@ -49,9 +51,10 @@ BACKBONES = {
     "pixart": PIXART[256],
     # pixel-space toys, shipped with the project (`python wadi.py pretrain --backbone toy` / `toy-dit` rebuilds them):
     # SD's layout (U-Net, CLIP) and PixArt's (DiT, T5)
-    "toy": Backbone(os.path.join(HERE, "assets", "toy"), 32, os.path.join(HERE, "assets", "toy")),
+    # (the toys' teacher samples at CFG 3: docs/toy.md)
+    "toy": Backbone(os.path.join(HERE, "assets", "toy"), 32, os.path.join(HERE, "assets", "toy"), guidance=3.0),
     "toy-dit": Backbone(os.path.join(HERE, "assets", "toy-dit"), 32, os.path.join(HERE, "assets", "toy-dit"),
-                        "transformer"),
+                        "transformer", 3.0),
 }
 VARIANTS = {"pixart": PIXART}  # backbones with a model per resolution
 # Hub repos holding only the denoiser, and the repo of the same model's VAE, text encoder, tokenizer and
@@ -125,10 +128,6 @@ class Pipeline:
     def downsampling(self):
         """Pixels per latent pixel along each side: the VAE's 2 ** (levels - 1), 1 in pixel space."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-
-    def size_multiple(self):
-        """What an image side must be a multiple of: the downsampling times the denoiser's patch size."""
-        return self.downsampling() * getattr(self.denoiser.config, "patch_size", 1)
 
     def latent_shape(self, resolution=None):
         """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
@@ -305,12 +304,28 @@ def student_a_T(path):
     return float(file_metadata(path).get("a_T", A_T)) if path else A_T
 
 
-def image_grid(images, cols=None):
-    """uint8 images (N, H, W, 3) -> one PIL image, `cols` per row (default: about square)."""
+def image_grid(images, cols=None, labels=None, row_labels=None, min_cell=128):
+    """uint8 images (N, H, W, 3) -> one PIL image, `cols` per row (default: about square). Images
+    smaller than `min_cell` pixels are enlarged by a whole factor (nearest: a pixel stays a square of
+    pixels), so a grid of 32 px toys is seen as it is; `labels` (one per image) are written under the
+    images, `row_labels` (one per row) left of the rows."""
     n, h, w, _ = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    scale = max(1, min_cell // max(h, w))
+    h, w = h * scale, w * scale
+    font = ImageFont.load_default()
+    char_w, line_h = font.getbbox("x")[2] + 1, font.getbbox("Xy")[3] + 3
+    wrapped = [textwrap.wrap(t, max(1, (w - 4) // char_w)) for t in labels or []]
+    label_h = max((len(lines) for lines in wrapped), default=0) * line_h + 4 * bool(labels)
+    left = max((len(t) for t in row_labels or []), default=-1) * char_w + 8 if row_labels else 0
+    grid = Image.new("RGB", (left + cols * w, rows * (h + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    return Image.fromarray(grid)
+        x, y = left + (i % cols) * w, (i // cols) * (h + label_h)
+        grid.paste(Image.fromarray(im.repeat(scale, 0).repeat(scale, 1)), (x, y))
+        for j, line in enumerate(wrapped[i] if labels else []):
+            draw.text((x + 2, y + h + 2 + j * line_h), line, fill="black", font=font)
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, r * (h + label_h) + h // 2 - line_h // 2), text, fill="black", font=font)
+    return grid

@@ -59,6 +59,13 @@ def prompt(attributes):
     return TEMPLATE.format(*(values[int(i)] for values, i in zip(ATTRIBUTES, attributes)))
 
 
+def unknown_words(prompts):
+    """The words of `prompts` the toy never saw (WORDS), in order of appearance: its text encoder
+    reads them as unknown tokens, and its images of them are faint blobs."""
+    return list(dict.fromkeys(w for p in prompts for w in p.lower().replace(",", " ").split()
+                              if w not in WORDS))
+
+
 def parse_prompt(text):
     """The attribute row (4,) of a toy prompt; the inverse of `prompt`. ValueError for anything else."""
     words = text.split()

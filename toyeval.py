@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from loading import LoadError, load_weights, read_json, read_safetensors, save_tensors
+from loading import LoadError, load_weights, read_json, read_safetensors, save_tensors, write_json
 from metrics import feature_statistics, frechet_distance, weights_hash
-from pipeline import image_grid, load_text_encoder
+from pipeline import BACKBONES, image_grid, load_text_encoder
 from toy import (ATTRIBUTES, all_attributes, balanced_attributes, control_image, prompt, render,
                  sample, unplaced_prompt)
 
@@ -143,7 +143,7 @@ def toy_metrics(images, attributes, classifier, reference_stats):
 # The protocol: teacher (25-step DDIM with CFG), teacher in one step (undistilled), student in one step
 
 GENERATORS = {"teacher_25": 25, "teacher_1": 1, "student_1": 1}  # name: sampling steps
-TEACHER_GUIDANCE = 3.0  # CFG scale of the 25-step teacher
+TEACHER_GUIDANCE = BACKBONES["toy"].guidance  # CFG scale of the 25-step teacher
 PROTOCOL = {"n": 2048, "seed": 0, "guidance": TEACHER_GUIDANCE}  # evaluate.py --toy's evaluate_toy arguments
 REPORT_SAMPLES = 512  # samples per generator in `wadi.py train`'s table; pretraining stores the teacher's for it
 TEACHER_METRICS = "teacher_metrics.json"  # in the model repo: the teacher's figures, measured by pretraining
@@ -228,9 +228,30 @@ def evaluate_toy(pipe, student, classifier, n, seed, guidance, names=tuple(GENER
     return results, torch.cat(rows)  # grid rows: (len(names) * 8, 3, 32, 32)
 
 
+ROWS = {"teacher_25": f"teacher, 25-step DDIM + CFG {TEACHER_GUIDANCE:g}",
+        "teacher_1": "teacher, 1 step (undistilled)", "student_1": "student, 1 step"}
+# the targets of a distilled toy student: FD at most 0.5x the one-step teacher's, prompt accuracy at
+# least 0.9x the 25-step teacher's (docs/toy.md)
+TARGETS = {"fd": ("teacher_1", 0.5), "accuracy": ("teacher_25", 0.9)}
+TEACHERS = {"teacher_1": "one-step teacher", "teacher_25": "25-step teacher"}
+
+
 def metrics_table(results):
-    lines = [f"{'generator':<12} {'FD':>8} {'accuracy':>9}"]
-    lines += [f"{name:<12} {r['fd']:8.3f} {r['accuracy']:9.3f}" for name, r in results.items()]
+    """The README's toy table: a row per generator in `results`; with the student and both teachers,
+    the targets, the student's ratios and whether each target is met."""
+    lines = [f"{'generator':<31} {'FD':>9} {'accuracy':>9}"]
+    lines += [f"{ROWS.get(name, name):<31} {r['fd']:9.3f} {r['accuracy']:9.3f}" for name, r in results.items()]
+    if not {"student_1", *(ref for ref, _ in TARGETS.values())} <= results.keys():
+        return "\n".join(lines)
+    bound = {k: factor * results[ref][k] for k, (ref, factor) in TARGETS.items()}
+    lines.append(f"{'target':<31} {'<=' + format(bound['fd'], '.3f'):>9} "
+                 f"{'>=' + format(bound['accuracy'], '.3f'):>9}")
+    for key, name, better in (("fd", "FD", "<="), ("accuracy", "accuracy", ">=")):
+        ref, factor = TARGETS[key]
+        ratio = results["student_1"][key] / results[ref][key]
+        met = ratio <= factor if better == "<=" else ratio >= factor
+        lines.append(f"{name}: the student's is {ratio:.2f}x the {TEACHERS[ref]}'s (target: {better} "
+                     f"{factor:g}x): {'met' if met else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -281,8 +302,7 @@ def report(pipe, student, model, out, n, cache_dir=None, log=print):
     cached, _ = cached_teacher_metrics(model, protocol, teacher_fingerprint(pipe))
     results, rows = evaluate_toy(pipe, student.eval(), classifier, cached=cached, cache_dir=cache_dir,
                                  **protocol)
-    image_grid(pipe.decode(rows), cols=8).save(os.path.join(out, "comparison.png"))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    image_grid(pipe.decode(rows), cols=8, row_labels=list(results)).save(os.path.join(out, "comparison.png"))
+    write_json(os.path.join(out, "metrics.json"), results)
     log(metrics_table(results))
     log(f"rows of {os.path.join(out, 'comparison.png')}: " + " | ".join(results))

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import (TrainingError, TrainingInterrupted, check_step, checkpoint_path,
-                        export_student, interruptible, log_step, resume, save_and_validate,
+                        export_student, interruptible, resume, save_and_validate,
                         stopped_by_full_disk)
 from ddp import all_mean, no_sync, ranks
 from diffusion import A_T, Text, guided, one_step, predict, to_eps
 from loading import DiskFull, LoadError
 from lorad import ORTHOGONAL_MAPS, add_adapters, adapter_state_dict, count_trainable, shared_copy
+from trainlog import log_step
 
 
 @dataclass
@@ -142,16 +143,18 @@ def micro_step(nets: Networks, schedule, c, c_null, draws, method, autocast, syn
 
 def update(nets: Networks, max_grad_norm, ema_decay):
     """Both optimizers' step (unscale, clip the gradient norm, step, zero), then the student's
-    EMA."""
+    EMA. Returns the two gradient norms before clipping (2,)."""
+    norms = []
     for name, opt in nets.opts.items():
         scaler = nets.scalers[name]
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(nets.params[name], max_grad_norm)
+        norms.append(torch.nn.utils.clip_grad_norm_(nets.params[name], max_grad_norm))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
     if nets.ema is not None:
         update_ema(nets.ema, nets.student, ema_decay)
+    return torch.stack(norms).float()
 
 
 def update_ema(ema, net, decay):
@@ -325,13 +328,14 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
             totals = all_mean(totals, world)  # every rank learns of an interrupt at the same step
             check_step(totals, step, rank, failed, last_ckpt)
             # the update
-            update(nets, method.max_grad_norm, run.ema)
+            grad_norms = update(nets, method.max_grad_norm, run.ema)
             step, seen = step + 1, seen + per_step
             # log, checkpoint, validate
             interrupted = totals[2].item() > 0
             if rank == 0:
                 try:
-                    log_step(bar, run.out, step, totals, per_step / (time.perf_counter() - start))
+                    log_step(bar, run.out, step, totals, grad_norms,
+                             per_step / (time.perf_counter() - start))
                     last_ckpt = save_and_validate(pipe, nets, run, method.a_T,
                                                   {**meta, "images_seen": seen,
                                                    "options": options}, step, max_steps,

@@ -10,12 +10,14 @@
     python wadi.py sample --backbone sd15 --unet STUDENT.safetensors \
         --controlnet lllyasviel/sd-controlnet-canny --control-image edges.png --prompt "a bird" --out bird.png
     python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2)
+    python wadi.py plot runs/toy runs/toy-seed1 --out runs/losses.png   (loss curves, overlaid)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one denoiser file in diffusers keys; `sample`
 draws one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqrt(a_T)) or DDIM
 images with classifier-free guidance from the teacher; `pretrain` trains a toy backbone from
-scratch; `analyze` compares a student's weights with its teacher's (analysis.py). Every failure the
+scratch; `analyze` compares a student's weights with its teacher's (analysis.py); `plot` draws
+train runs' loss curves (trainlog.py). Every failure the
 user can fix (a bad option value, missing or unreachable weights, a corrupt checkpoint, a bad prompt
 file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `train` saves the
 step and exits with 130.
@@ -30,20 +32,22 @@ from tqdm import tqdm
 
 import analysis
 import cli
+import dryrun
 import pretrain
 import toy
 import toyeval
+import trainlog
 from checkpoint import TrainingError, TrainingInterrupted, check_resume, export_student, find_checkpoint
 from cli import UsageError
 from ddp import from_first_rank, process_device
-from loading import LoadError, disk_space, fetch_file, read_json, write_json
-from lorad import ADAPTERS, ORTHOGONAL_MAPS, count_effective, count_trainable
-from pipeline import (BACKBONES, CACHE_DIR, CACHED, DENOISERS, DTYPES, TEXT_ENCODERS,
-                      load_pipeline, pick_backbone, student_a_T, text_encoder_kind)
-from vae import AutoencoderKL
+from loading import LoadError, disk_space, fetch_file, file_metadata, write_json
+from lorad import ADAPTERS
+from pipeline import BACKBONES, CACHE_DIR, DTYPES, load_pipeline, pick_backbone, student_a_T
 from protocol import caption_hash
-from vsd import (BACKBONE_DEFAULTS, WEIGHT_DTYPES, TrainConfig, VSDConfig, build_networks, run_config,
-                 run_options, train)
+from vsd import BACKBONE_DEFAULTS, WEIGHT_DTYPES, TrainConfig, VSDConfig, run_config, run_options, train
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cmd_sample(args):
@@ -57,8 +61,13 @@ def cmd_sample(args):
     cli.check_control(args.controlnet, args.control_image, len(prompts))
     backbone, model = cli.student_backbone(args.backbone, args.model, unet, "--unet", args.resolution)
     cli.check_steps(model, args.steps)
-    pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=args.resolution)
-    resolution = cli.check_resolution(pipe, args.resolution)
+    resolution = cli.check_resolution(backbone, model, args.resolution)
+    guidance = pick_backbone(backbone, resolution, model).guidance if args.guidance is None else args.guidance
+    unknown = toy.unknown_words(prompts) if backbone in toy.BACKBONES else []
+    if unknown:
+        print(f"warning: the {backbone} backbone knows only the words of its prompts ({' '.join(toy.WORDS)}); "
+              f"not: {' '.join(unknown)}", file=sys.stderr)
+    pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=resolution)
     pipe.prepare_prompts(prompts + ([""] if args.steps > 1 else []), args.cache_dir)
     a_T = student_a_T(unet)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
@@ -72,66 +81,17 @@ def cmd_sample(args):
         batch = jobs[start:start + args.batch_size]
         image = control[start:start + args.batch_size] if control is not None and len(control) > 1 \
             else control
-        images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, args.guidance,
+        images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, guidance,
                                     a_T, resolution, controlnet, image, args.control_scale))
-    cli.save_images(np.concatenate(images), args.out, args.grid)
+    cli.save_images(np.concatenate(images), args.out, args.grid, [p for p, _ in jobs])
     print(f"wrote {len(jobs)} image(s) to {args.out}")
-
-
-def dry_run(backbone, run: TrainConfig, model=None):
-    """Build the three networks, the text encoder and the VAE on the meta device from the built-in
-    configs; print parameter counts and a memory estimate (a CACHED text encoder, T5, is freed
-    before training starts and is not counted)."""
-    spec = pick_backbone(backbone, run.resolution, model)
-    config = lambda part: read_json(os.path.join(spec.configs, part, "config.json"))  # noqa: E731
-    blocks = (run.orth_blocks, run.orth_blocks_fake)
-    with torch.device("meta"):
-        teacher = DENOISERS[spec.denoiser].from_config(config(spec.denoiser))
-        student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter, blocks)
-        kinds = trainable_by_kind(teacher, run.rank, run.rank_fake, blocks)
-        text_kind = text_encoder_kind(config("text_encoder"))
-        text = TEXT_ENCODERS[text_kind][0].from_config(config("text_encoder"))
-        has_vae = os.path.isfile(os.path.join(spec.configs, "vae", "config.json"))
-        vae = AutoencoderKL.from_config(config("vae")) if has_vae else None
-    count = lambda net: sum(p.numel() for p in net.parameters()) if net else 0  # noqa: E731
-    nbytes, gib, cached = WEIGHT_DTYPES[run.mixed_precision].itemsize, 2 ** 30, text_kind in CACHED
-    trainable = count_trainable(student) + count_trainable(fake)
-    print(f"backbone {backbone}: adapter {run.adapter}, ranks {run.rank} / {run.rank_fake}")
-    for name, net in (("teacher", teacher), ("student", student), ("fake score", fake)):
-        print(f"  {name:<10} total {count(net) / 1e6:8.2f}M   trainable {count_trainable(net) / 1e6:.2f}M")
-    weights = (count(teacher) + (0 if cached else count(text))) * nbytes + count(vae) * 4
-    states = trainable * 16 + (count_trainable(student) * 4 if run.ema else 0)  # fp32 param, grad, 2 AdamW
-    freed = (f" ({count(text) * nbytes / gib:.2f} GiB: encodes the prompts once into the cache, freed "
-             f"before training, not counted below)") if cached else ""
-    print(f"  text encoder {count(text) / 1e6:.2f}M{freed}, VAE {count(vae) / 1e6:.2f}M")
-    print(f"memory per GPU: frozen weights {weights / gib:.2f} GiB (one denoiser copy shared by the three "
-          f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} "
-          f"GiB before activations (batch {run.batch_size} at {run.resolution or spec.resolution}px; "
-          f"--grad-checkpointing trades compute for most of them)")
-    print(kinds)
-
-
-def trainable_by_kind(teacher, rank, rank_fake, blocks):
-    """The dry run's table: the student's and the fake score network's trainable parameters for
-    every adapter kind of lorad.ADAPTERS on `teacher`; for an orthogonal one the stored count and
-    the effective one (lorad.count_effective)."""
-    lines = [f"every adapter, student / fake score trainable (ranks {rank} / {rank_fake}; orth-*: "
-             f"blocks {blocks[0]} / {blocks[1]}, stored and effective):"]
-    for kind in ADAPTERS:
-        nets = build_networks(teacher, rank, rank_fake, kind, blocks)
-        stored, effective = ([count(n) / 1e6 for n in nets] for count in (count_trainable,
-                                                                         count_effective))
-        lines.append(f"  {kind:<17} {stored[0]:8.2f}M / {stored[1]:.2f}M" + (
-            f"   (effective {effective[0]:.2f}M / {effective[1]:.2f}M)"
-            if kind in ORTHOGONAL_MAPS else ""))
-    return "\n".join(lines)
 
 
 def cmd_train(args):
     fields = {f.name for cls in (TrainConfig, VSDConfig) for f in dataclasses.fields(cls)}
     run, method = run_config(args.backbone, **{k: v for k, v in vars(args).items() if k in fields})
     if args.dry_run:
-        return dry_run(args.backbone, run, args.model)
+        return dryrun.dry_run(args.backbone, run, args.model)
     rank, world, device = process_device()
     if args.prompts:  # read by rank 0 alone, sent to the others (ddp.from_first_rank)
         prompts = from_first_rank(cli.read_prompts, args.prompts)
@@ -147,15 +107,21 @@ def cmd_train(args):
             toy.prompt(a) for a in toy.balanced_attributes(8)))
     meta = {"backbone": args.backbone, "base_model": model, "adapter": run.adapter}
     options = run_options(meta, run, method, caption_hash(prompts), world)
-    if run.resume:  # before anything is written to --out
+    # before anything is written to --out: a run there is resumed, replaced (--overwrite) or kept
+    old_files = from_first_rank(cli.check_run_out, run.out, run.resume, args.overwrite)
+    if run.resume:
         check_resume(find_checkpoint(run.out, run.resume), options,
                      print if rank == 0 else lambda _: None)
+    cli.check_resolution(args.backbone, model, run.resolution)
     pipe = load_pipeline(args.backbone, model, dtype=WEIGHT_DTYPES[run.mixed_precision], device=device,
                          vae=rank == 0, resolution=run.resolution)
-    cli.check_resolution(pipe, run.resolution)
     if rank == 0:
+        if old_files:
+            cli.remove_run(run.out, old_files)
+            print(f"--overwrite: removed the run that was in {run.out} ({len(old_files)} files)")
         with disk_space(run.out):
-            write_json(os.path.join(run.out, "run.json"), options)
+            write_json(os.path.join(run.out, "run.json"),
+                       {**options, "environment": cli.environment(device, torch.get_num_threads())})
     student, _ = train(pipe, prompts, run, method, device, meta, options)
     if args.backbone in toy.BACKBONES and rank == 0:
         toyeval.report(pipe, student, model, run.out, args.eval_samples, run.cache_dir)
@@ -194,12 +160,21 @@ def cmd_export(args):
             "a_T": run.get("a_T", VSDConfig.a_T), "prediction_type": pipe.schedule.prediction_type,
             "checkpoint": os.path.basename(checkpoint)}
     export_student(student, args.out, meta)
-    print(f"wrote {args.out} (merged one-step denoiser from {checkpoint}, {weights})")
+    unfinished = "" if os.path.isfile(os.path.join(args.run, "student.safetensors")) else (
+        "; the run is unfinished (no student.safetensors yet): this is its state at "
+        f"step {file_metadata(checkpoint)['step']}")
+    print(f"wrote {args.out} (merged one-step denoiser from {checkpoint}, {weights}{unfinished})")
 
 
 def cmd_analyze(args):
     analysis.analyze_command(args.student, args.out, args.teacher, args.json, args.swap, args.swap_out,
                              args.backbone, args.model, args.adapter)
+
+
+def cmd_plot(args):
+    cli.check_out_file(args.out, (".png",), "--out")
+    trainlog.plot_losses(args.runs, args.out)
+    print(f"wrote {args.out}: both losses and both gradient norms of {len(args.runs)} run(s) against the step")
 
 
 def default_help(name):
@@ -213,8 +188,9 @@ def default_help(name):
 def add_common(p, backbone_help="the model family (default: sd15)", default="sd15"):
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=sorted(BACKBONES), default=default, help=backbone_help)
-    g.add_argument("--model", help="base model: a Hugging Face repo id or a local directory in the same "
-                                   "layout (default: the backbone's repo, README \"Backbones\")")
+    g.add_argument("--model", help="base model: a Hugging Face repo id or a local directory in the same layout "
+                   "(default: the backbone's: " + ", ".join(f"{name} {os.path.relpath(b.repo, HERE) if os.path.isdir(b.repo) else b.repo}"
+                                                         for name, b in BACKBONES.items()) + ")")
     g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights dtype (default: fp16 on a GPU, fp32 on the CPU)")
@@ -244,7 +220,8 @@ def build_parser():
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
-    g.add_argument("--guidance", type=cli.SCALE, default=7.5, help="CFG scale for DDIM")
+    g.add_argument("--guidance", type=cli.SCALE, help="CFG scale for DDIM (default: the backbone's: sd15 and "
+                   "sd21 7.5, pixart 4.5, toy and toy-dit 3)")
     g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
                                                           "pixart: 256, 512 or 1024 picks that model)")
     g.add_argument("--batch-size", type=cli.POSITIVE, default=4, help="images per forward pass")
@@ -267,6 +244,8 @@ def build_parser():
                                      ".jsonl (required except for the toys, which use their 128 prompts)")
     g.add_argument("--out", help="run directory: log, checkpoints, samples, student "
                                  "(default: runs/BACKBONE)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out (without it, "
+                   "train refuses to mix two runs in one directory)")
     g.add_argument("--resume", help="a checkpoint file, or `latest` in --out: continue exactly where it "
                                     "stopped")
     g.add_argument("--seed", type=cli.NON_NEGATIVE,
@@ -372,11 +351,23 @@ def build_parser():
     p.add_argument("--adapter", choices=sorted(ADAPTERS), help="which layers the student adapted, for the "
                                                                "adapted-layer summary (default: its own, else lorad)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("plot", help="the loss curves of train runs, overlaid in one figure",
+                       description="Both losses and both gradient norms against the step, one line per run, from the "
+                                   "runs' train.log (a run also writes its own losses.png with its sample grids).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="train run directories")
+    p.add_argument("--out", default=os.path.join("runs", "losses.png"), help="the figure, a .png")
+    p.set_defaults(func=cmd_plot)
+    for p in sub.choices.values():
+        cli.add_threads(p)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    line = cli.set_threads(args.threads)[1]
+    if args.command in ("train", "pretrain") and os.environ.get("RANK", "0") == "0":
+        print(line)
     try:
         args.func(args)
     except TrainingInterrupted as e:

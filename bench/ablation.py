@@ -40,6 +40,7 @@ import wadi  # noqa: E402
 from loading import load_weights, read_json, read_safetensors  # noqa: E402
 from lorad import ADAPTERS, ORTHOGONAL_MAPS, count_trainable, load_adapters, merge_adapters  # noqa: E402
 from checkpoint import list_checkpoints  # noqa: E402
+from trainlog import read_log  # noqa: E402
 from pipeline import BACKBONES, DENOISERS  # noqa: E402
 from vsd import BACKBONE_DEFAULTS, build_networks  # noqa: E402
 
@@ -198,8 +199,8 @@ def seed_runs(args, kind, rank, rank_fake, reference, variants=("student",)):
 
 def ms_per_step(out):
     """The median wall-clock time of a run's steps in ms, from its train.log (images per step / images per s)."""
-    run, lines = read_json(os.path.join(out, "run.json")), open(os.path.join(out, "train.log")).read().splitlines()
-    return statistics.median(run["batch_size"] * run["grad_accum"] / float(s.split()[7]) * 1e3 for s in lines)
+    run = read_json(os.path.join(out, "run.json"))
+    return statistics.median(run["batch_size"] * run["grad_accum"] / r * 1e3 for r in read_log(out)["images/s"])
 
 
 def step_memory(args, kind):

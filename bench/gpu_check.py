@@ -77,6 +77,7 @@ def train_part(args):
 
     import toy
     import vsd
+    from trainlog import read_log
     device = torch.device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -106,8 +107,8 @@ def train_part(args):
 
     losses = {}
     for name in runs:
-        with open(os.path.join(args.work, name, "train.log")) as f:
-            losses[name] = [(float(line.split()[3]), float(line.split()[5])) for line in f]
+        log = read_log(os.path.join(args.work, name))
+        losses[name] = list(zip(log["loss_G"], log["loss_fake"]))
     resumed, floor = difference(final["straight"], final["resumed"]), difference(final["resumed"], final["resumed_again"])
     finite = all(v == v and abs(v) != float("inf") for run in losses.values() for pair in run for v in pair)
     verdict = ("exact" if resumed == 0 else "resume bug: the resumed runs agree with each other, not with the "

@@ -22,12 +22,12 @@ import toyeval  # noqa: E402
 import vsd  # noqa: E402
 from lorad import ADAPTERS, adapter_state_dict, load_adapters  # noqa: E402
 from pipeline import BACKBONES, load_pipeline  # noqa: E402
-from wadi import TRAIN_DEFAULTS  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    toy_defaults = TRAIN_DEFAULTS["toy"]
+    run, method = vsd.run_config("toy")
+    toy_defaults = {**vars(method), **vars(run)}
     p.add_argument("--model", default=BACKBONES["toy"].repo)
     p.add_argument("--adapter", choices=sorted(ADAPTERS), default="lorad")
     p.add_argument("--rank", type=int, default=toy_defaults["rank"])

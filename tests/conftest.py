@@ -17,6 +17,9 @@ from clip import bytes_to_unicode
 from openclip import OPENAI_MEAN, OPENAI_STD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the commands' `--threads auto` reads OMP_NUM_THREADS first: the suite's runs keep torch's thread count,
+# whatever the machine's load, so two runs in it compute the same numbers (tests/test_cli.py unsets it)
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def relative_error(a, b):

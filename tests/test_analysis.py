@@ -214,6 +214,6 @@ def test_analyze_errors_are_one_line(pair, tmp_path, capsys):
     assert "2 missing (conv_out.bias, conv_out.weight)" in error("--student", str(tmp_path / "partial.safetensors"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text("{}")
-    assert "has no student.safetensors yet" in error("--student", str(tmp_path / "run"))
+    assert "the run is unfinished (no student.safetensors yet)" in error("--student", str(tmp_path / "run"))
     (tmp_path / "bad.bin").write_bytes(b"not a pickle")
     assert "cannot read" in error("--student", str(tmp_path / "bad.bin"))

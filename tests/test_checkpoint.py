@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import trainlog
 import loading
 import wadi
 from checkpoint import RESUME_MAY_CHANGE, WHERE, check_resume
@@ -73,7 +74,7 @@ def test_full_disk_at_the_log_and_at_the_export(repo, tmp_path, monkeypatch, cap
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "open", full_log, raising=False)
+    monkeypatch.setattr(trainlog, "open", full_log, raising=False)
     assert train_cli(repo, out, "--max-steps", "2") == 2
     assert last_line(capsys) == (f"error: stopped: no space left on the disk of {out / 'train.log'}: "
                                  f"{loading.size_text(loading.shutil.disk_usage(out).free)} free; no "

@@ -1,6 +1,7 @@
 """cli.py and the command lines built on it: every numeric option is checked when it is parsed (one line,
 exit 2, no traceback), and every option of every command has help text with its default."""
 import argparse
+import os
 
 import pytest
 
@@ -91,3 +92,83 @@ def test_option_types():
                         (cli.number(0, 1, high_open=True), "1"), (cli.number(), "-inf"), (cli.integer(), "2.0")]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_threads(monkeypatch):
+    """--threads N sets torch's threads; auto takes OMP_NUM_THREADS when set, else the cores other processes leave
+    idle (at least one), shared by torchrun's local processes."""
+    import torch
+    before = torch.get_num_threads()
+    try:
+        assert cli.set_threads(1) == (1, "threads: 1 (--threads)") and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert cli.set_threads("auto")[0] == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+        for busy, expected in ((0, 8), (1, 7), (3, 5), (11, 1)):
+            monkeypatch.setattr(cli, "busy_cores", lambda: busy)
+            count, line = cli.set_threads("auto")
+            assert count == expected and torch.get_num_threads() == expected
+            assert line == f"threads: {expected} (auto: 8 cores, {busy} kept busy by other processes; --threads N " \
+                           f"sets it)"
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(cli, "busy_cores", lambda: 1)
+        assert cli.set_threads("auto")[0] == 3  # (8 - 1) // 2
+    finally:
+        torch.set_num_threads(before)
+    assert cli.threads("auto") == "auto" and cli.threads("2") == 2
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.threads("0")
+
+
+def test_busy_cores_is_the_smaller_of_the_load_average_and_the_running_count(monkeypatch, tmp_path):
+    real_open = open
+
+    def proc(running):
+        (tmp_path / "loadavg").write_text(f"1.90 1.50 1.20 {running}/300 12345\n")
+        monkeypatch.setattr(cli, "open", lambda path, *a, **k: real_open(tmp_path / "loadavg") if path ==
+                            "/proc/loadavg" else real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.9, 1.5, 1.2))
+    proc(1)  # only this process runs: a job that just ended still weighs on the average
+    assert cli.busy_cores() == 0
+    proc(3)
+    assert cli.busy_cores() == 2
+    proc(9)  # a burst of short processes: the average says 2
+    assert cli.busy_cores() == 2
+
+
+def test_a_run_directory_is_resumed_replaced_or_refused(tmp_path):
+    out = tmp_path / "run"
+    assert cli.check_run_out(str(out), None, False) == []  # nothing there yet
+    out.mkdir()
+    (out / "console.log").write_text("not ours\n")
+    assert cli.check_run_out(str(out), None, False) == []  # a folder with other files is not a run
+    for name in ("run.json", "train.log", "checkpoint-0000002.safetensors"):
+        (out / name).write_text("{}")
+    (out / "samples").mkdir()
+    with pytest.raises(cli.UsageError, match=r"already holds a run \(run.json, train.log, samples, \.\.\.\): continue "
+                                             r"it with --resume latest, start over with --overwrite"):
+        cli.check_run_out(str(out), None, False)
+    assert cli.check_run_out(str(out), "latest", False) == []
+    with pytest.raises(cli.UsageError, match="give one"):
+        cli.check_run_out(str(out), "latest", True)
+    found = cli.check_run_out(str(out), None, True)
+    assert sorted(found) == ["checkpoint-0000002.safetensors", "run.json", "samples", "train.log"]
+    cli.remove_run(str(out), found)
+    assert os.listdir(out) == ["console.log"]
+
+
+def test_environment(monkeypatch):
+    import subprocess
+
+    import torch
+    env = cli.environment(torch.device("cpu"), 2)
+    head = subprocess.run(["git", "-C", cli.os.path.dirname(cli.__file__), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert env["git_commit"].startswith(head) and len(head) == 40
+    assert env["torch"] == torch.__version__ and env["threads"] == 2 and env["device"].startswith("cpu (")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(cli.subprocess, "run", no_git)
+    assert cli.environment(torch.device("cpu"), 1)["git_commit"] == "not a git checkout"

@@ -81,3 +81,19 @@ def test_an_unreachable_hub_is_one_fast_line(tmp_path):
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert "unreachable" in lines[0] and hint in lines[0] and "nobody/no-such-repo" in lines[0], lines[0]
         assert elapsed < 20, elapsed  # the interpreter and torch start in a few seconds; retries took 26-40 s
+
+
+def test_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in a hash map's order, different from call to call; save_tensors sorts it, so a
+    file's hash depends on what it holds only (a resumed run's student equals the uninterrupted one's)."""
+    from loading import file_metadata, save_tensors
+    tensors = {"b": torch.zeros(3), "a": torch.ones(2, 2, dtype=torch.float16)}
+    meta = {f"key{i}": f"välue {i}" for i in range(12)}
+    files = []
+    for i in range(6):
+        path = tmp_path / f"{i}.safetensors"
+        save_tensors(tensors, str(path), dict(reversed(meta.items())) if i % 2 else meta)
+        files.append(path.read_bytes())
+    assert all(f == files[0] for f in files)
+    assert file_metadata(str(tmp_path / "0.safetensors")) == meta
+    assert list(json.loads(files[0][8:8 + int.from_bytes(files[0][:8], "little")])["__metadata__"]) == sorted(meta)

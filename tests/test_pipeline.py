@@ -156,3 +156,22 @@ def test_the_tokenizer_folder_of_transformers_5(tmp_path):
     assert load_tokenizer(str(model))(prompts).tolist() == load_tokenizer(toy)(prompts).tolist()
     assert torch.equal(load_pipeline("toy", str(model)).encode_prompts(prompts).embeds,
                        load_pipeline("toy", toy).encode_prompts(prompts).embeds)
+
+
+def test_image_grid_enlarges_small_images_and_writes_labels():
+    """Small images are enlarged by a whole factor, pixel for pixel (nearest); labels go under the images and row
+    labels left of the rows, in black; images of 128 px or more are placed as they are."""
+    from pipeline import image_grid
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    plain = np.asarray(image_grid(images, cols=3))
+    assert plain.shape == (2 * 128, 3 * 128, 3)
+    assert np.array_equal(plain[128:, 256:], images[5].repeat(4, 0).repeat(4, 1))
+    labelled = np.asarray(image_grid(images, cols=3, labels=["a large red circle at the top left"] * 6))
+    strip = labelled.shape[0] // 2 - 128  # the label strip under each row of images
+    assert strip > 0 and np.array_equal(labelled[:128, :128], plain[:128, :128])
+    assert (labelled[128:128 + strip, :128] < 128).any()  # the text
+    rows = np.asarray(image_grid(images, cols=3, row_labels=["teacher", "student"]))
+    left = rows.shape[1] - 3 * 128
+    assert rows.shape[0] == 256 and left > 0 and (rows[:, :left] < 128).any()
+    big = np.zeros((2, 256, 256, 3), dtype=np.uint8)
+    assert np.asarray(image_grid(big, cols=2)).shape == (256, 512, 3)

@@ -229,7 +229,7 @@ def test_errors_are_one_line(repo, tmp_path, capsys):
            "--backbone sd15 or sd21" in one_line(capsys)
     assert wadi.main(["sample", "--backbone", "pixart", "--model", repo, "--resolution", "18", *common]) == 2
     assert one_line(capsys) == "error: --resolution 18 is not a multiple of 4 (the autoencoder's downsampling x the " \
-                               "denoiser's patch size)"
+                               "denoiser's patch size 2)"
 
     broken = tmp_path / "broken"
     shutil.copytree(repo, broken)

@@ -141,7 +141,7 @@ def test_pretrain_controlnet_writes_a_controlnet_that_diffusers_and_the_protocol
     assert results["student_1_controlnet"] == results["teacher_1_controlnet"]  # the same network
     assert all(0 <= r[k] <= 1 for r in results.values() for k in ("position", "attributes"))
     from PIL import Image
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (8 * 32, 5 * 32)  # mask and four generators
+    assert Image.open(tmp_path / "eval" / "grid.png").size[1] == 5 * 128  # mask and four generators, shown 4x
 
 
 def test_the_shipped_toy_controlnet_is_what_pretraining_writes():

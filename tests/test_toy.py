@@ -234,3 +234,22 @@ def test_default_classifier():
     assert per_attribute.min() > 0.995, per_attribute  # measured: 1, 1, 0.9999, 1
     # measured FD: data 0.17 and 0.24; blur 8.0, noise 5.7, colour cast 3.1, one image 3.0, mean image 17.5
     check_frechet_distance(classifier, toyeval.data_statistics(classifier), floor=0.4, accuracy=0.995)
+
+
+def test_unknown_words():
+    assert toy.unknown_words(["a large red circle at the top left", "A small blue cross"]) == []
+    assert toy.unknown_words(["a purple dog on the beach", "a purple cat"]) == ["purple", "dog", "on", "beach", "cat"]
+
+
+def test_the_printed_table_is_the_readmes():
+    """The toy table of `train --backbone toy`: the README's rows, the targets, the ratios and a verdict each."""
+    results = {"teacher_25": {"fd": 11.307, "accuracy": 0.955}, "teacher_1": {"fd": 66.117, "accuracy": 0.879},
+               "student_1": {"fd": 22.622, "accuracy": 0.891}}
+    lines = toyeval.metrics_table(results).splitlines()
+    assert lines[1].split() == ["teacher,", "25-step", "DDIM", "+", "CFG", "3", "11.307", "0.955"]
+    assert lines[4].split() == ["target", "<=33.059", ">=0.859"]
+    assert lines[5] == "FD: the student's is 0.34x the one-step teacher's (target: <= 0.5x): met"
+    assert lines[6] == "accuracy: the student's is 0.93x the 25-step teacher's (target: >= 0.9x): met"
+    worse = {**results, "student_1": {"fd": 40.0, "accuracy": 0.8}}
+    assert toyeval.metrics_table(worse).count("NOT met") == 2
+    assert len(toyeval.metrics_table({"teacher_25": results["teacher_25"]}).splitlines()) == 2  # no target row

@@ -140,7 +140,7 @@ def test_training_steps_change_adapters_not_base(repo, tmp_path):
     base = load_file(os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors"))
     assert train_cli(repo, tmp_path / "run", "--max-steps", "3", "--checkpoint-every", "2") == 0
     files = sorted(os.listdir(tmp_path / "run"))
-    assert files == ["checkpoint-0000002.safetensors", "checkpoint-0000003.safetensors", "run.json", "samples",
+    assert files == ["checkpoint-0000002.safetensors", "checkpoint-0000003.safetensors", "losses.png", "run.json", "samples",
                      "student.safetensors", "train.log"]
     log = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert len(log) == 3 and all("loss_G" in line and "images/s" in line for line in log)
@@ -348,6 +348,9 @@ def assert_resume_exact(repo, tmp_path, common):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     s1, s2 = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("straight", "split"))
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    # the files too, byte for byte (metadata written sorted), so that a hash check works
+    assert (tmp_path / "straight" / "student.safetensors").read_bytes() == \
+        (tmp_path / "split" / "student.safetensors").read_bytes()
     return a
 
 

@@ -79,7 +79,11 @@ def test_sample_multi_step_directory_and_grid(repo, tmp_path):
                       "--grid"]) == 0
     files = sorted(os.listdir(out))
     assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
-    assert Image.open(os.path.join(out, "grid.png")).size == (64, 64)
+    # 2 x 2 images of 32 px, shown 4x (nearest) with each prompt under its image
+    grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
+    assert grid.shape[1] == 2 * 128 and grid.shape[0] > 2 * 128
+    image = np.asarray(Image.open(os.path.join(out, "00000.png")))
+    assert np.array_equal(grid[:128, :128], image.repeat(4, 0).repeat(4, 1))
     first, second = (np.asarray(Image.open(os.path.join(out, f))) for f in files[:2])
     assert np.abs(first.astype(int) - second.astype(int)).max() > 0  # two seeds, two images
 
@@ -143,9 +147,12 @@ def test_toy_train_short_run(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"teacher_25", "teacher_1", "student_1"}
     assert all(np.isfinite(m["fd"]) and 0 <= m["accuracy"] <= 1 for m in metrics.values())
-    assert Image.open(out / "comparison.png").size == (8 * 32, 3 * 32)
-    table = capsys.readouterr().out
-    assert "student_1" in table and "teacher_25" in table
+    width, height = Image.open(out / "comparison.png").size  # three rows of 8, shown 4x, labelled on the left
+    assert height == 3 * 128 and width > 8 * 128
+    table = capsys.readouterr().out  # the README's table: three rows, the targets, the verdicts
+    for row in ("teacher, 25-step DDIM + CFG 3", "teacher, 1 step (undistilled)", "student, 1 step", "target"):
+        assert row in table
+    assert "FD: the student's is" in table and "accuracy: the student's is" in table
 
     import evaluate
     scores = tmp_path / "toy.json"
@@ -175,7 +182,7 @@ def test_toy_dit_train_short_run(tmp_path):
     assert "adaln_single.linear.weight" in read_safetensors(str(out / "student.safetensors"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"teacher_25", "teacher_1", "student_1"}
-    assert Image.open(out / "comparison.png").size == (8 * 32, 3 * 32)
+    assert Image.open(out / "comparison.png").size[1] == 3 * 128
     import evaluate
     scores = tmp_path / "toy-dit.json"
     assert evaluate.main(["--toy", "--student", str(out / "student.safetensors"), "--num", "16", "--cache-dir", cache,
@@ -255,3 +262,68 @@ def test_pretrain_never_overwrites_a_model_unasked(tmp_path, capsys):
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert wadi.main(["pretrain", "--controlnet", "--out", str(model / "controlnet"), "--steps", "1"]) == 2
     assert "already holds a model (config.json)" in capsys.readouterr().err
+
+
+def test_a_run_directory_is_never_mixed_with_another(repo, tmp_path, capsys):
+    """`train` into a directory holding a run refuses in one line (before anything is loaded or written) unless
+    it resumes or --overwrite replaces the old run; the run writes run.json with the environment, losses.png beside
+    its grids, and a run directory is taken where a student file is (sample, export of an unfinished run)."""
+    from tests.conftest import TRAIN
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+
+    def train_cli(repo, out, *extra):
+        return wadi.main([*TRAIN, "--model", repo, "--prompts", str(prompts), "--out", str(out), *extra])
+    out = tmp_path / "run"
+    assert train_cli(repo, out, "--max-steps", "2", "--checkpoint-every", "1", "--validate-every", "1") == 0
+    assert {"losses.png", "run.json", "train.log"} <= set(os.listdir(out))
+    env = json.loads((out / "run.json").read_text())["environment"]
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    log = (out / "train.log").read_text()
+    capsys.readouterr()
+    assert train_cli(repo, out, "--max-steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "train.log").read_text() == log
+    assert train_cli(repo, out, "--max-steps", "1", "--overwrite") == 0
+    assert "--overwrite: removed the run" in capsys.readouterr().out
+    assert len((out / "train.log").read_text().splitlines()) == 1
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint-")) == ["checkpoint-0000001.safetensors"]
+
+    image = tmp_path / "one.png"
+    assert wadi.main(["sample", "--unet", str(out), "--model", repo, "--prompt", "a red cat", "--out", str(image),
+                      "--resolution", "16"]) == 0
+    assert Image.open(image).size == (16, 16)  # the run's student.safetensors
+    (out / "student.safetensors").unlink()
+    assert wadi.main(["sample", "--unet", str(out), "--prompt", "a", "--out", str(image)]) == 2
+    assert "the run is unfinished (no student.safetensors yet)" in capsys.readouterr().err
+    assert wadi.main(["export", "--run", str(out), "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert "the run is unfinished (no student.safetensors yet): this is its state at step 1" in capsys.readouterr().out
+    assert wadi.main(["plot", str(out), str(out), "--out", str(tmp_path / "curves.png")]) == 0
+    assert Image.open(tmp_path / "curves.png").size == (1000, 700)
+
+
+def test_resolution_is_checked_before_the_weights_are_loaded(repo, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+    monkeypatch.setattr(wadi, "load_pipeline", never)
+    assert wadi.main(["sample", "--model", repo, "--prompt", "a", "--out", "x.png", "--resolution", "33"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --resolution 33 is not a multiple of 2 (the autoencoder's "
+                                               "downsampling)")
+
+
+def test_toy_sampling_defaults_and_unknown_words(tmp_path, monkeypatch, capsys):
+    """The teacher samples at the backbone's own CFG scale (the toy's 3, SD's 7.5); a toy prompt with words the toy
+    never saw gets a one-line warning."""
+    import pipeline
+    used = []
+    generate = pipeline.Pipeline.generate
+    monkeypatch.setattr(pipeline.Pipeline, "generate", lambda self, prompts, seeds, steps, guidance, *rest:
+                        used.append(guidance) or generate(self, prompts, seeds, steps, guidance, *rest))
+    out = str(tmp_path / "x.png")
+    assert wadi.main(["sample", "--backbone", "toy", "--steps", "2", "--prompt", "a purple dog", "--out", out]) == 0
+    assert used == [3.0]
+    err = capsys.readouterr().err
+    assert "knows only the words of its prompts (a at the small large red" in err and "; not: purple dog\n" in err
+    assert wadi.main(["sample", "--backbone", "toy", "--steps", "2", "--guidance", "5", "--prompt",
+                      "a large red circle at the top left", "--out", out]) == 0
+    assert used == [3.0, 5.0] and "warning" not in capsys.readouterr().err
+    assert BACKBONES["sd15"].guidance == 7.5 and BACKBONES["pixart"].guidance == 4.5
