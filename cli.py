@@ -271,7 +271,7 @@ def load_control(pipe, spec, image_paths, resolution=None):
     return net, read_control_images(image_paths, resolution or pipe.resolution)
 
 
-def check_resolution(backbone, model, resolution):
+def check_resolution(backbone, model, resolution, option="--resolution"):
     """`resolution` (None: the backbone's native one), or a UsageError when the denoiser's input grid
     cannot take it: a multiple of the autoencoder's downsampling, times the patch size of a DiT. Read
     from the configs of `model` (default: the backbone's repo), before any weights are loaded."""
@@ -284,7 +284,7 @@ def check_resolution(backbone, model, resolution):
     factor = 2 ** (levels - 1) * patch
     if resolution % factor:
         patch = f" x the denoiser's patch size {patch}" if patch > 1 else ""
-        raise UsageError(f"--resolution {resolution} is not a multiple of {factor} (the autoencoder's "
+        raise UsageError(f"{option} {resolution} is not a multiple of {factor} (the autoencoder's "
                          f"downsampling{patch})")
     return resolution
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import textcache
+from redilate import Redilated
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from controlnet import ControlledUNet
 from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
@@ -130,9 +131,10 @@ class Pipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     def latent_shape(self, resolution=None):
-        """(C, h, w) of the denoiser's input for images of `resolution` pixels (default: native)."""
-        size = (resolution or self.resolution) // self.downsampling()
-        return (self.denoiser.config.in_channels, size, size)
+        """(C, h, w) of the denoiser's input for images of `resolution` pixels, a side or (height,
+        width) (default: native)."""
+        height, width = resolution if isinstance(resolution, tuple) else (resolution or self.resolution,) * 2
+        return (self.denoiser.config.in_channels, height // self.downsampling(), width // self.downsampling())
 
     @torch.no_grad()
     def encode_prompts(self, prompts, clip_mask=False):
@@ -178,15 +180,19 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None, controlnet=None,
-                 control_image=None, control_scale=1.0):
+                 control_image=None, control_scale=1.0, redilate=None, redilate_from=0):
         """uint8 images (B, H, W, 3), image i for prompts[i] from the noise of seeds[i] (`seeded_noise`):
         one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`. With a
         `controlnet`, the denoiser is steered by `control_image` (1 or B, 3, H, W) in [0, 1] at the output
-        resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step."""
+        resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step. With a
+        `redilate` factor, the U-Net's convolutions run re-dilated at the timesteps >= `redilate_from`
+        (redilate.py: above the training resolution)."""
         param = next(self.denoiser.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
         text = self.encode_prompts(prompts)
         net = self.denoiser if controlnet is None else ControlledUNet(self.denoiser, controlnet, control_image, control_scale)
+        if redilate:
+            net = Redilated(net, redilate, redilate_from, self.denoiser)
         if steps == 1:
             x0 = one_step(net, z, text, self.schedule.prediction_type, a_T)
         else:

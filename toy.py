@@ -14,6 +14,7 @@ diffusion model on a laptop CPU in minutes (the measuring stick that scores it i
 """
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,14 @@ def unknown_words(prompts):
     reads them as unknown tokens, and its images of them are faint blobs."""
     return list(dict.fromkeys(w for p in prompts for w in p.lower().replace(",", " ").split()
                               if w not in WORDS))
+
+
+def warn_unknown_words(prompts, backbone):
+    """One line on stderr when `prompts` use words the toy `backbone` never saw (`unknown_words`)."""
+    unknown = unknown_words(prompts)
+    if unknown:
+        print(f"warning: the {backbone} backbone knows only the words of its prompts ({' '.join(WORDS)}); "
+              f"not: {' '.join(unknown)}", file=sys.stderr)
 
 
 def parse_prompt(text):

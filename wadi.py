@@ -34,6 +34,7 @@ import analysis
 import cli
 import dryrun
 import pretrain
+import redilate
 import toy
 import toyeval
 import trainlog
@@ -61,15 +62,21 @@ def cmd_sample(args):
     cli.check_control(args.controlnet, args.control_image, len(prompts))
     backbone, model = cli.student_backbone(args.backbone, args.model, unet, "--unet", args.resolution)
     cli.check_steps(model, args.steps)
-    resolution = cli.check_resolution(backbone, model, args.resolution)
+    resolution, height, width = (cli.check_resolution(backbone, model, getattr(args, o), f"--{o}")
+                                 for o in ("resolution", "height", "width"))
+    if args.controlnet and height != width:
+        raise UsageError("--controlnet draws square images: give --resolution, not --height and --width")
     guidance = pick_backbone(backbone, resolution, model).guidance if args.guidance is None else args.guidance
-    unknown = toy.unknown_words(prompts) if backbone in toy.BACKBONES else []
-    if unknown:
-        print(f"warning: the {backbone} backbone knows only the words of its prompts ({' '.join(toy.WORDS)}); "
-              f"not: {' '.join(unknown)}", file=sys.stderr)
+    if backbone in toy.BACKBONES:
+        toy.warn_unknown_words(prompts, backbone)
     pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=resolution)
     pipe.prepare_prompts(prompts + ([""] if args.steps > 1 else []), args.cache_dir)
     a_T = student_a_T(unet)
+    size = (height or resolution or pipe.resolution, width or resolution or pipe.resolution)
+    timesteps = pipe.schedule.ddim_timesteps(args.steps) if args.steps > 1 else [999]
+    factor, t_min, line = redilate.plan(args.redilate, backbone, pipe.denoiser, size, pipe.resolution, timesteps)
+    if factor or max(size) > pipe.resolution or args.redilate != "auto":
+        print(line)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     controlnet, control = None, None
     if args.controlnet:
@@ -82,7 +89,7 @@ def cmd_sample(args):
         image = control[start:start + args.batch_size] if control is not None and len(control) > 1 \
             else control
         images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, guidance,
-                                    a_T, resolution, controlnet, image, args.control_scale))
+                                    a_T, size, controlnet, image, args.control_scale, factor, t_min))
     cli.save_images(np.concatenate(images), args.out, args.grid, [p for p, _ in jobs])
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
@@ -224,7 +231,12 @@ def build_parser():
                    "sd21 7.5, pixart 4.5, toy and toy-dit 3)")
     g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
                                                           "pixart: 256, 512 or 1024 picks that model)")
+    g.add_argument("--height", type=cli.POSITIVE, help="pixels (default: --resolution's)")
+    g.add_argument("--width", type=cli.POSITIVE, help="pixels (default: --resolution's)")
     g.add_argument("--batch-size", type=cli.POSITIVE, default=4, help="images per forward pass")
+    g.add_argument("--redilate", type=redilate.parse_option, default="auto", help="above the training resolution, "
+                   "run the U-Net's convolutions dilated (ScaleCrafter; docs/highres.md): auto (factor = resolution / "
+                   "training resolution), off, or a factor")
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet", help="a ControlNet in diffusers' layout: Hub repo (lllyasviel/sd-controlnet-canny), "
                                         "local directory, or one safetensors file (config.json beside it, else the "
