@@ -14,6 +14,8 @@ chosen 3x3 convolutions dilated by the resolution factor instead, with no traini
   t = 999, which is the first step: re-dilation is simply on for it.
 
 The weights are untouched; `redilation` swaps the convolutions' forward for the call and restores it.
+ScaleCrafter also turns FreeU on by default (unet.freeu); here it is an option (`set_freeu`), off by
+default, since its effect on a one-step student is untested.
 """
 import argparse
 import contextlib
@@ -23,6 +25,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from unet import FREEU
 
 # ScaleCrafter's DDIM window, in steps of 50 dilated, by backbone and factor (its configs/*.yaml);
 # elsewhere the SD1.5 1024 px share, 30 of 50
@@ -135,3 +139,15 @@ def plan(option, backbone, unet, size, native, timesteps):
         else f"{factor:g}"
     return factor, t_min, (f"re-dilation: factor {named} on {len(layers)} convolutions ({shown}{steps}); "
                            f"--redilate off turns it off")
+
+
+def set_freeu(unet, backbone, on):
+    """Switch FreeU (unet.freeu) on with the backbone's published settings (unet.FREEU; SD1.5's for
+    the toys) or off; returns the words to add to the re-dilation line."""
+    if not hasattr(unet, "freeu"):
+        return "; FreeU: not for this network (no U-Net up blocks)" if on else ""
+    unet.freeu = FREEU.get(backbone, FREEU["sd15"]) if on else None
+    if not on:
+        return ""
+    (b1, s1), (b2, s2) = unet.freeu
+    return f"; FreeU on (b1 {b1:g}, b2 {b2:g}, s1 {s1:g}, s2 {s2:g})"

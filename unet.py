@@ -197,6 +197,7 @@ class UNet(UNetEncoder):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.freeu = None  # FreeU's ((b, s), ...) of the first up blocks (`freeu`, FREEU), when on
 
     @classmethod
     def from_config(cls, cfg: dict):
@@ -221,9 +222,12 @@ class UNet(UNetEncoder):
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
             h = h + mid_block_additional_residual
 
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             for j, res in enumerate(block.resnets):
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                skip = skips.pop()
+                if self.freeu is not None and i < len(self.freeu):
+                    h, skip = freeu(h, skip, *self.freeu[i])
+                h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H, W)
                 h = checkpointed(self, res, h, emb)
                 if block.attentions is not None:
                     h = checkpointed(self, block.attentions[j], h, context, bias)
@@ -231,6 +235,23 @@ class UNet(UNetEncoder):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, H, W)
+
+
+def freeu(h, skip, b, s):
+    """FreeU (Si et al., CVPR 2024) before an up block's concatenation: the first half of the
+    backbone features' channels scaled by b, the skip features' lowest frequencies (the centre
+    2 x 2 of their shifted spectrum) by s, in float32."""
+    half = h.shape[1] // 2
+    h = torch.cat([h[:, :half] * b, h[:, half:]], dim=1)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(skip.float()), dim=(-2, -1))  # (B, C, H, W)
+    rows, cols = spectrum.shape[-2] // 2, spectrum.shape[-1] // 2
+    spectrum[..., rows - 1:rows + 1, cols - 1:cols + 1] *= s
+    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real
+    return h, filtered.to(skip.dtype)
+
+
+# FreeU's published settings, ((b1, s1), (b2, s2)) for the first two up blocks (the FreeU paper)
+FREEU = {"sd15": ((1.2, 0.9), (1.4, 0.2)), "sd21": ((1.1, 0.9), (1.2, 0.2))}
 
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")

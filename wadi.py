@@ -48,9 +48,6 @@ from protocol import caption_hash
 from vsd import BACKBONE_DEFAULTS, WEIGHT_DTYPES, TrainConfig, VSDConfig, run_config, run_options, train
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def cmd_sample(args):
     prompts = list(args.prompt or []) + (cli.read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
@@ -75,8 +72,8 @@ def cmd_sample(args):
     size = (height or resolution or pipe.resolution, width or resolution or pipe.resolution)
     timesteps = pipe.schedule.ddim_timesteps(args.steps) if args.steps > 1 else [999]
     factor, t_min, line = redilate.plan(args.redilate, backbone, pipe.denoiser, size, pipe.resolution, timesteps)
-    if factor or max(size) > pipe.resolution or args.redilate != "auto":
-        print(line)
+    if factor or max(size) > pipe.resolution or args.redilate != "auto" or args.freeu:
+        print(line + redilate.set_freeu(pipe.denoiser, backbone, args.freeu))
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     controlnet, control = None, None
     if args.controlnet:
@@ -196,7 +193,7 @@ def add_common(p, backbone_help="the model family (default: sd15)", default="sd1
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=sorted(BACKBONES), default=default, help=backbone_help)
     g.add_argument("--model", help="base model: a Hugging Face repo id or a local directory in the same layout "
-                   "(default: the backbone's: " + ", ".join(f"{name} {os.path.relpath(b.repo, HERE) if os.path.isdir(b.repo) else b.repo}"
+                   "(default: the backbone's: " + ", ".join(f"{name} {os.path.relpath(b.repo, os.path.dirname(os.path.abspath(__file__))) if os.path.isdir(b.repo) else b.repo}"
                                                          for name, b in BACKBONES.items()) + ")")
     g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=sorted(DTYPES),
@@ -237,6 +234,8 @@ def build_parser():
     g.add_argument("--redilate", type=redilate.parse_option, default="auto", help="above the training resolution, "
                    "run the U-Net's convolutions dilated (ScaleCrafter; docs/highres.md): auto (factor = resolution / "
                    "training resolution), off, or a factor")
+    g.add_argument("--freeu", action="store_true", help="FreeU with the backbone's published settings (ScaleCrafter's "
+                   "default, off here: untested on a one-step student)")
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet", help="a ControlNet in diffusers' layout: Hub repo (lllyasviel/sd-controlnet-canny), "
                                         "local directory, or one safetensors file (config.json beside it, else the "

@@ -14,6 +14,7 @@ re-dilation off and on (`--redilate auto`: factor S / 32), and we count:
 - seconds per image on this machine.
 
     python bench/highres.py --student runs/toy/student.safetensors --sizes 64 96 --seeds 0 1 2
+    python bench/highres.py --student runs/toy --generators student --freeu --out runs/highres-freeu
 """
 import argparse
 import dataclasses
@@ -32,7 +33,7 @@ import toy  # noqa: E402
 import toyeval  # noqa: E402
 from pipeline import BACKBONES, image_grid, load_pipeline, load_unet_file  # noqa: E402
 from loading import fetch, read_json  # noqa: E402
-from redilate import plan  # noqa: E402
+from redilate import plan, set_freeu  # noqa: E402
 
 
 def count_blobs(images, colours, tolerance=0.35, min_area=6):
@@ -85,6 +86,8 @@ def main(argv=None):
     p.add_argument("--tolerance", type=float, default=0.35)
     p.add_argument("--min-area", type=float, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--generators", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
+    p.add_argument("--freeu", action="store_true", help="FreeU on (SD1.5's settings) for every generator")
     p.add_argument("--out", default=os.path.join("runs", "highres"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,8 +101,10 @@ def main(argv=None):
         (count_blobs(images, attributes[:, 1], args.tolerance, args.min_area) > 1).float().mean().item()]}]
     grid = []
     for size in args.sizes:
-        for name, unet, steps, n in (("student, 1 step", student, 1, args.n),
-                                     ("teacher, 25 steps", pipe.denoiser, 25, args.teacher_n)):
+        generators = {"student": ("student, 1 step", student, 1, args.n),
+                      "teacher": ("teacher, 25 steps", pipe.denoiser, 25, args.teacher_n)}
+        for name, unet, steps, n in (generators[g] for g in args.generators):
+            set_freeu(unet, "sd15", args.freeu)
             for option in ("off", "auto"):
                 row = {"generator": name, "size": size, "redilate": option, "repeated": [], "accuracy": [],
                        "s_per_image": []}

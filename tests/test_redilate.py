@@ -161,3 +161,24 @@ def test_sample_non_square_sizes(tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (32, 64, 3)
     assert wadi.main(["sample", "--backbone", "toy-dit", "--width", "33", *common]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --width 33 is not a multiple of 2")
+
+
+def test_freeu_matches_diffusers():
+    """unet.freeu with FreeU's SD1.5 settings equals diffusers' enable_freeu (b1 1.2, b2 1.4, s1 0.9, s2 0.2),
+    and the line `sample --freeu` prints."""
+    from loading import load_weights
+    from tests.conftest import unet_reference
+    cfg = small_unet_config()
+    ref = unet_reference(cfg)
+    ours = load_weights(UNet.from_config(cfg), ref.state_dict()).eval()
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([500, 20]), torch.randn(2, 5, 32)
+    ref.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert redilate.set_freeu(ours, "sd15", True) == "; FreeU on (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"
+    with torch.no_grad():
+        expected = ref(x, t, c).sample
+        assert torch.allclose(ours(x, t, c), expected, atol=1e-6, rtol=0)
+        assert redilate.set_freeu(ours, "sd15", False) == "" and ours.freeu is None
+        assert (ours(x, t, c) - expected).abs().max() > 1e-3  # FreeU changed the output
+    cfg = json.load(open(os.path.join(ROOT, "configs", "pixart-256", "transformer", "config.json")))
+    with torch.device("meta"):
+        assert "not for this network" in redilate.set_freeu(PixArt.from_config(cfg), "pixart", True)
