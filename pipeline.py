@@ -72,6 +72,7 @@ CACHED = ("t5",)
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(os.path.join("~", ".cache"))), "wadi")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DECODE_PIXELS = 1024 * 1024  # the most image pixels the VAE decodes in one call (Pipeline.decode)
 
 # a tokenizer/ folder: the vocabulary either as vocab.json + merges.txt or as transformers 5's tokenizer.json;
 # the settings files are optional
@@ -202,9 +203,13 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents):
-        """Denoiser-space samples (B, C, h, w) -> uint8 images (B, H, W, 3) as a numpy array."""
+        """Denoiser-space samples (B, C, h, w) -> uint8 images (B, H, W, 3) as a numpy array. The
+        VAE decodes at most DECODE_PIXELS of images at once (one image above it), which bounds its
+        memory whatever the batch (BENCHMARKS.md, "VAE decoding")."""
         if self.vae is not None:
-            latents = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
+            per_call = max(1, DECODE_PIXELS // (latents[0, 0].numel() * self.downsampling() ** 2))
+            dtype = next(self.vae.parameters()).dtype
+            latents = torch.cat([self.vae.decode(z.to(dtype)) for z in latents.split(per_call)])
         images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 

@@ -175,3 +175,18 @@ def test_image_grid_enlarges_small_images_and_writes_labels():
     assert rows.shape[0] == 256 and left > 0 and (rows[:, :left] < 128).any()
     big = np.zeros((2, 256, 256, 3), dtype=np.uint8)
     assert np.asarray(image_grid(big, cols=2)).shape == (256, 512, 3)
+
+
+def test_decode_in_chunks_equals_one_call(monkeypatch, tmp_path):
+    """Pipeline.decode gives the VAE at most DECODE_PIXELS of images per call: the same images as one call."""
+    import pipeline
+    from tests.repo import write_tiny_sd_repo
+    pipe = load_pipeline("sd15", write_tiny_sd_repo(str(tmp_path / "tiny-sd")))
+    latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole = pipe.decode(latents)  # 5 images of 32 x 32: one call
+    calls = []
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: calls.append(len(z)) or decode(z))
+    monkeypatch.setattr(pipeline, "DECODE_PIXELS", 2 * 32 * 32)
+    chunked = pipe.decode(latents)
+    assert calls == [2, 2, 1] and np.abs(chunked.astype(int) - whole.astype(int)).max() <= 1
