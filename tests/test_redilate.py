@@ -182,3 +182,27 @@ def test_freeu_matches_diffusers():
     cfg = json.load(open(os.path.join(ROOT, "configs", "pixart-256", "transformer", "config.json")))
     with torch.device("meta"):
         assert "not for this network" in redilate.set_freeu(PixArt.from_config(cfg), "pixart", True)
+
+
+@pytest.mark.slow
+def test_sample_at_1024_px_on_a_tiny_sd_repo(tmp_path, capsys):
+    """`sample --resolution 1024` as a user runs it, on a tiny SD repo trained at 512 (about 80 s on 2 CPU cores,
+    most of it the tiny VAE's attention over 512 x 512 latent positions): factor 2 on the U-Net's 27 convolutions.
+    Its U-Net attends to the text only, so that 512 x 512 latents fit a CPU."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    import wadi
+    from tests.repo import TEXT_DIM, write_tiny_sd_repo
+    root = write_tiny_sd_repo(str(tmp_path / "tiny-sd"))
+    shutil.rmtree(os.path.join(root, "unet"))
+    torch.manual_seed(0)
+    UNet2DConditionModel(**small_unet_config(cross_attention_dim=TEXT_DIM, only_cross_attention=True,
+                                             mid_block_only_cross_attention=True)).save_pretrained(
+        os.path.join(root, "unet"))
+    out = str(tmp_path / "big.png")
+    assert wadi.main(["sample", "--model", root, "--resolution", "1024", "--prompt", "a red cat", "--out", out]) == 0
+    assert "re-dilation: factor 2 on 27 convolutions (1024x1024 px, trained at 512)" in capsys.readouterr().out
+    assert Image.open(out).size == (1024, 1024)
