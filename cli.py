@@ -24,7 +24,7 @@ from controlnet import load_controlnet, read_control_images
 from loading import LoadError, fetch, file_metadata, read_json, read_tensors
 from lorad import load_adapters
 from pipeline import (BACKBONES, DTYPES, has_vae, image_grid, load_pipeline, load_schedule, parts_of,
-                      pick_backbone)
+                      pick_backbone, vae_downsampling)
 from vsd import build_networks
 
 
@@ -279,9 +279,10 @@ def check_resolution(backbone, model, resolution, option="--resolution"):
         return None
     spec = pick_backbone(backbone, resolution, model)
     model, parts = model or spec.repo, parts_of(model or spec.repo)
-    levels = len(read_json(fetch(parts, "vae/config.json"))["block_out_channels"]) if has_vae(parts) else 1
+    down = vae_downsampling(read_json(fetch(parts, "vae/config.json"))["block_out_channels"]) \
+        if has_vae(parts) else 1
     patch = read_json(fetch(model, f"{spec.denoiser}/config.json")).get("patch_size") or 1
-    factor = 2 ** (levels - 1) * patch
+    factor = down * patch
     if resolution % factor:
         patch = f" x the denoiser's patch size {patch}" if patch > 1 else ""
         raise UsageError(f"{option} {resolution} is not a multiple of {factor} (the autoencoder's "

@@ -128,8 +128,8 @@ class Pipeline:
     prompt_cache: textcache.PromptCache = None
 
     def downsampling(self):
-        """Pixels per latent pixel along each side: the VAE's 2 ** (levels - 1), 1 in pixel space."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        """Pixels per latent pixel along each side (`vae_downsampling`), 1 in pixel space."""
+        return vae_downsampling(self.vae.config.block_out_channels) if self.vae is not None else 1
 
     def latent_shape(self, resolution=None):
         """(C, h, w) of the denoiser's input for images of `resolution` pixels, a side or (height,
@@ -212,6 +212,11 @@ class Pipeline:
             latents = torch.cat([self.vae.decode(z.to(dtype)) for z in latents.split(per_call)])
         images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def vae_downsampling(block_out_channels):
+    """Pixels per latent pixel along each side of a VAE with these levels: 2 ** (levels - 1)."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def seeded_noise(shape, seeds):

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 import toyeval  # noqa: E402
 from pipeline import BACKBONES, image_grid, load_pipeline, load_unet_file  # noqa: E402
-from loading import fetch, read_json  # noqa: E402
+from loading import fetch, fetch_file, read_json  # noqa: E402
 from redilate import plan, set_freeu  # noqa: E402
 
 
@@ -92,8 +92,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline("toy", args.model)
-    student_file = os.path.join(args.student, "student.safetensors") if os.path.isdir(args.student) else args.student
-    student = load_unet_file(student_file, read_json(fetch(args.model, "unet/config.json")))
+    student = load_unet_file(fetch_file(args.student, "--student"), read_json(fetch(args.model, "unet/config.json")))
     classifier = toyeval.load_classifier(os.path.join(args.model, "classifier"))
     attributes = toy.balanced_attributes(args.n)
     images = toy.render(attributes, torch.Generator().manual_seed(0))
