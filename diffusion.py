@@ -146,12 +146,14 @@ def to_x0(eps, x_t, a):
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def guided(net, x, t, text: Text, null: Text, scale):
+def guided(net, x, t, text: Text, null: Text, scale, damped=None):
     """Classifier-free guidance: net(x, t, c0) + s * (net(x, t, c) - net(x, t, c0)), both in one
-    batch."""
+    batch. With a `damped` network the base is damped(x, t, c0) instead (ScaleCrafter's noise-damped
+    CFG, redilate.py)."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
     uncond, cond = predict(net, torch.cat([x, x]), torch.cat([t, t]), null.cat(text)).chunk(2)
-    return uncond + scale * (cond - uncond)
+    base = uncond if damped is None else predict(damped, x, t, null)
+    return base + scale * (cond - uncond)
 
 
 def one_step(net, z, text: Text, prediction_type="epsilon", a_T=A_T):
@@ -163,17 +165,19 @@ def one_step(net, z, text: Text, prediction_type="epsilon", a_T=A_T):
 
 @torch.no_grad()
 def ddim_sample(net, schedule: NoiseSchedule, z, text: Text, null: Text, steps=25, guidance=7.5,
-                progress=None):
+                progress=None, damped=None, damped_steps=0):
     """Deterministic DDIM (eta = 0) with CFG, step for step diffusers' DDIMScheduler under this
     schedule's config: its timesteps (`NoiseSchedule.ddim_timesteps`), the previous timestep
     t - T // steps whatever the spacing, a_prev = final_alpha_cumprod past the start, x0 clamped
     when clip_sample is set (the
-    noise kept as predicted). Returns x0 (float32)."""
+    noise kept as predicted). The first `damped_steps` take CFG's base from `damped` (`guided`).
+    Returns x0 (float32)."""
     timesteps = schedule.ddim_timesteps(steps)
     ratio = len(schedule.alphas_cumprod) // steps
     x = z.float()
-    for t in (progress(timesteps) if progress else timesteps):
-        pred = guided(net, x.to(z.dtype), t, text, null, guidance).float()
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
+        base = damped if i < damped_steps else None
+        pred = guided(net, x.to(z.dtype), t, text, null, guidance, base).float()
         a = schedule.alphas_cumprod[t]
         a_prev = (schedule.alphas_cumprod[t - ratio] if t >= ratio
                   else torch.tensor(schedule.final_alpha_cumprod))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import textcache
-from redilate import Redilated
+from redilate import Plan, Redilated
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
 from controlnet import ControlledUNet
 from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
@@ -181,24 +181,28 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, steps=1, guidance=7.5, a_T=A_T, resolution=None, controlnet=None,
-                 control_image=None, control_scale=1.0, redilate=None, redilate_from=0):
+                 control_image=None, control_scale=1.0, redilate: Plan = None):
         """uint8 images (B, H, W, 3), image i for prompts[i] from the noise of seeds[i] (`seeded_noise`):
         one step of WaDi's generator (paper Sec. 3.3) when steps == 1, else DDIM with CFG scale `guidance`. With a
         `controlnet`, the denoiser is steered by `control_image` (1 or B, 3, H, W) in [0, 1] at the output
         resolution (`read_control_images`), its residuals scaled by `control_scale`, on every step. With a
-        `redilate` factor, the U-Net's convolutions run re-dilated at the timesteps >= `redilate_from`
-        (redilate.py: above the training resolution)."""
+        `redilate` plan, the U-Net's convolutions run re-dilated as it says (redilate.py: above the
+        training resolution)."""
         param = next(self.denoiser.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
         text = self.encode_prompts(prompts)
         net = self.denoiser if controlnet is None else ControlledUNet(self.denoiser, controlnet, control_image, control_scale)
+        timesteps = self.schedule.ddim_timesteps(steps) if steps > 1 else [999]
+        damped = None
         if redilate:
-            net = Redilated(net, redilate, redilate_from, self.denoiser)
+            damped = Redilated(net, redilate, timesteps, self.denoiser, damped=True)
+            net = Redilated(net, redilate, timesteps, self.denoiser)
         if steps == 1:
             x0 = one_step(net, z, text, self.schedule.prediction_type, a_T)
         else:
             null = self.encode_prompts([""]).expand(len(prompts))
-            x0 = ddim_sample(net, self.schedule, z, text, null, steps, guidance)
+            x0 = ddim_sample(net, self.schedule, z, text, null, steps, guidance, damped=damped,
+                             damped_steps=redilate.damped_steps if redilate else 0)
         return self.decode(x0)
 
     @torch.no_grad()

@@ -38,7 +38,9 @@ from controlnet import ControlledUNet, ControlNet
 from diffusion import NoiseSchedule, Text, predict
 from dit import PixArt
 from loading import read_json, save_tensors, write_json
-from pipeline import BACKBONES, load_pipeline
+import cli
+from cli import UsageError
+from pipeline import BACKBONES, CACHE_DIR, load_pipeline
 from t5 import EXTRA_IDS, T5Encoder, T5Tokenizer
 from unet import UNet
 
@@ -294,3 +296,53 @@ def pretrain_toy_controlnet(out, model, steps=400, batch_size=16, lr=1e-3, seed=
     save_tensors({k: v.half() for k, v in controlnet.state_dict().items()},
                  os.path.join(out, "diffusion_pytorch_model.safetensors"))
     log(f"wrote the toy ControlNet to {out}")
+
+
+def add_parser(sub):
+    """Register the `pretrain` command on wadi.py's subcommands `sub`."""
+    p = sub.add_parser("pretrain", help="train a toy teacher from scratch, or with --controlnet a ControlNet for "
+                                        "the toy teacher",
+                       description="Train a toy backbone (teacher, text encoder, tokenizer; toy: also the classifier) "
+                                   "and measure the teacher; writes a model directory in the SD layout (toy: U-Net, "
+                                   "CLIP) or PixArt's (toy-dit: DiT, T5). With --controlnet, train a ControlNet for "
+                                   "the frozen toy teacher instead (diffusers' layout).")
+    p.add_argument("--backbone", choices=list(toy.BACKBONES), default="toy", help="which toy (default: %(default)s)")
+    p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
+                                                             "the frozen teacher of --model")
+    p.add_argument("--model", help="--controlnet: the toy repo whose teacher it steers (default: assets/toy)")
+    p.add_argument("--out", help="the directory to write (default: runs/pretrain-BACKBONE, with --controlnet "
+                                 "runs/pretrain-toy-controlnet; the shipped ones are assets/toy, assets/toy-dit and "
+                                 "assets/toy/controlnet)")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="toy-dit: where the T5 prompt embeddings are cached")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
+    p.add_argument("--steps", type=cli.POSITIVE,
+                   help=f"training steps (default: toy 1500, toy-dit {DIT_STEPS}, --controlnet 400)")
+    p.add_argument("--batch-size", type=cli.POSITIVE, help="images per step (default: 32, --controlnet 16)")
+    p.add_argument("--lr", type=cli.RATE, default=1e-3, help="learning rate (AdamW)")
+    p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
+    p.set_defaults(func=command)
+
+
+def command(args):
+    """`wadi.py pretrain`."""
+    if args.controlnet:
+        out = args.out or os.path.join("runs", "pretrain-toy-controlnet")
+        defaults, existing = dict(steps=400, batch_size=16), os.path.join(out, "config.json")
+        if args.backbone != "toy":
+            raise UsageError(f"--controlnet is for --backbone toy (the U-Net teacher), not {args.backbone}")
+    else:
+        out = args.out or os.path.join("runs", f"pretrain-{args.backbone}")
+        defaults = dict(steps=DIT_STEPS if args.backbone == "toy-dit" else 1500, batch_size=32)
+        existing = os.path.join(out, BACKBONES[args.backbone].denoiser, "config.json")
+    if os.path.isfile(existing) and not args.overwrite:
+        raise UsageError(f"--out {out} already holds a model ({os.path.relpath(existing, out)}); pass "
+                         f"--overwrite to replace it (the shipped assets/{args.backbone} too), or give "
+                         f"another --out")
+    given = {k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None}
+    options = {**defaults, **given, "lr": args.lr, "seed": args.seed}
+    if args.controlnet:
+        pretrain_toy_controlnet(out, args.model or BACKBONES["toy"].repo, **options)
+    elif args.backbone == "toy-dit":
+        pretrain_toy_dit(out, cache_dir=args.cache_dir, **options)
+    else:
+        pretrain_toy(out, **options)

@@ -71,8 +71,8 @@ def cmd_sample(args):
     a_T = student_a_T(unet)
     size = (height or resolution or pipe.resolution, width or resolution or pipe.resolution)
     timesteps = pipe.schedule.ddim_timesteps(args.steps) if args.steps > 1 else [999]
-    factor, t_min, line = redilate.plan(args.redilate, backbone, pipe.denoiser, size, pipe.resolution, timesteps)
-    if factor or max(size) > pipe.resolution or args.redilate != "auto" or args.freeu:
+    recipe, line = redilate.plan(args.redilate, backbone, pipe.denoiser, size, pipe.resolution, timesteps)
+    if recipe or max(size) > pipe.resolution or args.redilate != "auto" or args.freeu:
         print(line + redilate.set_freeu(pipe.denoiser, backbone, args.freeu))
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_per_prompt))]
     controlnet, control = None, None
@@ -86,7 +86,7 @@ def cmd_sample(args):
         image = control[start:start + args.batch_size] if control is not None and len(control) > 1 \
             else control
         images.append(pipe.generate([p for p, _ in batch], [s for _, s in batch], args.steps, guidance,
-                                    a_T, size, controlnet, image, args.control_scale, factor, t_min))
+                                    a_T, size, controlnet, image, args.control_scale, recipe))
     cli.save_images(np.concatenate(images), args.out, args.grid, [p for p, _ in jobs])
     print(f"wrote {len(jobs)} image(s) to {args.out}")
 
@@ -129,30 +129,6 @@ def cmd_train(args):
     student, _ = train(pipe, prompts, run, method, device, meta, options)
     if args.backbone in toy.BACKBONES and rank == 0:
         toyeval.report(pipe, student, model, run.out, args.eval_samples, run.cache_dir)
-
-
-def cmd_pretrain(args):
-    if args.controlnet:
-        out = args.out or os.path.join("runs", "pretrain-toy-controlnet")
-        defaults, existing = dict(steps=400, batch_size=16), os.path.join(out, "config.json")
-        if args.backbone != "toy":
-            raise UsageError(f"--controlnet is for --backbone toy (the U-Net teacher), not {args.backbone}")
-    else:
-        out = args.out or os.path.join("runs", f"pretrain-{args.backbone}")
-        defaults = dict(steps=pretrain.DIT_STEPS if args.backbone == "toy-dit" else 1500, batch_size=32)
-        existing = os.path.join(out, BACKBONES[args.backbone].denoiser, "config.json")
-    if os.path.isfile(existing) and not args.overwrite:
-        raise UsageError(f"--out {out} already holds a model ({os.path.relpath(existing, out)}); pass "
-                         f"--overwrite to replace it (the shipped assets/{args.backbone} too), or give "
-                         f"another --out")
-    given = {k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None}
-    options = {**defaults, **given, "lr": args.lr, "seed": args.seed}
-    if args.controlnet:
-        pretrain.pretrain_toy_controlnet(out, args.model or BACKBONES["toy"].repo, **options)
-    elif args.backbone == "toy-dit":
-        pretrain.pretrain_toy_dit(out, cache_dir=args.cache_dir, **options)
-    else:
-        pretrain.pretrain_toy(out, **options)
 
 
 def cmd_export(args):
@@ -312,27 +288,7 @@ def build_parser():
     p.set_defaults(func=cmd_train)
 
 
-    p = sub.add_parser("pretrain", help="train a toy teacher from scratch, or with --controlnet a ControlNet for "
-                                        "the toy teacher",
-                       description="Train a toy backbone (teacher, text encoder, tokenizer; toy: also the classifier) "
-                                   "and measure the teacher; writes a model directory in the SD layout (toy: U-Net, "
-                                   "CLIP) or PixArt's (toy-dit: DiT, T5). With --controlnet, train a ControlNet for "
-                                   "the frozen toy teacher instead (diffusers' layout).")
-    p.add_argument("--backbone", choices=list(toy.BACKBONES), default="toy", help="which toy (default: %(default)s)")
-    p.add_argument("--controlnet", action="store_true", help="train a ControlNet (condition: the object's mask) for "
-                                                             "the frozen teacher of --model")
-    p.add_argument("--model", help="--controlnet: the toy repo whose teacher it steers (default: assets/toy)")
-    p.add_argument("--out", help="the directory to write (default: runs/pretrain-BACKBONE, with --controlnet "
-                                 "runs/pretrain-toy-controlnet; the shipped ones are assets/toy, assets/toy-dit and "
-                                 "assets/toy/controlnet)")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help="toy-dit: where the T5 prompt embeddings are cached")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (e.g. assets/toy)")
-    p.add_argument("--steps", type=cli.POSITIVE,
-                   help=f"training steps (default: toy 1500, toy-dit {pretrain.DIT_STEPS}, --controlnet 400)")
-    p.add_argument("--batch-size", type=cli.POSITIVE, help="images per step (default: 32, --controlnet 16)")
-    p.add_argument("--lr", type=cli.RATE, default=1e-3, help="learning rate (AdamW)")
-    p.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="data, initialisation and classifier seed")
-    p.set_defaults(func=cmd_pretrain)
+    pretrain.add_parser(sub)
 
     p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key denoiser file",
                        description="Merge a train run's adapters into one denoiser file (diffusers keys): the run's "

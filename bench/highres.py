@@ -15,6 +15,7 @@ re-dilation off and on (`--redilate auto`: factor S / 32), and we count:
 
     python bench/highres.py --student runs/toy/student.safetensors --sizes 64 96 --seeds 0 1 2
     python bench/highres.py --student runs/toy --generators student --freeu --out runs/highres-freeu
+    python bench/highres.py --student runs/toy --sizes 128 --options off 4 auto --out runs/highres-128
 """
 import argparse
 import dataclasses
@@ -33,7 +34,7 @@ import toy  # noqa: E402
 import toyeval  # noqa: E402
 from pipeline import BACKBONES, image_grid, load_pipeline, load_unet_file  # noqa: E402
 from loading import fetch, fetch_file, read_json  # noqa: E402
-from redilate import plan, set_freeu  # noqa: E402
+from redilate import parse_option, plan, set_freeu  # noqa: E402
 
 
 def count_blobs(images, colours, tolerance=0.35, min_area=6):
@@ -59,13 +60,12 @@ def count_blobs(images, colours, tolerance=0.35, min_area=6):
 def measure(pipe, unet, attributes, seeds, steps, size, option, classifier, args):
     """(repeated share, prompt accuracy, s per image, images) of one generator at one size."""
     prompts = [toy.prompt(a) for a in attributes]
-    factor, t_min, _ = plan(option, "toy", unet, (size, size), 32,
-                            pipe.schedule.ddim_timesteps(steps) if steps > 1 else [999])
+    recipe, _ = plan(option, "toy", unet, (size, size), 32,
+                     pipe.schedule.ddim_timesteps(steps) if steps > 1 else [999])
     start, out = time.perf_counter(), []
     for i in range(0, len(prompts), args.batch_size):
         out.append(pipe.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size], steps,
-                                 toyeval.TEACHER_GUIDANCE, resolution=size, redilate=factor,
-                                 redilate_from=t_min))
+                                 toyeval.TEACHER_GUIDANCE, resolution=size, redilate=recipe))
     seconds = (time.perf_counter() - start) / len(prompts)
     images = torch.from_numpy(np.concatenate(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
     blobs = count_blobs(images, attributes[:, 1], args.tolerance, args.min_area * (size / 32) ** 2)
@@ -87,6 +87,8 @@ def main(argv=None):
     p.add_argument("--min-area", type=float, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--generators", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
+    p.add_argument("--options", nargs="+", type=parse_option, default=["off", "auto"],
+                   help="--redilate settings to compare (e.g. off auto 4: at 128 px, the ladder against 4 for all)")
     p.add_argument("--freeu", action="store_true", help="FreeU on (SD1.5's settings) for every generator")
     p.add_argument("--out", default=os.path.join("runs", "highres"))
     args = p.parse_args(argv)
@@ -104,7 +106,7 @@ def main(argv=None):
                       "teacher": ("teacher, 25 steps", pipe.denoiser, 25, args.teacher_n)}
         for name, unet, steps, n in (generators[g] for g in args.generators):
             set_freeu(unet, "sd15", args.freeu)
-            for option in ("off", "auto"):
+            for option in args.options:
                 row = {"generator": name, "size": size, "redilate": option, "repeated": [], "accuracy": [],
                        "s_per_image": []}
                 for seed in args.seeds:
@@ -139,7 +141,7 @@ def summary(row):
     figures = [f"repeated {mean_std(row['repeated'])}"]
     if "accuracy" in row:
         figures += [f"accuracy {mean_std(row['accuracy'])}", f"{statistics.mean(row['s_per_image']):.3f} s/image"]
-    return f"{row['generator']:<18} {row['size']:>3} px, redilate {row['redilate']:<4}: " + ", ".join(figures)
+    return f"{row['generator']:<18} {row['size']:>3} px, redilate {str(row['redilate']):<4}: " + ", ".join(figures)
 
 
 if __name__ == "__main__":

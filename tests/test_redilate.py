@@ -86,12 +86,13 @@ def test_the_39_layers_of_sd15_and_sd21():
         assert redilate.redilation_layers(PixArt.from_config(cfg)) == []
 
 
-def test_redilated_runs_dilated_only_from_its_timestep():
+def test_redilated_runs_dilated_only_in_its_window():
     unet = small_unet()
     x, c = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)
-    wrapped = redilate.Redilated(unet, 2, t_min=401)
+    wrapped = redilate.Redilated(unet, redilate.Plan({n: 2 for n in redilate.redilation_layers(unet)}, 2),
+                                 [801, 401, 1])
     with torch.no_grad():
-        assert torch.equal(wrapped(x, torch.tensor([400]), c), unet(x, torch.tensor([400]), c))
+        assert torch.equal(wrapped(x, torch.tensor([1]), c), unet(x, torch.tensor([1]), c))
         with redilate.redilation(unet, 2):
             expected = unet(x, torch.tensor([401]), c)
         assert torch.equal(wrapped(x, torch.tensor([401]), c), expected)
@@ -100,26 +101,115 @@ def test_redilated_runs_dilated_only_from_its_timestep():
 def test_the_ddim_window_and_the_plan():
     """ScaleCrafter dilates the first 30 of 50 DDIM steps for SD1.5 at 1024 px (t >= 401 under SD's leading
     spacing), 20 for SD2.1; the one-step student always; auto only above the training resolution."""
-    schedule = NoiseSchedule.from_config(json.load(open(os.path.join(ROOT, "configs", "sd15", "scheduler",
-                                                                     "scheduler_config.json"))))
-    steps = schedule.ddim_timesteps(50)
-    assert redilate.dilated_from(steps, "sd15", 2) == 401 and redilate.dilated_from(steps, "sd21", 2) == 601
-    assert redilate.dilated_from(steps, "sd15", 2.5) == 301
+    steps = sd15_schedule().ddim_timesteps(50)
     unet = small_unet()
-    assert redilate.plan("auto", "sd15", unet, (1024, 1024), 512, [999]) == (
-        2.0, 0, "re-dilation: factor 2 on 27 convolutions (1024x1024 px, trained at 512); --redilate off turns it off")
-    assert redilate.plan("auto", "sd15", unet, (1280, 1280), 512, steps)[:2] == (2.5, 301)
+    assert [redilate.plan("auto", b, unet, (s, s), 512, steps)[1].split("t >= ")[1].split(")")[0]
+            for b, s in (("sd15", 1024), ("sd21", 1024), ("sd15", 1280))] == ["401", "601", "301"]
+    chosen, line = redilate.plan("auto", "sd15", unet, (1024, 1024), 512, [999])
+    assert chosen == redilate.Plan({n: 2.0 for n in redilate.redilation_layers(unet)}, 1)
+    assert line == ("re-dilation: factor 2 on 27 convolutions (1024x1024 px, trained at 512); "
+                    "--redilate off turns it off")
+    assert redilate.plan("auto", "sd15", unet, (1280, 1280), 512, steps)[0].steps == 35
     assert redilate.plan("auto", "sd15", unet, (512, 512), 512, [999])[0] is None
-    assert redilate.plan("off", "sd15", unet, (1024, 1024), 512, [999])[2].endswith(
+    assert redilate.plan("off", "sd15", unet, (1024, 1024), 512, [999])[1].endswith(
         "(1024x1024 px, trained at 512: --redilate off)")
-    assert redilate.plan(3, "sd15", unet, (512, 512), 512, [999])[0] == 3
+    assert set(redilate.plan(3, "sd15", unet, (512, 512), 512, [999])[0].layers.values()) == {3.0}
     # no ScaleCrafter setting for 1024 x 1792: each side by its own ratio (the DDIM window of the larger)
-    factor, t_min, line = redilate.plan("auto", "sd15", unet, (1024, 1792), 512, steps)
-    assert factor == (2.0, 3.5) and t_min == 401 and "factor 2 x 3.5 (height x width)" in line
-    assert redilate.plan("auto", "sd15", unet, (384, 1024), 512, [999])[0] == (1.0, 2.0)
+    chosen, line = redilate.plan("auto", "sd15", unet, (1024, 1792), 512, steps)
+    assert set(chosen.layers.values()) == {(2.0, 3.5)} and chosen.steps == 30
+    assert "factor 2 x 3.5 (height x width)" in line and "t >= 401" in line
+    assert set(redilate.plan("auto", "sd15", unet, (384, 1024), 512, [999])[0].layers.values()) == {(1.0, 2.0)}
     with pytest.raises(argparse.ArgumentTypeError):
         redilate.parse_option("0.5")
     assert redilate.parse_option("2.5") == 2.5 and redilate.parse_option("off") == "off"
+
+
+def sd15_schedule():
+    return NoiseSchedule.from_config(json.load(open(os.path.join(ROOT, "configs", "sd15", "scheduler",
+                                                                 "scheduler_config.json"))))
+
+
+def full_unet(backbone):
+    with torch.device("meta"):
+        return UNet.from_config(json.load(open(os.path.join(ROOT, "configs", backbone, "unet", "config.json"))))
+
+
+def blocks(layers):
+    """{block: the set of its factors} of a {layer: factor}."""
+    out = {}
+    for name, factor in layers.items():
+        block = "mid_block" if name.startswith("mid") else ".".join(name.split(".")[:2])
+        out.setdefault(block if "downsamplers" not in name or block != "down_blocks.2" else name, set()).add(factor)
+    return out
+
+
+def test_the_2048_class_recipe_is_scalecrafters():
+    """At 2048 px (4x) `auto` is ScaleCrafter's assets/dilate_settings and ndcfg_dilate_settings files: SD1.5 2 / 3 / 4
+    by block on the same 39 convolutions, noise-damped CFG on the 27 dilated by more than 2, both in the first 35 of
+    50 DDIM steps; SD2.1 at 2048 x 2048 its own 40 (the highest-resolution up block included), ndcfg on 34, 37
+    steps; SD2.1 at 2048 x 1024 SD1.5's factors with no ndcfg."""
+    steps = sd15_schedule().ddim_timesteps(50)
+    sd15, sd21 = full_unet("sd15"), full_unet("sd21")
+    assert len(redilate.convolutions(sd15)) == 50  # ScaleCrafter's all_valid_convs.txt
+    chosen, line = redilate.plan("auto", "sd15", sd15, (2048, 2048), 512, steps)
+    ladder = {"down_blocks.1": {2}, "down_blocks.2": {3}, "down_blocks.2.downsamplers.0.conv": {3}, "down_blocks.3": {4},
+              "mid_block": {4}, "up_blocks.0": {4}, "up_blocks.1": {3}, "up_blocks.2": {2}}
+    assert set(chosen.layers) == set(redilate.redilation_layers(sd15)) and blocks(chosen.layers) == ladder
+    assert len(chosen.damped) == 27 and blocks(chosen.damped) == {
+        b: f for b, f in ladder.items() if b not in ("down_blocks.1", "up_blocks.2")}
+    assert (chosen.steps, chosen.damped_steps, chosen.progressive) == (35, 35, True)
+    assert line == ("re-dilation: factor 2/3/4 by block, progressive on 39 convolutions (2048x2048 px, trained at "
+                    "512, DDIM steps at t >= 301, noise-damped CFG at t >= 301); --redilate off turns it off")
+    assert redilate.plan("auto", "sd15", sd15, (1024, 2048), 512, steps)[0] == chosen  # ScaleCrafter's 2048x1024
+    chosen = redilate.plan("auto", "sd21", sd21, (2048, 2048), 512, steps)[0]
+    sd21_2048 = {"down_blocks.2": {3}, "down_blocks.2.downsamplers.0.conv": {4}, "down_blocks.3": {4},
+                 "mid_block": {4}, "up_blocks.0": {4}, "up_blocks.1": {4}, "up_blocks.2": {3}, "up_blocks.3": {2}}
+    assert len(chosen.layers) == 40 and blocks(chosen.layers) == sd21_2048
+    assert len(chosen.damped) == 34 and (chosen.steps, chosen.damped_steps) == (37, 37)
+    chosen = redilate.plan("auto", "sd21", sd21, (1024, 2048), 512, steps)[0]
+    assert blocks(chosen.layers) == ladder and (chosen.steps, chosen.damped_steps) == (37, 0)
+    # a given factor is one for all, as below 4x; the one-step student: the full factors, no ndcfg
+    assert set(redilate.plan(4, "sd15", sd15, (2048, 2048), 512, steps)[0].layers.values()) == {4.0}
+    one = redilate.plan("auto", "sd15", sd15, (2048, 2048), 512, [999])[0]
+    assert one.at(0) == {n: f for n, f in one.layers.items()} and one.damped_steps == 0
+
+
+def test_progressive_factors_shrink_over_the_window():
+    """ScaleCrafter's max(ceil(f (tau - i) / tau), 2) at step i < tau, the plain network after."""
+    chosen = redilate.Plan({"a": 4.0, "b": 3.0, "c": 2.0}, 35, True, {"a": 4.0}, 10)
+    assert chosen.at(0) == {"a": 4, "b": 3, "c": 2}
+    assert chosen.at(9) == {"a": 3, "b": 3, "c": 2}  # ceil(4 * 26 / 35) = 3, ceil(3 * 26 / 35) = 3
+    assert chosen.at(18) == {"a": 2, "b": 2, "c": 2} and chosen.at(35) == {}
+    assert chosen.at(5, damped=True) == {"a": 2} and chosen.at(10, damped=True) == {}
+
+
+def test_noise_damped_cfg():
+    """guided with a damped network: damped(x, t, c0) + s (net(x, t, c) - net(x, t, c0)); ddim_sample uses it in its
+    first damped_steps only."""
+    from diffusion import Text, ddim_sample, guided
+    unet = small_unet()
+    x, c, c0 = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32), torch.zeros(2, 5, 32)
+    damped = redilate.Redilated(unet, redilate.Plan({}, 0, damped={n: 2 for n in redilate.redilation_layers(unet)},
+                                                    damped_steps=1), [500], damped=True)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        got = guided(unet, x, 500, Text(c), Text(c0), 3.0, damped)
+        with redilate.redilation(unet, 2):
+            base = unet(x, t, c0)
+        expected = base + 3.0 * (unet(x, t, c) - unet(x, t, c0))
+        assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, guided(
+            unet, x, 500, Text(c), Text(c0), 3.0), atol=1e-3)
+        calls = []
+
+        def recording(x, t, c, mask):
+            calls.append(int(t[0]))
+            return torch.zeros_like(x)
+        schedule = sd15_schedule()
+        plain = ddim_sample(unet, schedule, x, Text(c), Text(c0), 3, 3.0)
+        assert torch.equal(ddim_sample(unet, schedule, x, Text(c), Text(c0), 3, 3.0, damped=recording), plain)
+        assert not torch.allclose(ddim_sample(unet, schedule, x, Text(c), Text(c0), 3, 3.0, damped=recording,
+                                              damped_steps=2), plain)
+        assert calls == [int(t) for t in schedule.ddim_timesteps(3)[:2]]
 
 
 def test_sample_above_the_training_resolution(tmp_path, capsys):
@@ -141,6 +231,10 @@ def test_sample_above_the_training_resolution(tmp_path, capsys):
     assert "re-dilation: off (64x64 px, trained at 32: --redilate off)" in capsys.readouterr().out
     assert np.abs(np.asarray(Image.open(out)).astype(int) - on).max() > 0
     assert wadi.main(argv[:-2]) == 0 and "re-dilation" not in capsys.readouterr().out  # at 32 px: not a word
+    assert wadi.main([*argv[:-1], "128", "--steps", "3"]) == 0  # the teacher, at 4x
+    assert "re-dilation: factor 3/4 by block, progressive on 19 convolutions (128x128 px, trained at 32, DDIM " \
+        "steps at t >= 1, noise-damped CFG at t >= 1)" in capsys.readouterr().out
+    assert np.asarray(Image.open(out)).shape == (128, 128, 3)
 
 
 def test_sample_non_square_sizes(tmp_path, capsys):
