@@ -13,7 +13,8 @@ Diffusion and the byte-level BPE tokenizer that feeds it.
 - `CLIPTokenizer`: byte-level BPE with CLIP's pre-tokenizer, reading a `tokenizer/` directory
   (`vocab.json`, `merges.txt`, the special-token files); ids equal those of transformers 5's
   `CLIPTokenizer` with `padding="max_length", truncation=True`, as diffusers calls it, and so does
-  its `attention_mask`.
+  its `attention_mask`; `add_tokens` adds words as transformers' `add_tokens` does, for learned
+  embeddings (embeddings.py).
 
 The encoder layers are generic (width, activation, causal or not): one implementation serves the
 text model here and both OpenCLIP towers of the evaluation (openclip.py). The config parsing
@@ -211,6 +212,14 @@ def bytes_to_unicode():
 # which this pattern does in one go; the special tokens proper are split out before, see
 # `CLIPTokenizer.encode`.)
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
+WHITESPACE = regex.compile(r"\s+")
+
+
+def normalize(text):
+    """CLIP's text normalization (transformers 5's tokenizer): NFC, each run of whitespace as one
+    space (the pre-tokenizer ignores whitespace, but an added token holding a space matches so),
+    lower case per character ("Σ" -> "σ" even word-final)."""
+    return "".join(c.lower() for c in WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)))
 
 
 def _special_token(value):
@@ -259,7 +268,8 @@ class CLIPTokenizer:
     goes through NFC normalization, per-character lower-casing, the pre-tokenizer above, and BPE
     merges by rank on the UTF-8 bytes, with `</w>` marking the end of each word. There is no ftfy
     and no HTML unescaping (transformers 4's Python tokenizer used ftfy when installed; open_clip
-    always does).
+    always does). Tokens added with `add_tokens` (learned embeddings, embeddings.py) are cut out of
+    the normalized text, as the normalized special tokens are.
     """
 
     def __init__(self, path):
@@ -284,7 +294,10 @@ class CLIPTokenizer:
                     for t, k in zip(specials, keys)]
         normalized = {t: d.get("normalized", False) for t, d in zip(specials, declared)}
         self.raw_specials = _splitter([t for t in normalized if not normalized[t]])
-        self.normalized_specials = _splitter([t for t in normalized if normalized[t]])
+        # what is cut out of the normalized text, normalized -> id: these specials, the added tokens
+        self.normalized_tokens = {normalize(t): self.vocab[t] for t in normalized if normalized[t]}
+        self.normalized_split = _splitter(self.normalized_tokens)
+        self.added = {}  # token as added -> id (add_tokens)
         self.byte_encoder = bytes_to_unicode()
         self.bpe = lru_cache(maxsize=1 << 16)(self._bpe)
 
@@ -309,29 +322,67 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """The token ids of one prompt, without BOS/EOS, truncation or padding. Special tokens are
-        cut out first (the odd pieces of each split), from the raw or from the normalized text."""
+        cut out first (the odd pieces of each split), from the raw or from the normalized text, and
+        added tokens from the normalized text."""
         ids = []
         for i, raw in enumerate(self.raw_specials.split(text)):
             if i % 2:
                 ids.append(self.vocab[raw])
                 continue
-            # per character: "Σ" -> "σ" even word-final
-            normal = "".join(c.lower() for c in unicodedata.normalize("NFC", raw))
-            for j, piece in enumerate(self.normalized_specials.split(normal)):
+            for j, piece in enumerate(self.normalized_split.split(normalize(raw))):
                 if j % 2:
-                    ids.append(self.vocab[piece])
+                    ids.append(self.normalized_tokens[piece])
                     continue
                 for word in PRETOKENIZE.findall(piece):
                     chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
                     ids.extend(self.bpe(chars))
         return ids
 
+    def add_tokens(self, tokens):
+        """Add `tokens` to the vocabulary, with ids from its size upward, and return their ids (a
+        token already in it is a ValueError). They behave as the tokens that transformers 5's
+        `CLIPTokenizer.add_tokens` adds (non-special, `normalized`): each is cut out of the
+        normalized text (`normalize`) before the pre-tokenizer and becomes its own id, so it matches
+        whatever the case and the runs of whitespace ("<R>" in "a <r>", "My Tok" in "my  tok") and
+        inside words too ("red" added would take "tired" apart as "t", "i", "red"); where several
+        match, the leftmost, then the longest wins."""
+        ids = []
+        for token in tokens:
+            if token in self.vocab:
+                raise ValueError(f"{token!r} is already in the tokenizer's vocabulary")
+            self.vocab[token] = self.added[token] = len(self.vocab)
+            self.normalized_tokens.setdefault(normalize(token), self.vocab[token])
+            ids.append(self.vocab[token])
+        self.normalized_split = _splitter(self.normalized_tokens)
+        return ids
+
+    def expand(self, prompt):
+        """`prompt` with each multi-vector token "tok" in it (added with "tok_1", ..., "tok_{n-1}",
+        see embeddings.py) written out as "tok tok_1 ... tok_{n-1}", exactly as diffusers'
+        `TextualInversionLoaderMixin.maybe_convert_prompt` (0.42, with transformers 5) rewrites a
+        prompt before its pipelines tokenize it: a token is looked for among the prompt's tokens,
+        which are normalized text, and replaced as written, case-sensitively, in the raw prompt. So
+        "tok" and "TOK" both give the id of "tok" but only "tok" expands, "tokyo" becomes
+        "tok tok_1yo", and a token with upper-case letters ("<V>") never expands (its first vector
+        alone is used)."""
+        multi = [t for t in self.added if f"{t}_1" in self.added and normalize(t) == t]
+        found = set(self.encode(prompt)) if multi else ()
+        for token in (t for t in multi if self.added[t] in found):
+            parts, n = [token], 1
+            while f"{token}_{n}" in self.added:
+                parts.append(f"{token}_{n}")
+                n += 1
+            prompt = prompt.replace(token, " ".join(parts))
+        return prompt
+
     def __call__(self, prompts, return_mask=False):
         """A list of prompts -> LongTensor (B, model_max_length); with `return_mask`, also the
-        attention mask (B, model_max_length): 1 on BOS, the prompt's tokens and EOS, 0 on padding."""
+        attention mask (B, model_max_length): 1 on BOS, the prompt's tokens and EOS, 0 on padding.
+        Multi-vector tokens are written out first (`expand`), as diffusers' pipelines do."""
         rows, lengths = [], []
         for prompt in prompts:
-            ids = [self.bos_id, *self.encode(prompt)[:self.max_length - 2], self.eos_id]
+            tokens = self.encode(self.expand(prompt))[:self.max_length - 2]
+            ids = [self.bos_id, *tokens, self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
             lengths.append(len(ids))
         ids = torch.tensor(rows, dtype=torch.long)  # (B, max_length)
