@@ -294,14 +294,14 @@ RUN_FILES = ("run.json", "train.log", "student.safetensors", "metrics.json", "co
              "losses.png", "samples")  # what `train` writes to --out, besides its checkpoints
 
 
-def check_run_out(out, resume, overwrite):
-    """Before `train` writes to `out`: a UsageError when it holds a run and the command neither
-    resumes nor overwrites it (two runs would mix their checkpoints and logs); with `overwrite`,
-    the old run's files to remove (`remove_run`, once the new run has loaded; nothing else in
+def check_run_out(out, resume, overwrite, files=RUN_FILES):
+    """Before `train` (or another command writing `files`) writes to `out`: a UsageError when it
+    holds a run and the command neither resumes nor overwrites it (two runs would mix their
+    checkpoints and logs); with `overwrite`, the old run's files to remove (`remove_run`, once the new run has loaded; nothing else in
     `out` is touched)."""
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one")
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + list_checkpoints(out)
+    found = [f for f in files if os.path.exists(os.path.join(out, f))] + list_checkpoints(out)
     if not found or resume:
         return []
     if not overwrite:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import embeddings
 import textcache
 from redilate import Plan, Redilated
 from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
@@ -126,6 +127,18 @@ class Pipeline:
     resolution: int               # native image resolution in pixels
     text_model: str = None        # the repo or directory of text_encoder/ and tokenizer/
     prompt_cache: textcache.PromptCache = None
+
+    def add_embeddings(self, files):
+        """Add the learned tokens of embedding `files` (embeddings.read_embeddings) to the CLIP text
+        encoder and tokenizer, for every prompt after; returns the tokens."""
+        if files and not isinstance(self.tokenizer, CLIPTokenizer):
+            raise LoadError("--embedding: learned tokens are for CLIP text encoders (sd15, sd21, toy), not T5")
+        tokens = []
+        for file in files:
+            learned = embeddings.read_embeddings(file)
+            embeddings.add_embeddings(self.tokenizer, self.text_encoder, learned)
+            tokens += learned
+        return tokens
 
     def downsampling(self):
         """Pixels per latent pixel along each side (`vae_downsampling`), 1 in pixel space."""

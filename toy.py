@@ -67,9 +67,10 @@ def unknown_words(prompts):
                               if w not in WORDS))
 
 
-def warn_unknown_words(prompts, backbone):
-    """One line on stderr when `prompts` use words the toy `backbone` never saw (`unknown_words`)."""
-    unknown = unknown_words(prompts)
+def warn_unknown_words(prompts, backbone, known=()):
+    """One line on stderr when `prompts` use words the toy `backbone` never saw (`unknown_words`), but
+    the `known` ones (learned tokens)."""
+    unknown = [w for w in unknown_words(prompts) if w not in {k.lower() for k in known}]
     if unknown:
         print(f"warning: the {backbone} backbone knows only the words of its prompts ({' '.join(WORDS)}); "
               f"not: {' '.join(unknown)}", file=sys.stderr)

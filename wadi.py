@@ -11,13 +11,15 @@
         --controlnet lllyasviel/sd-controlnet-canny --control-image edges.png --prompt "a bird" --out bird.png
     python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2)
     python wadi.py plot runs/toy runs/toy-seed1 --out runs/losses.png   (loss curves, overlaid)
+    python wadi.py invert --exemplars painted_on/ --out runs/painted_on  (ReVersion: a relation token)
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one denoiser file in diffusers keys; `sample`
 draws one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqrt(a_T)) or DDIM
 images with classifier-free guidance from the teacher; `pretrain` trains a toy backbone from
 scratch; `analyze` compares a student's weights with its teacher's (analysis.py); `plot` draws
-train runs' loss curves (trainlog.py). Every failure the
+train runs' loss curves (trainlog.py); `invert` learns a token on the teacher that the student
+uses (invert.py). Every failure the
 user can fix (a bad option value, missing or unreachable weights, a corrupt checkpoint, a bad prompt
 file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `train` saves the
 step and exits with 130.
@@ -33,6 +35,7 @@ from tqdm import tqdm
 import analysis
 import cli
 import dryrun
+import invert
 import pretrain
 import redilate
 import toy
@@ -64,9 +67,10 @@ def cmd_sample(args):
     if args.controlnet and height != width:
         raise UsageError("--controlnet draws square images: give --resolution, not --height and --width")
     guidance = pick_backbone(backbone, resolution, model).guidance if args.guidance is None else args.guidance
-    if backbone in toy.BACKBONES:
-        toy.warn_unknown_words(prompts, backbone)
     pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=resolution)
+    tokens = pipe.add_embeddings(args.embedding or [])
+    if backbone in toy.BACKBONES:
+        toy.warn_unknown_words(prompts, backbone, known=tokens)
     pipe.prepare_prompts(prompts + ([""] if args.steps > 1 else []), args.cache_dir)
     a_T = student_a_T(unet)
     size = (height or resolution or pipe.resolution, width or resolution or pipe.resolution)
@@ -197,6 +201,8 @@ def build_parser():
     g.add_argument("--seed", type=cli.NON_NEGATIVE, default=0, help="image i uses seed + i, whatever the batch")
     g.add_argument("--out", required=True, help="FILE.png, or a directory (00000.png, ...)")
     g.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
+    g.add_argument("--embedding", action="append", help="learned tokens for the prompts (repeatable): `invert`'s "
+                   "or diffusers' learned_embeds.safetensors / .bin, A1111 / ComfyUI textual-inversion .pt / .safetensors")
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
@@ -289,6 +295,7 @@ def build_parser():
 
 
     pretrain.add_parser(sub)
+    invert.add_parser(sub)
 
     p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key denoiser file",
                        description="Merge a train run's adapters into one denoiser file (diffusers keys): the run's "
