@@ -26,7 +26,7 @@ import torch
 from loading import DiskFull, LoadError, disk_space, file_metadata, read_safetensors, save_tensors
 from lorad import adapter_state_dict, load_adapters, merge_adapters, shared_copy
 from pipeline import image_grid
-from trainlog import plot_losses
+from trainlog import log_image, plot_losses
 
 
 class TrainingError(Exception):
@@ -140,7 +140,7 @@ RESUME_MAY_CHANGE = ("lr", "lr_fake", "max_steps", "epochs", "batch_size", "grad
                      "processes", "mixed_precision", "grad_checkpointing", "ema",
                      "checkpoint_every", "keep_checkpoints", "validate_every",
                      "validation_prompts", "guidance", "t_min", "t_max", "drop_prob",
-                     "max_grad_norm")
+                     "max_grad_norm", "log_to")
 WHERE = ("out", "resume", "cache_dir")  # where the run's files are, not what the run is
 
 
@@ -244,11 +244,11 @@ def stopped_by_full_disk(error: DiskFull, last_checkpoint):
     return f"stopped: {error}; {kept(last_checkpoint)}, whole{resume}"
 
 
-def save_and_validate(pipe, nets, run, a_T, meta, step, max_steps, interrupted):
+def save_and_validate(pipe, nets, run, a_T, meta, step, max_steps, interrupted, writer=None):
     """Rank 0 after a step of `train` (`nets`: vsd.Networks, `run`: vsd.TrainConfig): a checkpoint
     every run.checkpoint_every steps, at the end and when interrupted (returns its path, else None);
-    a sample grid and the loss curves (losses.png) every run.validate_every steps and at the
-    end."""
+    a sample grid (also to the TensorBoard `writer`, when there is one) and the loss curves
+    (losses.png) every run.validate_every steps and at the end."""
     path = None
     if step % run.checkpoint_every == 0 or step == max_steps or interrupted:
         path = checkpoint_path(run.out, step)
@@ -256,15 +256,17 @@ def save_and_validate(pipe, nets, run, a_T, meta, step, max_steps, interrupted):
         prune_checkpoints(run.out, run.keep_checkpoints)
     if (step % run.validate_every == 0 or step == max_steps) and not interrupted:
         with adapters_swapped(nets.student, nets.ema):
-            validate(pipe, nets.student, run.validation_prompts, run.resolution, a_T,
-                     os.path.join(run.out, "samples", f"step-{step:07d}.png"))
+            grid = validate(pipe, nets.student, run.validation_prompts, run.resolution, a_T,
+                            os.path.join(run.out, "samples", f"step-{step:07d}.png"))
+        log_image(writer, step, grid)
         plot_losses([run.out], os.path.join(run.out, "losses.png"))
     return path
 
 
 @torch.no_grad()
 def validate(pipe, student, prompts, resolution, a_T, path):
-    """A grid of the student's one-step samples of `prompts`, seeds 0, 1, ..., saved to `path`."""
+    """A grid of the student's one-step samples of `prompts`, seeds 0, 1, ..., saved to `path`;
+    returns it (a PIL image)."""
     prompts = list(prompts)
     student.eval()
     images = dataclasses.replace(pipe, denoiser=student).generate(
@@ -272,7 +274,9 @@ def validate(pipe, student, prompts, resolution, a_T, path):
     student.train()
     with disk_space(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        image_grid(images, cols=len(prompts), labels=prompts).save(path)
+        grid = image_grid(images, cols=len(prompts), labels=prompts)
+        grid.save(path)
+    return grid
 
 
 def resume(run, nets, per_step, log):

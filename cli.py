@@ -291,7 +291,7 @@ def check_resolution(backbone, model, resolution, option="--resolution"):
 
 
 RUN_FILES = ("run.json", "train.log", "student.safetensors", "metrics.json", "comparison.png",
-             "losses.png", "samples")  # what `train` writes to --out, besides its checkpoints
+             "losses.png", "samples", "tensorboard")  # what `train` writes to --out, besides its checkpoints
 
 
 def check_run_out(out, resume, overwrite, files=RUN_FILES):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 import cli
 import embeddings
 import toy
+import trainlog
 from checkpoint import (TrainingInterrupted, checkpoint_path, find_checkpoint, interruptible,
                         load_optimizer, optimizer_tensors, prune_checkpoints)
 from cli import UsageError
@@ -52,7 +53,7 @@ STOP_WORDS = frozenset("""a an the and or but nor so yet is are was were be been
 has have had it its it's this that these those there here he she they them his her their we you i
 me my our your who whom which what when where why how all any both each few more most other some
 such no not only own same than too very can will just should now as if then while""".split())
-RUN_FILES = ("invert.json", "invert.log", "learned_embeds.safetensors")  # besides checkpoints
+RUN_FILES = ("invert.json", "invert.log", "learned_embeds.safetensors", "tensorboard")  # besides checkpoints
 INIT = {"toy": "the"}  # the toy vocabulary has no "and" (its words: toy.WORDS); elsewhere "and"
 
 
@@ -129,10 +130,11 @@ def word_ids(tokenizer, words):
 
 def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, batch_size=8, lr=2e-3,
            steer_weight=0.01, positives=4, positive_words=PREPOSITIONS, temperature=0.07, alpha=0.5,
-           seed=2023, checkpoint_every=500, keep_checkpoints=2, resume=None, log=print):
+           seed=2023, checkpoint_every=500, keep_checkpoints=2, resume=None, log=print, log_to="file"):
     """Learn `token` on `pipe`'s teacher from `images` (N, 3, S, S) and their `templates` (module
     docstring); alpha 0 is uniform t. Writes `out`/learned_embeds.safetensors (diffusers' layout),
-    invert.log and checkpoints; returns the learned row (D,)."""
+    invert.log (with log_to "tensorboard" also event files, trainlog.open_writer) and checkpoints;
+    returns the learned row (D,)."""
     encoder, tokenizer, param = pipe.text_encoder, pipe.tokenizer, next(pipe.denoiser.parameters())
     table = encoder.text_model.embeddings.token_embedding
     embeddings.add_embeddings(tokenizer, encoder, {token: table.weight[check_token(
@@ -159,7 +161,8 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
     skip = set(word_ids(tokenizer, STOP_WORDS)) | set(word_ids(tokenizer, positive_words)) | {
         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, token_id}
     bar = tqdm(range(start, steps), desc="invert", initial=start, total=steps, dynamic_ncols=True)
-    with interruptible() as stop, open(os.path.join(out, "invert.log"), "a") as logfile:
+    with interruptible() as stop, open(os.path.join(out, "invert.log"), "a") as logfile, \
+            trainlog.open_writer(out, log_to, start) as writer:
         for step in bar:
             pick = torch.randint(len(images), (batch_size,), generator=gen)
             prompts = [templates[i][torch.randint(len(templates[i]), (), generator=gen)].format(token)
@@ -183,6 +186,8 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
             loss.backward()
             opt.step()
             logfile.write(f"{step + 1} {loss.item():.6f} {denoise.item():.6f} {steer.item():.6f}\n")
+            trainlog.log_scalars(writer, step + 1, {"loss/total": loss.item(), "loss/denoise": denoise.item(),
+                                                    "loss/steer": steer.item()})
             bar.set_postfix(loss=f"{denoise.item():.4f}", steer=f"{steer.item():.3f}")
             last = step + 1 == steps
             if last or stop["requested"] or (step + 1) % checkpoint_every == 0:
@@ -234,6 +239,9 @@ def add_parser(sub):
     p.add_argument("--keep-checkpoints", type=cli.NON_NEGATIVE, default=2, help="latest checkpoints kept (0: all)")
     p.add_argument("--resume", help="a checkpoint file, or latest in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--log", dest="log_to", choices=trainlog.LOGS, default="file", help="file: invert.log; "
+                   "tensorboard: also TensorBoard event files in --out/tensorboard (pip install -r "
+                   "requirements-tensorboard.txt; default: file)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the frozen networks' dtype (the "
                                                                           "token row is learned in fp32)")
@@ -242,6 +250,7 @@ def add_parser(sub):
 
 def command(args):
     """`wadi.py invert`."""
+    trainlog.check_log(args.log_to)  # a missing tensorboard package: before anything is loaded or written
     found = cli.check_run_out(args.out, args.resume, args.overwrite, RUN_FILES)
     resume = find_checkpoint(args.out, args.resume) if args.resume else None
     device = cli.pick_device(args.device)
@@ -262,6 +271,6 @@ def command(args):
                                                        "exemplars": args.exemplars, **options})
     start = time.perf_counter()
     invert(pipe, images, templates, args.out, checkpoint_every=args.checkpoint_every,
-           keep_checkpoints=args.keep_checkpoints, resume=resume, **options)
+           keep_checkpoints=args.keep_checkpoints, resume=resume, log_to=args.log_to, **options)
     print(f"learned {args.token} in {time.perf_counter() - start:.0f} s; sample with it: python wadi.py sample "
           f"--embedding {args.out}/learned_embeds.safetensors --prompt \"... {args.token} ...\"")

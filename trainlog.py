@@ -9,18 +9,69 @@ A line is `key value` pairs, in this order:
 (paper Sec. 3.3), averaged over the step's micro-batches and processes; `grad_G` and `grad_fake`
 the L2 norms of their gradients before clipping (the step clips both at VSDConfig.max_grad_norm).
 Logs written before the gradient norms were logged read back without them.
+
+`--log tensorboard` (train, invert) also writes TensorBoard event files in `<out>/tensorboard/`
+(`open_writer`, torch's SummaryWriter; the optional `tensorboard` package,
+requirements-tensorboard.txt): train's scalars `loss/G`, `loss/fake`, `grad_norm/G`,
+`grad_norm/fake`, `lr/G`, `lr/fake`, `images_per_s` per step and its sample grids (`samples`),
+invert's `loss/total`, `loss/denoise`, `loss/steer`. Only rank 0 writes.
 """
+import contextlib
 import os
 import time
+
+import numpy as np
 
 from loading import LoadError, disk_space
 
 NUMBERS = ("loss_G", "loss_fake", "grad_G", "grad_fake", "images/s")  # what a line holds besides the time
+LOGS = ("file", "tensorboard")  # --log: the text log alone, or TensorBoard event files too
 
 
-def log_step(bar, out, step, totals, grad_norms, images_per_s):
+def check_log(kind):
+    """torch's SummaryWriter for --log tensorboard (None for file); a one-line LoadError when the
+    optional tensorboard package is missing, for the commands to call before they load anything."""
+    if kind == "file":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LoadError("--log tensorboard needs the tensorboard package: "
+                         "pip install -r requirements-tensorboard.txt") from None
+    return SummaryWriter
+
+
+@contextlib.contextmanager
+def open_writer(out, kind, step=0):
+    """The TensorBoard writer on out/tensorboard for --log tensorboard (None for file), closed when
+    the block ends, however it ends. `step`: where the run starts (a resume's step); the points an
+    earlier run in `out` wrote from step + 1 on (a crashed run's, or one --overwrite removed) are
+    dropped (purge_step)."""
+    writer_class = check_log(kind)
+    writer = writer_class(os.path.join(out, "tensorboard"), purge_step=step + 1) if writer_class else None
+    try:
+        yield writer
+    finally:
+        if writer:
+            writer.close()
+
+
+def log_scalars(writer, step, scalars):
+    """{tag: number} at `step` to `writer` (None: nothing)."""
+    for tag, value in scalars.items() if writer else ():
+        writer.add_scalar(tag, value, step)
+
+
+def log_image(writer, step, image, tag="samples"):
+    """A PIL image (a sample grid) at `step` to `writer` (None: nothing)."""
+    if writer:
+        writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+
+def log_step(bar, out, step, totals, grad_norms, images_per_s, writer=None, lrs=None):
     """The losses (totals[:2]), the gradient norms (2,) and the throughput of a step, in the
-    progress bar and in out/train.log."""
+    progress bar and in out/train.log; with a TensorBoard `writer` (open_writer) also there, with
+    the learning rates `lrs` (student, fake)."""
     loss_g, loss_fake = totals[0].item(), totals[1].item()
     grad_g, grad_fake = grad_norms.tolist()
     bar.update(1)
@@ -31,6 +82,10 @@ def log_step(bar, out, step, totals, grad_norms, images_per_s):
         f.write(f"step {step} loss_G {loss_g:.6g} loss_fake {loss_fake:.6g} grad_G {grad_g:.6g} "
                 f"grad_fake {grad_fake:.6g} images/s {images_per_s:.3f} "
                 f"time {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    if writer:
+        log_scalars(writer, step, {"loss/G": loss_g, "loss/fake": loss_fake, "grad_norm/G": grad_g,
+                                   "grad_norm/fake": grad_fake, "lr/G": lrs[0], "lr/fake": lrs[1],
+                                   "images_per_s": images_per_s})
 
 
 def read_log(run_dir):

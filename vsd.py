@@ -36,7 +36,7 @@ from ddp import all_mean, no_sync, ranks
 from diffusion import A_T, Text, guided, one_step, predict, to_eps
 from loading import DiskFull, LoadError
 from lorad import ORTHOGONAL_MAPS, add_adapters, adapter_state_dict, count_trainable, shared_copy
-from trainlog import log_step
+from trainlog import check_log, log_step, open_writer
 
 
 @dataclass
@@ -198,6 +198,7 @@ class TrainConfig:
                                  "an astronaut riding a horse", "a bowl of ramen, studio lighting")
     resume: str = None            # a checkpoint file, or `latest` in `out`
     cache_dir: str = None         # the prompt-embedding cache of a text encoder too large to keep
+    log_to: str = "file"          # --log: train.log, or TensorBoard event files too (trainlog.LOGS)
 
 
 # where a backbone departs from the defaults of TrainConfig and VSDConfig
@@ -219,14 +220,17 @@ BACKBONE_DEFAULTS["toy-dit"] = {**BACKBONE_DEFAULTS["toy"], "max_steps": 2400,
 def run_config(backbone, **given):
     """(TrainConfig, VSDConfig) of a run on `backbone`: the defaults, the backbone's departures
     (BACKBONE_DEFAULTS), then the `given` values (None: not given); `out` defaults to
-    runs/BACKBONE."""
+    runs/BACKBONE. A --log the environment cannot write is a UsageError here, before anything
+    loads."""
     chosen = {"out": os.path.join("runs", backbone), **BACKBONE_DEFAULTS.get(backbone, {}),
               **{k: v for k, v in given.items() if v is not None}}
     names = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, VSDConfig)}
     unknown = chosen.keys() - names[TrainConfig] - names[VSDConfig]
     if unknown:
         raise TypeError(f"not a training option: {', '.join(sorted(unknown))}")
-    return tuple(cls(**{k: v for k, v in chosen.items() if k in names[cls]}) for cls in names)
+    run, method = (cls(**{k: v for k, v in chosen.items() if k in names[cls]}) for cls in names)
+    check_log(run.log_to)
+    return run, method
 
 
 def run_options(meta, run: TrainConfig, method: VSDConfig, prompts_sha256, processes):
@@ -311,7 +315,8 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
             f"process(es), {per_step} images per step, {max_steps} steps")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=run.mixed_precision != "no")
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    with bar, interruptible() as stop:
+    with bar, interruptible() as stop, \
+            open_writer(run.out, run.log_to if rank == 0 else "file", step) as writer:
         while step < max_steps:
             start = time.perf_counter()
             # forward and backward, micro-step by micro-step
@@ -335,11 +340,12 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
             if rank == 0:
                 try:
                     log_step(bar, run.out, step, totals, grad_norms,
-                             per_step / (time.perf_counter() - start))
+                             per_step / (time.perf_counter() - start), writer,
+                             [nets.opts[k].param_groups[0]["lr"] for k in ("student", "fake")])
                     last_ckpt = save_and_validate(pipe, nets, run, method.a_T,
                                                   {**meta, "images_seen": seen,
                                                    "options": options}, step, max_steps,
-                                                  interrupted) or last_ckpt
+                                                  interrupted, writer) or last_ckpt
                 except DiskFull as e:  # the other ranks learn of it at the next step
                     failed = e
             if failed and (world == 1 or step == max_steps or interrupted):  # no step left to tell

@@ -34,17 +34,19 @@ from tqdm import tqdm
 
 import analysis
 import cli
+import demo
 import dryrun
+import export
 import invert
 import pretrain
 import redilate
 import toy
 import toyeval
 import trainlog
-from checkpoint import TrainingError, TrainingInterrupted, check_resume, export_student, find_checkpoint
+from checkpoint import TrainingError, TrainingInterrupted, check_resume, find_checkpoint
 from cli import UsageError
 from ddp import from_first_rank, process_device
-from loading import LoadError, disk_space, fetch_file, file_metadata, write_json
+from loading import LoadError, disk_space, fetch_file, write_json
 from lorad import ADAPTERS
 from pipeline import BACKBONES, CACHE_DIR, DTYPES, load_pipeline, pick_backbone, student_a_T
 from protocol import caption_hash
@@ -133,21 +135,6 @@ def cmd_train(args):
     student, _ = train(pipe, prompts, run, method, device, meta, options)
     if args.backbone in toy.BACKBONES and rank == 0:
         toyeval.report(pipe, student, model, run.out, args.eval_samples, run.cache_dir)
-
-
-def cmd_export(args):
-    cli.check_out_file(args.out, (".safetensors",), "--out")
-    run, checkpoint, pipe, student, _ = cli.load_run(args.run, args.checkpoint or "latest",
-                                                     ema=not args.raw)
-    weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
-    meta = {"backbone": run["backbone"], "base_model": run["base_model"], "adapter": run["adapter"],
-            "a_T": run.get("a_T", VSDConfig.a_T), "prediction_type": pipe.schedule.prediction_type,
-            "checkpoint": os.path.basename(checkpoint)}
-    export_student(student, args.out, meta)
-    unfinished = "" if os.path.isfile(os.path.join(args.run, "student.safetensors")) else (
-        "; the run is unfinished (no student.safetensors yet): this is its state at "
-        f"step {file_metadata(checkpoint)['step']}")
-    print(f"wrote {args.out} (merged one-step denoiser from {checkpoint}, {weights}{unfinished})")
 
 
 def cmd_analyze(args):
@@ -291,20 +278,17 @@ def build_parser():
                         f"{toyeval.REPORT_SAMPLES}, default: %(default)s)")
     g.add_argument("--keep-checkpoints", type=cli.NON_NEGATIVE, help="how many of the latest "
                    "checkpoints to keep (0: all) " + default_help("keep_checkpoints"))
+    g.add_argument("--log", dest="log_to", choices=trainlog.LOGS, help="file: train.log; tensorboard: also "
+                   "TensorBoard event files in --out/tensorboard (pip install -r requirements-tensorboard.txt; "
+                   "default: file)")
     p.set_defaults(func=cmd_train)
 
 
     pretrain.add_parser(sub)
     invert.add_parser(sub)
+    demo.add_parser(sub)
 
-    p = sub.add_parser("export", help="a run's merged one-step student as one diffusers-key denoiser file",
-                       description="Merge a train run's adapters into one denoiser file (diffusers keys): the run's "
-                                   "own student, i.e. its EMA when the run kept one.")
-    p.add_argument("--run", required=True, help="the run directory of `train`")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the latest in --run)")
-    p.add_argument("--raw", action="store_true", help="merge the raw student adapters even when the run kept an EMA")
-    p.add_argument("--out", required=True, help="FILE.safetensors")
-    p.set_defaults(func=cmd_export)
+    export.add_parser(sub)
 
     p = sub.add_parser("analyze", help="paper Fig. 2: a student's weights against its teacher's, norm vs direction",
                        description="Per output row of every weight: the norm change and the direction change of the "
