@@ -1,7 +1,8 @@
 """The Stable Diffusion U-Net (Rombach et al. 2022): the denoiser that WaDi distills and adapts.
 
-Built from a diffusers `unet/config.json` dict (SD1.5 and SD2.1 are covered: per-block head counts,
-linear or 1x1-conv projections, attention upcasting, any cross-attention width) with `state_dict()`
+Built from a diffusers `unet/config.json` dict (SD1.5, SD2.1 and SDXL are covered: per-block head
+counts and transformer depths, linear or 1x1-conv projections, attention upcasting, any
+cross-attention width, SDXL's pooled-text and size / crop conditioning) with `state_dict()`
 keys identical to diffusers' `UNet2DConditionModel`, so official weight files, the released WaDi
 one-step files included, load with strict=True. The blocks come from layers.py. `UNetEncoder` is the
 half a ControlNet copies (conv_in, time embedding, down and mid blocks); `UNet` adds the up blocks
@@ -102,6 +103,9 @@ class UNetEncoder(nn.Module):
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
+        if cfg.addition_time_embed_dim:  # SDXL ("text_time"): pooled text and size / crop numbers
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim,
+                                                   4 * ch[0])
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -130,13 +134,26 @@ class UNetEncoder(nn.Module):
                                   cfg.transformer_layers[level], cfg.use_linear_projection,
                                   cfg.norm_num_groups, cfg.upcast_attention, only_cross)
 
-    def embed_time(self, sample, timestep):
+    def embed_time(self, sample, timestep, text_embeds=None, time_ids=None):
         """The timestep embedding (B, 4 * C0) of `timestep` (scalar or (B,)) for a batch `sample`
-        (B, C, H, W)."""
+        (B, C, H, W). SDXL adds `add_embedding` of its pooled text `text_embeds` (B, P) and of the
+        sinusoidal embeddings of its `time_ids` (B, K): original size, crop corner, target size."""
+        cfg = self.config
+        needed = bool(cfg.addition_time_embed_dim)
+        if (text_embeds is not None, time_ids is not None) != (needed, needed):
+            raise ValueError("this U-Net (addition_embed_type 'text_time') needs text_embeds and "
+                             "time_ids" if needed else "this U-Net takes no text_embeds or "
+                             "time_ids (no addition_embed_type)")
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        t_emb = timestep_embedding(t, self.config.block_out_channels[0],
-                                   self.config.flip_sin_to_cos, self.config.freq_shift)
-        return self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                   cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, 4 * C0)
+        if needed:
+            ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim,
+                                     cfg.flip_sin_to_cos, cfg.freq_shift)  # (B * K, A)
+            added = torch.cat([text_embeds, ids.reshape(text_embeds.shape[0], -1)], dim=-1)
+            emb = emb + self.add_embedding(added.to(emb.dtype))  # added: (B, P + K * A)
+        return emb
 
     def encode(self, h, emb, context, bias=None):
         """The down blocks and the mid block from conv_in's output h (B, C0, H, W), the text
@@ -171,7 +188,7 @@ def skip_channels(cfg: UNetConfig):
 
 class UNet(UNetEncoder):
     """`forward(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)`: the noise
-    (or v) prediction, (B, C, H, W)."""
+    (or v) prediction, (B, C, H, W); SDXL also takes `text_embeds` and `time_ids`."""
     family = "unet"  # which layers get adapters: lorad.LAYERS[("unet", role)]
 
     def __init__(self, cfg: UNetConfig):
@@ -204,16 +221,18 @@ class UNet(UNetEncoder):
         return cls(UNetConfig.from_dict(cfg))
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None):
+                down_block_additional_residuals=None, mid_block_additional_residual=None, *,
+                text_embeds=None, time_ids=None):
         """sample: (B, C, H, W), timestep: scalar or (B,), encoder_hidden_states: (B, L, D),
         encoder_attention_mask: (B, L) 1 on tokens, 0 on padding (None: all), applied to the
         cross-attention as diffusers does. A ControlNet's residuals (diffusers' names and
         semantics, both or neither): one per skip tensor, added to it, and one added to the mid
-        block's output."""
+        block's output. SDXL's `text_embeds` (B, 1280) and `time_ids` (B, 6), required there and
+        refused elsewhere: diffusers' `added_cond_kwargs` entries (`embed_time`)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError("give both down_block_additional_residuals and "
                              "mid_block_additional_residual, or neither")
-        emb = self.embed_time(sample, timestep)
+        emb = self.embed_time(sample, timestep, text_embeds, time_ids)
         context = encoder_hidden_states
         bias = (None if encoder_attention_mask is None
                 else mask_bias(encoder_attention_mask, sample.dtype))
@@ -256,18 +275,18 @@ FREEU = {"sd15": ((1.2, 0.9), (1.4, 0.2)), "sd21": ((1.1, 0.9), (1.2, 0.2))}
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-# config keys whose value must be the one given here: what SD1.5 / SD2.1 use, and all this U-Net
-# implements
+# config keys whose value must be the one given here: what SD1.5 / SD2.1 / SDXL use, and all this
+# U-Net implements
 FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
-         "num_class_embeds": None, "addition_embed_type": None, "time_cond_proj_dim": None,
+         "num_class_embeds": None, "time_cond_proj_dim": None,
          "encoder_hid_dim": None, "dual_cross_attention": False,
          "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
          "time_embedding_type": "positional", "conv_in_kernel": 3, "conv_out_kernel": 3,
          "mid_block_scale_factor": 1, "attention_type": "default", "resnet_skip_time_act": False,
          "resnet_out_scale_factor": 1.0, "cross_attention_norm": None, "timestep_post_act": None,
          "time_embedding_act_fn": None, "time_embedding_dim": None,
-         "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
-         "projection_class_embeddings_input_dim": None, "addition_time_embed_dim": None}
+         "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None}
+ADDITION_TYPES = (None, "text_time")  # addition_embed_type: none (SD1.5 / 2.1) or SDXL's
 
 
 def _per_block(value, n):
@@ -294,6 +313,10 @@ class UNetConfig:
     freq_shift: int
     downsample_padding: int
     sample_size: int
+    # SDXL's "text_time" addition (0: none): the sinusoid width per time id, and add_embedding's
+    # input width (pooled text width + number of time ids x that)
+    addition_time_embed_dim: int = 0
+    projection_class_embeddings_input_dim: int = 0
 
     @classmethod
     def from_dict(cls, cfg, what="UNet"):
@@ -311,6 +334,11 @@ class UNetConfig:
             if bad:
                 raise ValueError(f"unsupported {what} config: {key} contains {bad} "
                                  f"(supported: {allowed})")
+        addition = cfg.get("addition_embed_type")
+        if addition not in ADDITION_TYPES:
+            raise ValueError(f"unsupported {what} config: addition_embed_type={addition!r} "
+                             f"(supported: {ADDITION_TYPES})")
+        text_time = addition == "text_time"  # diffusers ignores the two widths otherwise
         n = len(cfg["block_out_channels"])
         # diffusers names the head *count* `attention_head_dim` in the SD configs;
         # num_attention_heads wins if set
@@ -333,4 +361,7 @@ class UNetConfig:
                    flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
                    freq_shift=cfg.get("freq_shift", 0),
                    downsample_padding=cfg.get("downsample_padding", 1),
-                   sample_size=cfg.get("sample_size", 64))
+                   sample_size=cfg.get("sample_size", 64),
+                   addition_time_embed_dim=cfg["addition_time_embed_dim"] if text_time else 0,
+                   projection_class_embeddings_input_dim=(
+                       cfg["projection_class_embeddings_input_dim"] if text_time else 0))
