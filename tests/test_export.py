@@ -57,7 +57,7 @@ def test_pipeline_format_samples_our_image_in_diffusers(sd_run, tmp_path):
     assert wadi.main(["export", "--run", str(sd_run), "--format", "pipeline", "--out", out]) == 2
 
 
-def test_pixart_pipeline_format(pixart_run, tmp_path):
+def test_pixart_pipeline_format(pixart_run, tmp_path, capsys):
     from diffusers import PixArtAlphaPipeline
     out = str(tmp_path / "pipe")
     assert wadi.main(["export", "--run", str(pixart_run / "run"), "--format", "pipeline", "--out", out]) == 0
@@ -66,6 +66,12 @@ def test_pixart_pipeline_format(pixart_run, tmp_path):
                  use_resolution_binning=False, generator=torch.Generator().manual_seed(2)).images[0]
     expected = ours(pixart_run / "run", 2, tmp_path, "--cache-dir", str(pixart_run / "cache"))
     assert np.abs(np.round(image * 255) - expected).max() <= 1 and expected.std() > 5
+
+    for fmt, message in (("single-file", "is Stable Diffusion's layout (sd15, sd21), not pixart's"),
+                         ("lora", "kohya's layout is for U-Nets")):
+        assert wadi.main(["export", "--run", str(pixart_run / "run"), "--format", fmt,
+                          "--out", str(tmp_path / "x.safetensors")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_single_file_loads_in_diffusers(repo, sd_run, tmp_path):
