@@ -12,11 +12,10 @@ chosen 3x3 convolutions dilated by the resolution factor instead, with no traini
 - DDIM runs dilated only in its first, high-noise steps (ScaleCrafter's dilate_tau of 50 steps:
   SD1.5 30 at 1024 px, SD2.1 20, both 35 at 1280 px); WaDi's one-step student makes a single call at
   t = 999, which is the first step: re-dilation is simply on for it;
-- at 4x the training size (2048 px, "2048-class") one factor for all is too much: each block gets
-  its own (`ladder`: SD1.5 2 / 3 / 4 from the shallowest dilated block to the deepest), shrinking
-  over the DDIM window ("progressive": max(ceil(f (tau - i) / tau), 2) at step i), and the
-  unconditional base of CFG comes from a second pass with only the layers dilated by more than 2
-  ("noise-damped CFG").
+- at 2048 px from 512 (4x, "2048-class") ScaleCrafter gives each block its own factor (`ladder`:
+  SD1.5 2 / 3 / 4 from the shallowest dilated block to the deepest), shrinking over the DDIM window
+  ("progressive": max(ceil(f (tau - i) / tau), 2) at step i), and takes the unconditional base of
+  CFG from a second pass with only the layers dilated by more than 2 ("noise-damped CFG").
 
 The weights are untouched; `redilation` swaps the convolutions' forward for the call and restores it.
 ScaleCrafter also turns FreeU on by default (unet.freeu); here it is an option (`set_freeu`), off by
@@ -35,8 +34,7 @@ import torch.nn.functional as F
 from unet import FREEU
 
 # ScaleCrafter's configs (its configs/*.yaml), by backbone and factor (height x width where the sides
-# differ): of 50 DDIM steps, how many run dilated and how many with noise-damped CFG. Elsewhere 30 / 0,
-# and 35 / 35 for a ladder (SD1.5's 2048 px setting)
+# differ): of 50 DDIM steps, how many run dilated and how many with noise-damped CFG. Elsewhere 30 / 0
 SETTINGS = {("sd15", 2.0): (30, 0), ("sd15", 2.5): (35, 0), ("sd21", 2.0): (20, 0), ("sd21", 2.5): (35, 0),
             ("sd15", 4.0): (35, 35), ("sd15", (2.0, 4.0)): (35, 35), ("sd21", 4.0): (37, 37),
             ("sd21", (2.0, 4.0)): (37, 0)}
@@ -182,8 +180,9 @@ def plan(option, backbone, unet, size, native, timesteps):
     """(Plan or None, one line saying what was chosen) for `--redilate option` (auto, off or a factor
     >= 1) on `unet` sampling images of `size` (H, W) px (trained at `native`) with the DDIM
     `timesteps` (one step: [999]). `auto` is ScaleCrafter's setting where it has one: one factor
-    for all below 4x; at 4x and above each block its own (`ladder`; SD2.1 2048 px: `SD21_2048`),
-    progressive, with noise-damped CFG. A given factor is applied to all, as below 4x."""
+    for all below 4x; at 2048 px from 512 each block its own (`ladder`; SD2.1 2048 x 2048:
+    `SD21_2048`), progressive, with noise-damped CFG. Where it has none (other sizes, the toys) and
+    for a given factor: one factor for all (on the toy at 4x it beats the ladder: docs/highres.md)."""
     factor = auto_factor(size, native) if option == "auto" else None if option == "off" \
         else float(option)
     layers, shown = redilation_layers(unet), f"{size[0]}x{size[1]} px, trained at {native}"
@@ -195,8 +194,7 @@ def plan(option, backbone, unet, size, native, timesteps):
     key = tuple(sorted(factor)) if isinstance(factor, tuple) else factor  # 2048 x 1024 either way
     tau, damped_tau = SETTINGS.get((backbone, key), (30, 0))
     steps = len(timesteps)
-    if option == "auto" and top >= LADDER_FROM:
-        tau, damped_tau = SETTINGS.get((backbone, key), (35, 35))
+    if option == "auto" and top >= LADDER_FROM and (backbone, key) in SETTINGS:
         layers = by_prefix(unet, SD21_2048) if (backbone, key) == ("sd21", 4.0) else ladder(unet, top)
         chosen = Plan(layers, window(steps, tau), True, {n: f for n, f in layers.items() if f > 2},
                       window(steps, damped_tau) if steps > 1 else 0)

@@ -15,7 +15,7 @@ re-dilation off and on (`--redilate auto`: factor S / 32), and we count:
 
     python bench/highres.py --student runs/toy/student.safetensors --sizes 64 96 --seeds 0 1 2
     python bench/highres.py --student runs/toy --generators student --freeu --out runs/highres-freeu
-    python bench/highres.py --student runs/toy --sizes 128 --options off 4 auto --out runs/highres-128
+    python bench/highres.py --student runs/toy --sizes 128 --options off 4 auto --settings sd15 --out runs/highres-128
 """
 import argparse
 import dataclasses
@@ -60,7 +60,7 @@ def count_blobs(images, colours, tolerance=0.35, min_area=6):
 def measure(pipe, unet, attributes, seeds, steps, size, option, classifier, args):
     """(repeated share, prompt accuracy, s per image, images) of one generator at one size."""
     prompts = [toy.prompt(a) for a in attributes]
-    recipe, _ = plan(option, "toy", unet, (size, size), 32,
+    recipe, _ = plan(option, args.settings, unet, (size, size), 32,
                      pipe.schedule.ddim_timesteps(steps) if steps > 1 else [999])
     start, out = time.perf_counter(), []
     for i in range(0, len(prompts), args.batch_size):
@@ -89,6 +89,8 @@ def main(argv=None):
     p.add_argument("--generators", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
     p.add_argument("--options", nargs="+", type=parse_option, default=["off", "auto"],
                    help="--redilate settings to compare (e.g. off auto 4: at 128 px, the ladder against 4 for all)")
+    p.add_argument("--settings", default="toy", choices=["toy", "sd15", "sd21"], help="whose ScaleCrafter "
+                   "settings `auto` takes (sd15: at 128 px its 2048 px recipe; the toy's own: one factor for all)")
     p.add_argument("--freeu", action="store_true", help="FreeU on (SD1.5's settings) for every generator")
     p.add_argument("--out", default=os.path.join("runs", "highres"))
     args = p.parse_args(argv)
