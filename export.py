@@ -163,7 +163,8 @@ def command(args):
                          args.out, {k: str(v) for k, v in meta.items()})
     weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
     unfinished = "" if os.path.isfile(os.path.join(args.run, "student.safetensors")) else (
-        f"; the run is unfinished: its state at step {file_metadata(checkpoint)['step']}")
+        f"; the run is unfinished (no student.safetensors yet): this is its state at step "
+        f"{file_metadata(checkpoint)['step']}")
     print(f"wrote {args.out} ({args.format}: the merged one-step student from {checkpoint}, {weights}"
           f"{', rotating ' + args.base if args.base else ''}{unfinished})")
 
