@@ -32,17 +32,22 @@ def sdxl_inputs(batch, seed):
             torch.randn(batch, 24), time_ids)
 
 
-@pytest.mark.parametrize("overrides", [{}, SD21_STYLE, ONLY_CROSS, ONLY_CROSS_MID],
-                         ids=["sd15_style", "sd21_style", "only_cross_first_level", "only_cross_everywhere"])
-def test_parity_with_diffusers_through_safetensors(overrides, tmp_path):
-    cfg = small_unet_config(**overrides)
+def through_safetensors(cfg, tmp_path):
+    """diffusers' U-Net of `cfg` with random weights, and ours loaded strictly from its safetensors file."""
     ref = unet_reference(cfg)
     path = str(tmp_path / "diffusion_pytorch_model.safetensors")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
     with torch.device("meta"):
         ours = UNet.from_config(cfg)
     load_weights(ours, read_safetensors(path))
-    ours.eval()
+    return ref, ours.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, SD21_STYLE, ONLY_CROSS, ONLY_CROSS_MID],
+                         ids=["sd15_style", "sd21_style", "only_cross_first_level", "only_cross_everywhere"])
+def test_parity_with_diffusers_through_safetensors(overrides, tmp_path):
+    cfg = small_unet_config(**overrides)
+    ref, ours = through_safetensors(cfg, tmp_path)
     torch.manual_seed(1)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 977])
     context = torch.randn(2, 7, cfg["cross_attention_dim"])
@@ -84,13 +89,7 @@ def test_sdxl_style_parity_with_diffusers_through_safetensors(tmp_path):
     """SDXL's U-Net, small: diffusers' random weights through a safetensors file, loaded strictly
     with their names unchanged; text_embeds and time_ids as diffusers' added_cond_kwargs."""
     cfg = small_unet_config(**SDXL_STYLE)
-    ref = unet_reference(cfg)
-    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
-    with torch.device("meta"):
-        ours = UNet.from_config(cfg)
-    load_weights(ours, read_safetensors(path))
-    ours.eval()
+    ref, ours = through_safetensors(cfg, tmp_path)
     assert ours.state_dict().keys() == ref.state_dict().keys()
     assert len(ours.mid_block.attentions[0].transformer_blocks) == 3
     assert ours.down_blocks[0].attentions is None and ours.up_blocks[2].attentions is None
