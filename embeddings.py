@@ -1,6 +1,6 @@
 """Learned token embeddings: the new words that textual inversion (Gal et al. 2023) and ReVersion
 (Huang et al. 2024) train into a frozen CLIP text encoder, one or more vectors of its width per
-word, read from their files and added to clip.py's tokenizer and text encoder.
+word, read from their files and added to bpe.py's tokenizer and clip.py's text encoder.
 
 The files `read_embeddings` reads:
 - diffusers' `learned_embeds.safetensors` and `learned_embeds.bin` (a torch pickle), as its
@@ -13,7 +13,7 @@ Pickles are read with torch's weights-only loader. `save_embeddings` writes diff
 
 A token of n > 1 vectors is added as diffusers adds it, as the n tokens "tok", "tok_1", ...,
 "tok_{n-1}"; the tokenizer writes a prompt's "tok" out as "tok tok_1 ... tok_{n-1}" before encoding
-it (`clip.CLIPTokenizer.expand`, diffusers' `maybe_convert_prompt`).
+it (`bpe.CLIPTokenizer.expand`, diffusers' `maybe_convert_prompt`).
 """
 import os
 
@@ -79,7 +79,7 @@ def save_embeddings(path, embeddings):
 
 def add_embeddings(tokenizer, text_encoder, embeddings):
     """Add each token of `embeddings` (token -> (n, D), as `read_embeddings` gives it) to
-    `tokenizer` (a clip.CLIPTokenizer), as "tok", "tok_1", ..., "tok_{n-1}" when n > 1, and its
+    `tokenizer` (a bpe.CLIPTokenizer), as "tok", "tok_1", ..., "tok_{n-1}" when n > 1, and its
     vectors as the new rows of `text_encoder`'s token embedding (a clip.CLIPTextModel): the
     nn.Embedding is replaced by a bigger one, the existing rows bit for bit, in the same dtype and
     on the same device, and `config.vocab_size` follows. Returns token -> its n ids.
@@ -87,7 +87,7 @@ def add_embeddings(tokenizer, text_encoder, embeddings):
     Everything is checked before anything changes; a one-line LoadError for a width other than the
     encoder's, or for a token that is in the vocabulary (after earlier ones of `embeddings`) or
     whose "tok_1", ... is (as in diffusers: a "tok_1" there would be taken into the prompts' "tok",
-    `clip.CLIPTokenizer.expand`). As there, the check is on the vocabulary's entries: "red" (the
+    `bpe.CLIPTokenizer.expand`). As there, the check is on the vocabulary's entries: "red" (the
     vocabulary holds "red</w>") can be added, and then takes "red", and "tired", for itself."""
     if not embeddings:
         return {}

@@ -8,7 +8,7 @@ the HPS v2 scorer (hps.py).
   the SD text encoder and both towers). The config parsing (`OpenCLIPConfig`, the ViT-g-14 and
   ViT-H-14 configs) follows the network.
 - `load_open_clip` reads open_clip's own weight files (`convert_open_clip_state_dict`),
-  `open_clip_tokenize` gives open_clip's token ids from clip.py's BPE tokenizer and
+  `open_clip_tokenize` gives open_clip's token ids from bpe.py's BPE tokenizer and
   `preprocess_image` its image transform.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
+from bpe import CLIPTokenizer
+from clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer
 from loading import (LoadError, MissingFile, fetch, key_listing, load_weights, read_json,
                      read_tensors)
 

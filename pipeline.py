@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 import embeddings
 import textcache
 from redilate import Plan, Redilated
-from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
+from bpe import CLIPTokenizer
+from clip import CLIPTextModel, convert_text_state_dict
 from controlnet import ControlledUNet
 from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
 from dit import PixArt

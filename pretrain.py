@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 import toy
 import toyeval
-from clip import CLIPTextModel, CLIPTokenizer
+from bpe import CLIPTokenizer
+from clip import CLIPTextModel
 from controlnet import ControlledUNet, ControlNet
 from diffusion import NoiseSchedule, Text, predict
 from dit import PixArt

@@ -7,7 +7,7 @@ diffusion model on a laptop CPU in minutes (the measuring stick that scores it i
   colour and shading and the background (a tinted gradient with soft blotches and pixel noise) vary,
   all drawn from a torch.Generator, so the same seed gives the same images.
 - Tokenizer: `write_tokenizer` writes a tiny CLIP BPE tokenizer in the Hugging Face file format
-  (`clip.CLIPTokenizer` reads it) in which every word of the prompts is one token.
+  (`bpe.CLIPTokenizer` reads it) in which every word of the prompts is one token.
 - ControlNet data (paper Fig. 5 on the toy): prompts that name size, colour and shape but not the
   position ("a large red circle"), with the object's silhouette (`render(..., mask=True)`) as the
   ControlNet's condition.
@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from clip import bytes_to_unicode
+from bpe import bytes_to_unicode
 
 BACKBONES = ("toy", "toy-dit")  # the toy backbones (pipeline.BACKBONES): a U-Net with CLIP, a DiT with T5
 

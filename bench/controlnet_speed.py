@@ -34,7 +34,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import toy
-from clip import CLIPTextModel, CLIPTokenizer
+from bpe import CLIPTokenizer
+from clip import CLIPTextModel
 from controlnet import ControlNet, load_controlnet
 from diffusion import NoiseSchedule
 from pipeline import BACKBONES, DTYPES, Pipeline, load_pipeline, load_unet_file

@@ -37,7 +37,8 @@ sys.path.insert(0, BENCH)
 from controlnet_speed import SMALL_TEXT, SMALL_UNET, SMALL_VAE, read, sd_tokenizer  # noqa: E402 (and the repo on the path)
 from vsd_step import SMALL_DIT  # noqa: E402
 import toy  # noqa: E402
-from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict  # noqa: E402
+from bpe import CLIPTokenizer  # noqa: E402
+from clip import CLIPTextModel, convert_text_state_dict  # noqa: E402
 from diffusion import A_T, T_MAX, NoiseSchedule, Text, one_step  # noqa: E402
 from dit import PixArt  # noqa: E402
 from loading import load_weights  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clip import bytes_to_unicode
+from bpe import bytes_to_unicode
 from openclip import OPENAI_MEAN, OPENAI_STD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from clip import bytes_to_unicode
+from bpe import bytes_to_unicode
 from tests.conftest import small_dit_config, small_unet_config
 
 TEXT_DIM = 32

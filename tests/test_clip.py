@@ -1,15 +1,19 @@
-"""clip.py against transformers (a test-only reference): the text encoder on random weights at small
-configs and at the real configs' shapes, the tokenizer on the real CLIP vocabulary (the BPE merges
+"""clip.py against transformers (a test-only reference): the text encoders on random weights at small
+configs and at the real configs' shapes (SD1.5, SD2.1, SDXL's two), SDXL's conditioning against diffusers'
+`StableDiffusionXLPipeline.encode_prompt`, and bpe.py's tokenizer on the real CLIP vocabulary (the BPE merges
 that open_clip_torch ships) with the real SD1.5 and SD2.1 special-token files."""
 import json
 import os
 import shutil
 
+import diffusers
 import pytest
 import torch
 import transformers
 
-from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
+from bpe import CLIPTokenizer
+from clip import (CLIPTextModel, CLIPTextModelWithProjection, convert_text_state_dict, sdxl_null_text,
+                  sdxl_text)
 from loading import load_weights, read_safetensors
 from tests.conftest import ROOT, relative_error, write_clip_vocab
 
@@ -17,31 +21,36 @@ SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_
              max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 
 
-def real_config(backbone):
-    with open(os.path.join(ROOT, "configs", backbone, "text_encoder", "config.json")) as f:
+def real_config(backbone, folder="text_encoder"):
+    with open(os.path.join(ROOT, "configs", backbone, folder, "config.json")) as f:
         return json.load(f)
 
 
-def reference_model(hidden_act):
-    """transformers' CLIPTextModel at a small config, every weight (LayerNorms too) randomised."""
+def reference_model(hidden_act, cls=transformers.CLIPTextModel, **changes):
+    """transformers' `cls` at a small config (SMALL with `changes`), every weight (LayerNorms too) randomised."""
     torch.manual_seed(0)
-    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act=hidden_act, **SMALL)).eval()
+    ref = cls(transformers.CLIPTextConfig(hidden_act=hidden_act, **dict(SMALL, **changes))).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return ref
 
 
+def load_ours(ref, path, cls=CLIPTextModel):
+    """Ours, built on meta from the config.json that transformers writes for `ref`, with the weights of its
+    model.safetensors."""
+    ref.save_pretrained(path)
+    with open(path / "config.json") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        ours = cls.from_config(cfg)
+    return load_weights(ours, convert_text_state_dict(read_safetensors(str(path / "model.safetensors")))).eval()
+
+
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])  # SD1.5 style, SD2.1 style
 def test_text_model_matches_transformers(hidden_act, tmp_path):
     ref = reference_model(hidden_act)
-    ref.save_pretrained(tmp_path)
-    with open(tmp_path / "config.json") as f:
-        cfg = json.load(f)
-    with torch.device("meta"):
-        ours = CLIPTextModel.from_config(cfg)
-    load_weights(ours, convert_text_state_dict(read_safetensors(str(tmp_path / "model.safetensors"))))
-    ours.eval()
+    ours = load_ours(ref, tmp_path)
     ids = torch.randint(0, SMALL["vocab_size"], (3, 77), generator=torch.Generator().manual_seed(1))
     for length in (77, 9):
         with torch.no_grad():
@@ -62,15 +71,111 @@ def test_convert_text_state_dict_layouts():
         assert convert_text_state_dict(state).keys() == ours.keys()
 
 
-@pytest.mark.parametrize("backbone,count", [("sd15", 123_060_480), ("sd21", 340_387_840)])
-def test_real_configs_build_on_meta(backbone, count):
-    cfg = real_config(backbone)
+@pytest.mark.parametrize("backbone,folder,count", [
+    ("sd15", "text_encoder", 123_060_480), ("sd21", "text_encoder", 340_387_840),
+    ("sdxl", "text_encoder", 123_060_480), ("sdxl", "text_encoder_2", 694_659_840)])  # CLIP-L; bigG + projection
+def test_real_configs_build_on_meta(backbone, folder, count):
+    cfg = real_config(backbone, folder)
+    projected = cfg["architectures"] == ["CLIPTextModelWithProjection"]
+    ours_cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+    ref_cls = transformers.CLIPTextModelWithProjection if projected else transformers.CLIPTextModel
     with torch.device("meta"):
-        ours = CLIPTextModel.from_config(cfg)
-        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(cfg))
+        ours = ours_cls.from_config(cfg)
+        ref = ref_cls(transformers.CLIPTextConfig.from_dict(cfg))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == count
     want = {k: v.shape for k, v in convert_text_state_dict(ref.state_dict()).items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == want
+    assert ("text_projection.weight" in want) == projected
+
+
+def test_sdxl_text_encoders_fit_the_sdxl_unet():
+    """SDXL's U-Net (configs/sdxl/unet) takes the two penultimate states side by side (768 + 1280) as its
+    cross-attention context, and the pooled 1280 beside six 256-wide size embeddings as its added embedding."""
+    first, second, unet = (real_config("sdxl", folder) for folder in ("text_encoder", "text_encoder_2", "unet"))
+    assert first["hidden_size"] + second["hidden_size"] == unet["cross_attention_dim"] == 2048
+    added = second["projection_dim"] + 6 * unet["addition_time_embed_dim"]
+    assert added == unet["projection_class_embeddings_input_dim"] == 2816
+    assert first["eos_token_id"] == second["eos_token_id"] == 2  # pooled at the largest id (CLIPTextTransformer.pool)
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 998])  # the legacy value of SD's and SDXL's configs; a real EOS id
+def test_text_model_with_projection_matches_transformers(eos_token_id, tmp_path):
+    """Every hidden state (SDXL reads [-2]: the penultimate layer's output, no final LayerNorm), the last hidden
+    state and `text_embeds` equal transformers' CLIPTextModelWithProjection. The EOS row is found as there: with
+    eos_token_id 2 at the first largest id, else at the first eos_token_id; they differ where an id above the
+    EOS's (998 here; an added token, 999) comes before it."""
+    ref = reference_model("gelu", transformers.CLIPTextModelWithProjection, projection_dim=48,
+                          eos_token_id=eos_token_id)
+    ours = load_ours(ref, tmp_path, CLIPTextModelWithProjection)
+    assert ours.text_projection.bias is None and ours.text_projection.weight.shape == (48, 64)
+    ids = torch.randint(3, 998, (4, 77), generator=torch.Generator().manual_seed(3))
+    for row, end in enumerate((76, 20, 1, 30)):
+        ids[row, end], ids[row, end + 1:] = 998, 0  # EOS, then "!" padding as SDXL's tokenizer_2 pads
+    ids[3, 10] = 999
+    with torch.no_grad():
+        want = ref(ids, output_hidden_states=True)
+        states, last = ours.text_model.hidden_states(ids), ours(ids)
+        embeds = ours.text_embeds(ids, last)
+        positions = ours.text_model.pool(ids, torch.arange(77.0)[None, :, None].expand(4, 77, 1))[:, 0]
+    assert positions.tolist() == [76, 20, 1, 10 if eos_token_id == 2 else 30]
+    assert len(states) == len(want.hidden_states) == 1 + 3
+    for got, expected in zip(states, want.hidden_states):
+        assert relative_error(got, expected) < 1e-5
+    assert relative_error(last, want.last_hidden_state) < 1e-5
+    assert embeds.shape == want.text_embeds.shape == (4, 48) and relative_error(embeds, want.text_embeds) < 1e-5
+    assert torch.equal(ours.text_embeds(ids), embeds)
+
+
+def sdxl_tokenizers(tmp_path):
+    """SDXL's two tokenizer folders on the toy vocabulary (16 tokens, EOS the largest id, 572): tokenizer/ is
+    the toy's, padding with EOS as SDXL's tokenizer/ does; tokenizer_2/ pads with "!" (id 0) as SDXL's does."""
+    first = os.path.join(ROOT, "assets", "toy", "tokenizer")
+    second = tmp_path / "tokenizer_2"
+    shutil.copytree(first, second)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        with open(second / name) as f:
+            settings = json.load(f)
+        with open(second / name, "w") as f:
+            json.dump(dict(settings, pad_token="!"), f)
+    return first, str(second)
+
+
+def test_sdxl_text_matches_diffusers_encode_prompt(tmp_path):
+    """sdxl_text on our tokenizers' ids equals diffusers' StableDiffusionXLPipeline.encode_prompt (a pipeline
+    of the two text encoders and tokenizers only: encode_prompt needs no U-Net, VAE or scheduler) with
+    classifier-free guidance: the (B, 16, 64 + 80) sequence and the pooled (B, 80); with no negative prompt
+    its negatives are sdxl_null_text's zeros, and a negative prompt "" is encoded as text."""
+    first, second = sdxl_tokenizers(tmp_path)
+    toy = dict(vocab_size=573, max_position_embeddings=16, bos_token_id=571, eos_token_id=2)  # SDXL's legacy 2
+    ref = reference_model("quick_gelu", **toy)
+    ref_2 = reference_model("gelu", transformers.CLIPTextModelWithProjection, hidden_size=80, num_attention_heads=5,
+                            intermediate_size=200, num_hidden_layers=4, projection_dim=80, **toy)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=ref, text_encoder_2=ref_2, tokenizer=transformers.CLIPTokenizer.from_pretrained(first),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(second), unet=None, scheduler=None,
+        add_watermarker=False)
+    assert pipe.config.force_zeros_for_empty_prompt
+    encoder = load_ours(ref, tmp_path / "text_encoder")
+    encoder_2 = load_ours(ref_2, tmp_path / "text_encoder_2", CLIPTextModelWithProjection)
+    prompts = ["a small red circle at the top left", "", "a large green square at the bottom right " * 3]
+    ids, ids_2 = CLIPTokenizer(first)(prompts), CLIPTokenizer(second)(prompts)
+    assert ids_2.tolist() == pipe.tokenizer_2(prompts, padding="max_length", max_length=16, truncation=True).input_ids
+    assert ids[1, 2:].eq(572).all() and ids_2[1, 2:].eq(0).all()  # "": BOS, EOS, then EOS / "!" padding
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu",
+                                                                       do_classifier_free_guidance=True)
+        got, got_pooled = sdxl_text(encoder, encoder_2, ids, ids_2)
+        _, negative_text, _, negative_text_pooled = pipe.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=True, negative_prompt="")
+        empty, empty_pooled = sdxl_text(encoder, encoder_2, CLIPTokenizer(first)([""] * 3),
+                                        CLIPTokenizer(second)([""] * 3))
+    assert got.shape == embeds.shape == (3, 16, 64 + 80) and got_pooled.shape == pooled.shape == (3, 80)
+    assert relative_error(got, embeds) < 1e-5 and relative_error(got_pooled, pooled) < 1e-5
+    null, null_pooled = sdxl_null_text(got, got_pooled)
+    assert null.shape == negative.shape and null_pooled.shape == negative_pooled.shape
+    assert torch.equal(null, negative) and torch.equal(null_pooled, negative_pooled) and not negative.any()
+    assert relative_error(empty, negative_text) < 1e-5 and relative_error(empty_pooled, negative_text_pooled) < 1e-5
+    assert negative_text.abs().amin(-1).gt(0).all()  # "" as text: not zeros
 
 
 @pytest.mark.parametrize("change,message", [({"hidden_act": "relu6"}, "hidden_act 'relu6'"),

@@ -11,7 +11,8 @@ import transformers
 from diffusers.loaders import TextualInversionLoaderMixin
 from safetensors.torch import save_file
 
-from clip import CLIPTextModel, CLIPTokenizer, convert_text_state_dict
+from bpe import CLIPTokenizer
+from clip import CLIPTextModel, convert_text_state_dict
 from embeddings import add_embeddings, read_embeddings, save_embeddings
 from loading import LoadError, load_weights, read_safetensors
 from tests.conftest import ROOT

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import metrics
-from clip import CLIPTokenizer
+from bpe import CLIPTokenizer
 from openclip import (OPENAI_MEAN, OPENAI_STD, VIT_G_14, VIT_H_14, OpenCLIP, convert_open_clip_state_dict, load_open_clip,
                       open_clip_tokenize, preprocess_image)
 from loading import LoadError

@@ -1,5 +1,5 @@
 """Tests of toy.py: the procedural dataset (determinism, prompts, what the pixels show), the tiny
-CLIP tokenizer (against clip.py and transformers), the classifier (accuracy, save/load) and the
+CLIP tokenizer (against bpe.py and transformers), the classifier (accuracy, save/load) and the
 Frechet distance in its feature space (small between samples of the data, large for corrupted data).
 The measured numbers these thresholds leave margin to are in the comments."""
 import time
@@ -11,7 +11,7 @@ import transformers
 
 import toy
 import toyeval
-from clip import CLIPTokenizer
+from bpe import CLIPTokenizer
 from loading import LoadError
 
 
