@@ -144,6 +144,7 @@ def command(args):
             "checkpoint": os.path.basename(checkpoint)}
     if args.overwrite and os.path.exists(args.out):
         shutil.rmtree(args.out) if os.path.isdir(args.out) else os.remove(args.out)
+    os.makedirs(args.out if want_dir else os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.format == "diffusers":
         export_student(student, args.out, meta)
     else:

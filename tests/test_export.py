@@ -99,6 +99,9 @@ def test_lora_format(repo, sd_run, tmp_path, capsys):
     from loading import read_weights
     student, lora = str(tmp_path / "student.safetensors"), str(tmp_path / "lora.safetensors")
     assert wadi.main(["export", "--run", str(sd_run), "--out", student]) == 0
+    assert wadi.main(["export", "--run", str(sd_run), "--format", "lora", "--rank", "2", "--out",
+                      str(tmp_path / "new" / "lora.safetensors")]) == 0  # its folder is made
+    capsys.readouterr()
     assert wadi.main(["export", "--run", str(sd_run), "--format", "lora", "--rank", "2", "--out", lora]) == 0
     printed = float(capsys.readouterr().out.split("relative weight error ")[1].split()[0])
     base, merged = read_weights(repo, "unet"), load_file(student)
