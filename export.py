@@ -35,7 +35,7 @@ from diffusion import NoiseSchedule
 from loading import MissingFile, check_state_dict, fetch, fetch_file, file_metadata, read_json, \
     read_tensors, read_weights, save_tensors, weight_files, write_json
 from lorad import merge_adapters
-from pipeline import parts_of
+from pipeline import has_vae, parts_of
 from vsd import VSDConfig, shared_copy
 
 FORMATS = ("diffusers", "pipeline", "single-file", "lora")
@@ -96,7 +96,7 @@ def write_pipeline(out, run, pipe, merged, a_T):
     """A diffusers pipeline folder at `out` (module docstring)."""
     folder = "transformer" if "pixart" in run["backbone"] else "unet"
     parts = parts_of(run["base_model"])
-    if not has_file(parts, "vae/config.json"):
+    if not has_vae(parts):
         raise UsageError(f"--format pipeline: {run['backbone']} has no VAE; diffusers' pipelines need one")
     write_json(os.path.join(out, "model_index.json"),
                {**PIPELINES[folder], "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]})
@@ -153,7 +153,7 @@ def command(args):
             write_pipeline(args.out, run, pipe, merged, a_T)
         elif args.format == "lora":
             lora, error = kohya.extract_lora(base, merged, args.rank)
-            save_tensors(lora, args.out, {k: str(v) for k, v in meta.items()})
+            save_tensors(lora, args.out, meta)
             print(f"LoRA of rank {args.rank} on {len(lora) // 3} layers: relative weight error {error:.4f} "
                   f"(||dW - up down|| / ||dW||, all layers; a rotation is not exactly low-rank)")
         else:
@@ -161,7 +161,7 @@ def command(args):
             vae = read_weights(parts, "vae")
             text = read_weights(parts, "text_encoder")
             save_tensors(ldm.to_single_file(merged, config, vae, text, run["backbone"]),
-                         args.out, {k: str(v) for k, v in meta.items()})
+                         args.out, meta)
     weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
     unfinished = "" if os.path.isfile(os.path.join(args.run, "student.safetensors")) else (
         f"; the run is unfinished (no student.safetensors yet): this is its state at step "
