@@ -40,10 +40,10 @@ import trainlog
 from checkpoint import (TrainingInterrupted, checkpoint_path, find_checkpoint, interruptible,
                         load_optimizer, optimizer_tensors, prune_checkpoints)
 from cli import UsageError
-from diffusion import Text, predict
+from diffusion import predict
 from loading import LoadError, file_metadata, read_tensors, save_tensors, write_json
 from metrics import center_crop_resize, read_image
-from pipeline import BACKBONES, DTYPES, load_pipeline
+from pipeline import BACKBONES, DTYPES, encode_text, load_pipeline
 
 PREPOSITIONS = tuple("""about above across after against along amid among around at atop before behind
 below beneath beside besides between beyond by down during from in inside into near next of off on
@@ -170,8 +170,7 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
             t = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
             eps = torch.randn((batch_size, *x0.shape[1:]), generator=gen).to(x0)
             xt = pipe.schedule.add_noise(x0[pick], eps, t)
-            text = Text(encoder(tokenizer(prompts).to(param.device)))  # as encode_text, with gradients
-            pred = predict(pipe.denoiser, xt, t.to(param.device), text)
+            pred = predict(pipe.denoiser, xt, t.to(param.device), encode_text(encoder, tokenizer, prompts))
             denoise = F.mse_loss(pred.float(), pipe.schedule.target(x0[pick], eps, t).float())
             loss, steer = denoise, torch.zeros(())
             if steer_weight:

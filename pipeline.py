@@ -101,11 +101,12 @@ def text_encoder_kind(cfg):
     return "t5" if cfg.get("model_type") == "t5" or "T5EncoderModel" in cfg.get("architectures", ()) else "clip"
 
 
-@torch.no_grad()
 def encode_text(encoder, tokenizer, prompts, clip_mask=False):
-    """Text of a list of prompts, on the encoder's device: CLIP: ids -> last hidden state, without a
-    mask as Stable Diffusion encodes (with `clip_mask`, CLIP attends to the prompt's tokens only, as
-    the official training code encodes its training prompts; the denoiser gets no mask either way);
+    """Text of a list of prompts, on the encoder's device, with gradients where the encoder has
+    trainable weights (invert.py's token row; `Pipeline.encode_prompts` and `prepare_prompts` turn
+    them off). CLIP: ids -> last hidden state, without a mask as Stable Diffusion encodes (with
+    `clip_mask`, CLIP attends to the prompt's tokens only, as the official training code encodes its
+    training prompts; the denoiser gets no mask either way);
     T5: (ids, mask) -> last hidden state (B, 120, D) and the mask ("" has one valid token, eos)."""
     device = next(encoder.parameters()).device
     if isinstance(tokenizer, CLIPTokenizer) and clip_mask:
@@ -165,6 +166,7 @@ class Pipeline:
         param = next(self.denoiser.parameters())
         return self.prompt_cache.lookup(prompts).to(param.device, param.dtype)
 
+    @torch.no_grad()
     def prepare_prompts(self, prompts, cache_dir=None, rank=0, world=1, batch_size=64):
         """Make `encode_prompts` answer every one of `prompts` without a large text encoder resident. A
         resident encoder (CLIP) needs nothing. T5: the prompt cache of this prompt list, encoder, tokenizer
