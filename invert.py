@@ -160,6 +160,7 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
     weights = importance_weights(len(pipe.schedule.alphas_cumprod), alpha).float()
     skip = set(word_ids(tokenizer, STOP_WORDS)) | set(word_ids(tokenizer, positive_words)) | {
         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, token_id}
+    rows = learned.frozen.float()  # (V - 1, D), the other rows: the steering loss's words, fixed
     bar = tqdm(range(start, steps), desc="invert", initial=start, total=steps, dynamic_ncols=True)
     with interruptible() as stop, open(os.path.join(out, "invert.log"), "a") as logfile, \
             trainlog.open_writer(out, log_to, start) as writer:
@@ -177,8 +178,6 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
                 words = [positive_words[i] for _ in prompts
                          for i in torch.randperm(len(positive_words), generator=gen)[:positives].tolist()]
                 negative = [i for p in prompts for i in tokenizer.encode(p) if i not in skip]
-                with torch.no_grad():
-                    rows = learned.frozen.float()
                 steer = steer_loss(learned.row, rows[word_ids(tokenizer, words)], rows[negative], temperature)
                 loss = loss + steer_weight * steer
             opt.zero_grad(set_to_none=True)
