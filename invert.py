@@ -27,7 +27,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from checkpoint import (TrainingInterrupted, checkpoint_path, find_checkpoint, i
 from cli import UsageError
 from diffusion import predict
 from loading import LoadError, file_metadata, read_tensors, save_tensors, write_json
-from metrics import center_crop_resize, read_image
+from metrics import read_image_folder
 from pipeline import BACKBONES, DTYPES, encode_text, load_pipeline
 
 PREPOSITIONS = tuple("""about above across after against along amid among around at atop before behind
@@ -87,12 +86,8 @@ def read_exemplars(directory, resolution, template=None):
     """(images (N, 3, S, S) in [-1, 1], templates: for each image its list of prompts with "{}") from
     a folder of images and ReVersion's `text.json` ({file name: [templates]}), or one `template` for
     all. Centre-cropped and resized (Lanczos) to `resolution`."""
-    if not os.path.isdir(directory):
-        raise LoadError(f"--exemplars {directory}: no such directory")
-    names = sorted(f for f in os.listdir(directory) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
-    if len(names) < 2:
-        raise LoadError(f"--exemplars {directory} holds {len(names)} image(s); the relation needs several "
-                        f"(ReVersion: 4 to 10)")
+    images, names = read_image_folder(directory, resolution, "--exemplars", at_least=2,
+                                      hint="the relation needs several; ReVersion: 4 to 10")
     texts = os.path.join(directory, "text.json")
     if template is None and not os.path.isfile(texts):
         raise LoadError(f"--exemplars {directory} has no text.json ({{image: [templates with {{}}]}}, "
@@ -101,9 +96,7 @@ def read_exemplars(directory, resolution, template=None):
     missing = [n for n in names if not table.get(n) or any("{}" not in t for t in table[n])]
     if missing:
         raise LoadError(f"{texts}: no templates with {{}} for {', '.join(missing[:3])}")
-    images = np.stack([np.asarray(read_image(os.path.join(directory, n), lambda im: center_crop_resize(
-        im, resolution))) for n in names])  # (N, S, S, 3) uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, [table[n] for n in names]
+    return images, [table[n] for n in names]
 
 
 def check_token(tokenizer, token, init):
@@ -114,13 +107,6 @@ def check_token(tokenizer, token, init):
     if token in tokenizer.vocab:
         raise UsageError(f"--token {token!r} is already in the tokenizer's vocabulary; choose a new one")
     return init_ids[0]
-
-
-def keep_log(path, step):
-    """Drop the lines of a log after `step` (a resumed run writes them again)."""
-    if os.path.isfile(path):
-        lines = [line for line in open(path) if int(line.split()[0]) <= step]
-        open(path, "w").writelines(lines)
 
 
 def word_ids(tokenizer, words):
@@ -156,7 +142,7 @@ def invert(pipe, images, templates, out, token="<R>", init="and", steps=3000, ba
         load_optimizer(opt, tensors, "opt")
         gen.set_state(tensors["rng"])
         log(f"resumed {resume} at step {start}")
-    keep_log(os.path.join(out, "invert.log"), start)
+    trainlog.keep_log(os.path.join(out, "invert.log"), start)
     weights = importance_weights(len(pipe.schedule.alphas_cumprod), alpha).float()
     skip = set(word_ids(tokenizer, STOP_WORDS)) | set(word_ids(tokenizer, positive_words)) | {
         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, token_id}

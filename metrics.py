@@ -61,6 +61,25 @@ def read_image(path, transform=center_crop_resize):
         raise LoadError(f"cannot read the image {path}: {image_problem(path, e)}") from None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_image_folder(directory, resolution, option, at_least=1, hint=""):
+    """(images (N, 3, S, S) float32 in [-1, 1], file names) of the images in `directory`, sorted by
+    name, centre-cropped and resized (Lanczos) to `resolution`; a LoadError naming the command-line
+    `option` when the folder is missing, has fewer than `at_least` images (`hint` says how many it
+    wants) or an image cannot be read."""
+    if not os.path.isdir(directory):
+        raise LoadError(f"{option} {directory}: no such directory")
+    names = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_SUFFIXES))
+    if len(names) < at_least:
+        raise LoadError(f"{option} {directory} holds {len(names)} image(s); it needs {at_least} or more"
+                        f"{f' ({hint})' if hint else ''}")
+    images = np.stack([np.asarray(read_image(os.path.join(directory, n), lambda im: center_crop_resize(
+        im, resolution))) for n in names])  # (N, S, S, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, names
+
+
 def image_problem(path, error):
     """What is wrong with an image file that PIL could not read, in words."""
     if os.path.getsize(path) == 0:

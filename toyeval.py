@@ -38,11 +38,13 @@ from toy import (ATTRIBUTES, all_attributes, balanced_attributes, control_image,
 class ToyClassifier(nn.Module):
     """A small CNN: four 3x3 convolutions (32x32 -> 4x4), each followed by a GroupNorm with one
     group (per-image statistics, so train and eval behave the same) and SiLU; a linear layer to the
-    `features`-d penultimate vector; one linear head per attribute."""
+    `features`-d penultimate vector; one linear head per attribute, and with `subject` a fifth that
+    tells DreamBooth's toy subject (toy.render's striped objects) from ordinary ones."""
 
-    def __init__(self, width=16, features=64):
+    def __init__(self, width=16, features=64, subject=False):
         super().__init__()
-        self.config = {"width": width, "features": features, "attributes": [list(v) for v in ATTRIBUTES]}
+        self.config = {"width": width, "features": features, "attributes": [list(v) for v in ATTRIBUTES],
+                       **({"subject": True} if subject else {})}
         w = width
         self.convs = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(1, w), nn.SiLU(),  # (B, w, 32, 32)
@@ -51,29 +53,35 @@ class ToyClassifier(nn.Module):
             nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(1, 4 * w), nn.SiLU(),  # (B, 4w, 4, 4)
         )
         self.project = nn.Linear(4 * w * 16, features)
-        self.heads = nn.ModuleList([nn.Linear(features, len(values)) for values in ATTRIBUTES])
+        self.heads = nn.ModuleList([nn.Linear(features, len(values))
+                                    for values in (*ATTRIBUTES, *[(False, True)] * subject)])
 
     def features(self, x):  # (B, 3, 32, 32) in [-1, 1] -> (B, features)
         return F.silu(self.project(self.convs(x).flatten(1)))
 
-    def forward(self, x):  # (B, 3, 32, 32) -> [(B, 2), (B, 4), (B, 4), (B, 4)] logits
+    def forward(self, x):  # (B, 3, 32, 32) -> [(B, 2), (B, 4), (B, 4), (B, 4)] logits (, (B, 2))
         h = self.features(x)
         return [head(h) for head in self.heads]
 
 
-def train_classifier(steps=500, batch_size=64, seed=0, lr=2e-3, progress=True):
+def train_classifier(steps=500, batch_size=64, seed=0, lr=2e-3, progress=True, subject=False):
     """A ToyClassifier trained on fresh samples (a new batch every step, from a generator seeded
-    with `seed`, as are the initial weights) with AdamW and a linearly decaying learning rate.
+    with `seed`, as are the initial weights) with AdamW and a linearly decaying learning rate; with
+    `subject`, half of each batch shows the DreamBooth subject and the fifth head learns which.
     Returns it in eval mode, on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ToyClassifier()
+        model = ToyClassifier(subject=subject)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     bar = tqdm(range(steps), desc="toy classifier", unit="step", disable=not progress)
     for _ in bar:
         images, _, attributes = sample(batch_size, generator)
+        if subject:
+            striped = torch.arange(batch_size) % 2 == 1
+            images = render(attributes, generator, striped=striped)
+            attributes = torch.cat([attributes, striped[:, None].long()], 1)
         loss = sum(F.cross_entropy(logits, target) for logits, target in zip(model(images), attributes.T))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,7 +108,7 @@ def load_classifier(directory):
         raise LoadError(f"{directory}/config.json lacks {', '.join(missing)}: not a toy classifier config")
     if config["attributes"] != [list(v) for v in ATTRIBUTES]:
         raise LoadError(f"the toy classifier in {directory} was trained on other attributes than toy.py's")
-    model = ToyClassifier(config["width"], config["features"])
+    model = ToyClassifier(config["width"], config["features"], config.get("subject", False))
     state = read_safetensors(os.path.join(directory, "model.safetensors"))
     load_weights(model, state, what=f"toy classifier {directory}")
     return model.eval().requires_grad_(False)
@@ -111,7 +119,8 @@ def load_classifier(directory):
 
 @torch.no_grad()
 def classify(classifier, images, batch_size=1000):
-    """Features (N, F) and predicted attributes (N, 4) of images (N, 3, 32, 32), clamped to
+    """Features (N, F) and predicted attributes (N, 4; a subject classifier's (N, 5), the fifth 1
+    for the subject) of images (N, 3, 32, 32), clamped to
     [-1, 1] first (as saving them would), in batches on the classifier's device."""
     device = next(classifier.parameters()).device
     features, predictions = [], []
@@ -136,7 +145,7 @@ def toy_metrics(images, attributes, classifier, reference_stats):
     features, predictions = classify(classifier, images)
     mu, sigma = feature_statistics(features.numpy())
     return {"fd": frechet_distance(mu, sigma, *reference_stats),
-            "accuracy": (predictions == attributes.cpu()).all(1).float().mean().item()}
+            "accuracy": (predictions[:, :4] == attributes.cpu()).all(1).float().mean().item()}
 
 
 # -----------------------------------------------------------------------------------------------

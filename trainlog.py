@@ -56,6 +56,13 @@ def open_writer(out, kind, step=0):
             writer.close()
 
 
+def keep_log(path, step):
+    """Drop the lines of a step-numbered log after `step` (a resumed run writes them again)."""
+    if os.path.isfile(path):
+        lines = [line for line in open(path) if int(line.split()[0]) <= step]
+        open(path, "w").writelines(lines)
+
+
 def log_scalars(writer, step, scalars):
     """{tag: number} at `step` to `writer` (None: nothing)."""
     for tag, value in scalars.items() if writer else ():

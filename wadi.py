@@ -12,6 +12,9 @@
     python wadi.py analyze --student runs/sd15 --out analysis/sd15     (paper Fig. 2)
     python wadi.py plot runs/toy runs/toy-seed1 --out runs/losses.png   (loss curves, overlaid)
     python wadi.py invert --exemplars painted_on/ --out runs/painted_on  (ReVersion: a relation token)
+    python wadi.py dreambooth --instance-dir cat/ --instance-prompt "a photo of sks cat" \
+        --class-prompt "a photo of a cat" --out runs/sks-cat                  (paper Fig. 7)
+    python wadi.py sample --unet STUDENT.safetensors --adapter-add runs/sks-cat --prompt "..." --out sks.png
 
 `train` distills the backbone's teacher into a one-step student (under torchrun: DDP over all
 processes); `export` writes a run's merged student as one denoiser file in diffusers keys; `sample`
@@ -19,7 +22,8 @@ draws one-step images from a student (x0 = (z - sqrt(1 - a_T) eps(z, 999)) / sqr
 images with classifier-free guidance from the teacher; `pretrain` trains a toy backbone from
 scratch; `analyze` compares a student's weights with its teacher's (analysis.py); `plot` draws
 train runs' loss curves (trainlog.py); `invert` learns a token on the teacher that the student
-uses (invert.py). Every failure the
+uses (invert.py); `dreambooth` fine-tunes the teacher on a subject, and its LoRaD angles add to a
+student's (dreambooth.py). Every failure the
 user can fix (a bad option value, missing or unreachable weights, a corrupt checkpoint, a bad prompt
 file, a non-finite loss) is one line on stderr and exit code 2; Ctrl-C during `train` saves the
 step and exits with 130.
@@ -35,6 +39,7 @@ from tqdm import tqdm
 import analysis
 import cli
 import demo
+import dreambooth
 import dryrun
 import export
 import invert
@@ -70,6 +75,8 @@ def cmd_sample(args):
         raise UsageError("--controlnet draws square images: give --resolution, not --height and --width")
     guidance = pick_backbone(backbone, resolution, model).guidance if args.guidance is None else args.guidance
     pipe = load_pipeline(backbone, model, unet, dtype, device, resolution=resolution)
+    for run in args.adapter_add or []:
+        dreambooth.add_run(pipe.denoiser, run, backbone)
     tokens = pipe.add_embeddings(args.embedding or [])
     if backbone in toy.BACKBONES:
         toy.warn_unknown_words(prompts, backbone, known=tokens)
@@ -190,6 +197,9 @@ def build_parser():
     g.add_argument("--grid", action="store_true", help="also write grid.png (directory output)")
     g.add_argument("--embedding", action="append", help="learned tokens for the prompts (repeatable): `invert`'s "
                    "or diffusers' learned_embeds.safetensors / .bin, A1111 / ComfyUI textual-inversion .pt / .safetensors")
+    g.add_argument("--adapter-add", action="append", metavar="RUN", help="a `dreambooth` run's adapter added to "
+                   "the denoiser (repeatable): LoRaD angles add to a LoRaD student's, a one-step personalised "
+                   "generator without distilling again (dreambooth.py)")
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
@@ -286,6 +296,7 @@ def build_parser():
 
     pretrain.add_parser(sub)
     invert.add_parser(sub)
+    dreambooth.add_parser(sub)
     demo.add_parser(sub)
 
     export.add_parser(sub)
