@@ -10,6 +10,7 @@ SwiftBrushV2:
     torchrun --nproc_per_node 8 evaluate.py --coco 2014 ...                      (generation and features split)
     python evaluate.py --hps [FILE] --backbone sd15 --unet STUDENT.safetensors --hps-prompts DIR --out DIR
                                                            (HPS v2.1 on the HPD v2 benchmark: hps.py)
+    python evaluate.py --dreambooth DATASET --runs RUNS [--unet STUDENT] --out DIR   (dreambench.py)
 
 The metrics (metrics.py):
 
@@ -24,7 +25,7 @@ The metrics (metrics.py):
   embeddings (scale 1; the paper reports 0.30-0.33), with openclip.py's towers.
 
 The networks live in inception.py and openclip.py, the metrics in metrics.py; this file holds the
-protocols and the command line.
+protocols (DreamBooth's: dreambench.py) and the command line.
 
 The COCO protocol (`evaluate_coco`):
 - captions: COCO 2014 uses the 30,000-line `captions.txt` of GigaGAN / DMD2 given with --captions, or
@@ -52,6 +53,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import cli
+import dreambench
 import toy
 import toyeval
 from controlnet import load_controlnet
@@ -134,7 +136,6 @@ def coco_protocol(year, coco_dir, captions_file=None, num=None):
 # The COCO protocol: scoring, over all ranks
 
 
-
 def score_images(paths, inception, batch_size, clip=None, tokenizer=None, captions=None):
     """Inception pool3 features (n, 2048) of the image files and, given a CLIP model, the sum of their
     CLIP cosines with CLIP_PREFIX + caption (0.0 without). Chunks of CHUNK images are read and
@@ -149,7 +150,6 @@ def score_images(paths, inception, batch_size, clip=None, tokenizer=None, captio
                 texts = [CLIP_PREFIX + c for c in captions[start:start + CHUNK]]
                 clip_sum += clip_score(clip, tokenizer, images, texts, batch_size) * len(images)
     return np.concatenate(features), clip_sum
-
 
 
 def reference_statistics(paths, name, inception, cache_dir, batch_size, rank, world):
@@ -297,6 +297,7 @@ def build_parser():
                                                              "teacher (25-step DDIM + CFG and 1 step) and --student")
     protocol.add_argument("--toy-controlnet", action="store_true", help="the toy ControlNet protocol: position "
                                                                         "accuracy with the object's mask as condition")
+    dreambench.add_arguments(parser, protocol)
     g = parser.add_argument_group("COCO")
     g.add_argument("--coco-dir", help="COCO folder holding val2014/ or val2017/ and annotations/")
     g.add_argument("--captions", help="caption list, one per line (COCO 2014: GigaGAN's / DMD2's captions.txt; "
@@ -372,6 +373,8 @@ def main(argv=None):
             cmd_toy(args)
         elif args.toy_controlnet:
             cmd_toy_controlnet(args)
+        elif args.dreambooth:
+            dreambench.command(args, process_device()[2])
         elif args.hps is not None:
             evaluate_hps(args.hps_prompts, args.out, Generation.from_options(args), args.hps, args.hps_version,
                          args.images, args.batch_size)

@@ -8,6 +8,7 @@ the HPS v2 scorer (hps.py).
   the SD text encoder and both towers). The config parsing (`OpenCLIPConfig`, the ViT-g-14 and
   ViT-H-14 configs) follows the network.
 - `load_open_clip` reads open_clip's own weight files (`convert_open_clip_state_dict`),
+  `load_transformers_clip` a transformers CLIPModel's (OpenAI's ViT-L/14, DreamBooth's metrics),
   `open_clip_tokenize` gives open_clip's token ids from bpe.py's BPE tokenizer and
   `preprocess_image` its image transform.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from loading import (LoadError, MissingFile, fetch, key_listing, load_weights, r
 
 # open_clip's ViT-g-14, pretrained="laion2b_s12b_b42k"
 OPEN_CLIP_REPO = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
+OPENAI_CLIP_REPO = "openai/clip-vit-large-patch14"  # transformers' layout (load_transformers_clip)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -301,6 +303,36 @@ def load_open_clip(path=OPEN_CLIP_REPO, config=None, device="cpu", dtype=torch.f
     state, file = read_open_clip_weights(path)
     state = convert_open_clip_state_dict(state, model, what=file)
     load_weights(model, state, what=file, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_transformers_clip(path=OPENAI_CLIP_REPO, device="cpu"):
+    """OpenCLIP with the weights of a transformers `CLIPModel` repo or directory (config.json with
+    text_config and vision_config; model.safetensors, else pytorch_model.bin): OpenAI's ViT-L/14 by
+    default, the CLIP of DreamBooth's CLIP-I and CLIP-T as OFT's evaluation code computes them. The
+    keys are ours already; the position_ids buffers of older files are dropped. fp32, frozen."""
+    path = os.fspath(path)
+    config_file = fetch(path, "config.json")
+    cfg = read_json(config_file)
+    vision = cfg.get("vision_config", {})
+    try:
+        config = OpenCLIPConfig(embed_dim=cfg.get("projection_dim", 512), vision=CLIPVisionConfig(
+            **{f.name: vision[f.name] for f in fields(CLIPVisionConfig) if f.name in vision}),
+            text=CLIPTextConfig.from_dict({"model_type": "clip_text_model", **cfg.get("text_config", {})}))
+    except ValueError as e:
+        raise LoadError(f"{config_file}: {e}") from None
+    with torch.device("meta"):
+        model = OpenCLIP(config)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            file = fetch(path, name)
+            break
+        except MissingFile:
+            continue
+    else:
+        raise LoadError(f"no weights in {path} (looked for model.safetensors, pytorch_model.bin)")
+    state = {k: v for k, v in read_tensors(file).items() if not k.endswith("position_ids")}
+    load_weights(model, state, what=file, dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)
 
 

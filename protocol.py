@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cli import check_steps, pick_dtype, student_backbone
 from ddp import all_gather
+from dreambooth import add_run
 from loading import LoadError, fetch_file, read_json
 from metrics import check_images
 from pipeline import CACHE_DIR, DTYPES, load_pipeline, pick_backbone, student_a_T
@@ -42,11 +43,12 @@ class Generation:
     dtype: str = None         # a key of pipeline.DTYPES; None: fp16 on a GPU, fp32 on the CPU
     batch_size: int = 32
     cache_dir: str = CACHE_DIR  # where a T5 caches its prompt embeddings
+    adapters: tuple = ()      # dreambooth runs whose adapters are added to `unet` (dreambooth.add_run)
 
     @classmethod
     def from_options(cls, options):
         """From a command line's parsed options (an argparse namespace), read, not changed."""
-        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls) if hasattr(options, f.name)})
 
 
 def caption_hash(captions):
@@ -94,7 +96,7 @@ def generation_settings(gen: Generation, unet_file, captions, dtype):
             "guidance": gen.guidance if gen.steps > 1 else None,
             "resolution": gen.resolution or spec.resolution,
             "dtype": next(k for k, v in DTYPES.items() if v == dtype),
-            "captions_sha256": caption_hash(captions)}
+            "captions_sha256": caption_hash(captions), **({"adapters": list(gen.adapters)} if gen.adapters else {})}
 
 
 def check_settings(directory, settings, rank):
@@ -150,6 +152,8 @@ def generate_folders(gen: Generation, folders, device, rank, world):
         todo.append([i for i in mine if not os.path.isfile(image_path(directory, i))])
     if any(todo):
         pipe = load_pipeline(gen.backbone, gen.model, unet_file, dtype, device, resolution=gen.resolution)
+        for run in gen.adapters:
+            add_run(pipe.denoiser, run, gen.backbone)
         # this rank's captions (all of them, so that a resumed run finds the same cache), each rank on
         # its own
         mine = [c for captions, _ in folders for c in captions[rank::world]]
