@@ -4,6 +4,8 @@ composition exact (a student plus DreamBooth's angles is the teacher rotated by 
 resume, and `wadi.py dreambooth` then `sample --adapter-add` end to end on the toy and on a tiny SD repo
 with real subject images (tests/data/dreambooth), with one-line errors."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -188,3 +190,19 @@ def test_one_line_errors(tmp_path, repo, capsys):
     assert "no adapter.safetensors" in error([*sample, "--adapter-add", str(tmp_path)])
     with pytest.raises(SystemExit):
         wadi.main([*base[:-1], "--adapter", "nope"])
+
+
+def test_two_processes_train_what_one_does(tmp_path):
+    """torchrun with 2 processes (gloo): each takes half of every batch's rows and the gradients are
+    summed, so the adapter equals the one-process run's (to float rounding)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert wadi.main(command(tmp_path, one, "--steps", "3")) == 0
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "wadi.py", *command(tmp_path, two, "--steps", "3")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (read_tensors(str(d / "adapter.safetensors")) for d in (one, two))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().max() > 1e-4 for k in a if k.endswith("theta_a"))
+    assert [line.split()[0] for line in open(two / "dreambooth.log")] == ["1", "2", "3"]  # rank 0 alone logs

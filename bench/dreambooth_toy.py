@@ -19,7 +19,7 @@ POSITION" x --n seeds, a subject classifier (toyeval.train_classifier(subject=Tr
 Generators: the teacher at 25 DDIM steps (CFG 3) before and after each fine-tuning, and the one-step
 student (--student) plain and with each LoRaD / LoRA run added (`sample --adapter-add`).
 
-    python bench/dreambooth.py --student runs/toy --seeds 0 1 2 --out runs/dreambooth
+    python bench/dreambooth_toy.py --student runs/toy --seeds 0 1 2 --out runs/dreambooth
 """
 import argparse
 import json
