@@ -57,8 +57,10 @@ def prior_preservation_loss(pred, target, instance, n_instance, n_class, prior_w
 
 
 def class_key(pipe, prompts, n, seed, steps, guidance, resolution):
-    """What the class images depend on, and its hash: the cache folder's name."""
-    fields = {"weights": weights_hash(pipe.denoiser) + weights_hash(pipe.text_encoder),
+    """What the class images depend on, and its hash: the cache folder's name. The weights: the
+    denoiser's and the text encoder's (a T5, never resident, by its repo or folder)."""
+    text = weights_hash(pipe.text_encoder) if pipe.text_encoder is not None else pipe.text_model  # T5: its repo
+    fields = {"weights": weights_hash(pipe.denoiser) + text,
               "prompts": list(prompts), "n": n, "seed": seed, "steps": steps, "guidance": guidance,
               "resolution": resolution}
     return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -206,3 +206,13 @@ def test_two_processes_train_what_one_does(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(a[k].abs().max() > 1e-4 for k in a if k.endswith("theta_a"))
     assert [line.split()[0] for line in open(two / "dreambooth.log")] == ["1", "2", "3"]  # rank 0 alone logs
+
+
+def test_the_pixart_path_on_toy_dit(tmp_path):
+    """The DiT with T5 (its cached prompt embeddings and padding masks): a run, then a one-step model with it."""
+    run = tmp_path / "run"
+    assert wadi.main(command(tmp_path, run, "--steps", "2", backbone=("--backbone", "toy-dit"))) == 0
+    adapter = read_tensors(str(run / "adapter.safetensors"))
+    assert adapter and not any(k.startswith("adaln_single.") for k in adapter)  # the DiT student's rule
+    assert wadi.main(["sample", "--backbone", "toy-dit", "--adapter-add", str(run), "--prompt",
+                      "v large blue square at the top left", "--out", str(tmp_path / "x.png")]) == 0
