@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip import ACTIVATIONS, CLIPEncoder
-from loading import (LoadError, MissingFile, build, fetch, key_listing, load_weights, read_json,
+from loading import (LoadError, build, fetch, fetch_first, key_listing, load_weights, read_json,
                      read_tensors)
 
 DINO_REPO = "facebook/dino-vits16"
@@ -137,14 +137,7 @@ def load_dino(path=DINO_REPO, device="cpu"):
     config = fetch(path, "config.json")
     with torch.device("meta"):
         model = build(DINO, read_json(config), config)
-    for name in ("model.safetensors", "pytorch_model.bin"):  # the Hub repo has both
-        try:
-            file = fetch(path, name)
-            break
-        except MissingFile:
-            continue
-    else:
-        raise LoadError(f"no weights in {path} (looked for model.safetensors, pytorch_model.bin)")
+    file = fetch_first(path, ("model.safetensors", "pytorch_model.bin"))  # the Hub repo has both
     state = convert_vit_state_dict(read_tensors(file), model, what=file)
     load_weights(model, state, what=file, dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)

@@ -275,6 +275,17 @@ def fetch(model, path, hint="pass its directory with --model DIR"):
         raise LoadError(f"cannot fetch {path} from the Hugging Face repo {model}: {e}") from None
 
 
+def fetch_first(model, names, what="weights"):
+    """The local path of the first of `names` that `model` (a directory or Hub repo) holds; a
+    LoadError naming them all when it holds none."""
+    for name in names:
+        try:
+            return fetch(model, name)
+        except MissingFile:
+            continue
+    raise LoadError(f"no {what} in {model} (looked for {', '.join(names)})")
+
+
 def fetch_file(spec, option):
     """A single file named by the command-line `option` (e.g. "--unet"): a local path, a `wadi.py
     train` run directory (its merged student.safetensors), or `owner/repo/path/in/repo` on the

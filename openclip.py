@@ -25,7 +25,7 @@ from PIL import Image
 
 from bpe import CLIPTokenizer
 from clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer
-from loading import (LoadError, MissingFile, fetch, key_listing, load_weights, read_json,
+from loading import (LoadError, MissingFile, fetch, fetch_first, key_listing, load_weights, read_json,
                      read_tensors)
 
 # open_clip's ViT-g-14, pretrained="laion2b_s12b_b42k"
@@ -262,17 +262,7 @@ def read_open_clip_weights(path):
     directory or Hub repo holding one of OPEN_CLIP_FILES. A pickled training checkpoint gives its
     "state_dict" entry, as open_clip's own loader does (the HPS v2 releases are such
     checkpoints)."""
-    file = path
-    if not os.path.isfile(path):
-        for name in OPEN_CLIP_FILES:
-            try:
-                file = fetch(path, name)
-                break
-            except MissingFile:
-                continue
-        else:
-            raise LoadError(f"no open_clip weights in {path} (looked for "
-                            f"{', '.join(OPEN_CLIP_FILES)})")
+    file = path if os.path.isfile(path) else fetch_first(path, OPEN_CLIP_FILES, "open_clip weights")
     return read_tensors(file, key="state_dict"), file
 
 
@@ -323,14 +313,7 @@ def load_transformers_clip(path=OPENAI_CLIP_REPO, device="cpu"):
         raise LoadError(f"{config_file}: {e}") from None
     with torch.device("meta"):
         model = OpenCLIP(config)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            file = fetch(path, name)
-            break
-        except MissingFile:
-            continue
-    else:
-        raise LoadError(f"no weights in {path} (looked for model.safetensors, pytorch_model.bin)")
+    file = fetch_first(path, ("model.safetensors", "pytorch_model.bin"))
     state = {k: v for k, v in read_tensors(file).items() if not k.endswith("position_ids")}
     load_weights(model, state, what=file, dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)
