@@ -102,37 +102,46 @@ class NoiseSchedule:
 class Text:
     """A batch's text conditioning: `embeds` (B, L, D) and `mask` (B, L), 1 on tokens and 0 on
     padding (T5: PixArt's cross-attention skips the padding), or None when every position counts
-    (CLIP)."""
+    (CLIP); SDXL's U-Net also takes `pooled` (B, P), the second encoder's projected pooled text,
+    and `time_ids` (B, 6), the image's original size, crop corner and target size (docs/sdxl.md),
+    None elsewhere."""
     embeds: torch.Tensor
     mask: torch.Tensor = None
+    pooled: torch.Tensor = None
+    time_ids: torch.Tensor = None
+
+    def map(self, f, *others):
+        """A Text of f(name, field, the others' same field) for every field that is set."""
+        return Text(**{k: None if v is None else f(k, v, *(getattr(o, k) for o in others))
+                       for k, v in vars(self).items()})
 
     def to(self, device=None, dtype=None):
-        """Moved to `device`; the embeddings cast to `dtype` (the mask stays integer)."""
-        mask = None if self.mask is None else self.mask.to(device=device)
-        return Text(self.embeds.to(device=device, dtype=dtype), mask)
+        """Moved to `device`; the embeddings cast to `dtype` (the mask stays integer, the time ids
+        float32)."""
+        return self.map(lambda k, v: v.to(device=device,
+                                          dtype=dtype if k in ("embeds", "pooled") else None))
 
     def expand(self, n):
-        """One prompt's conditioning (1, L, D) as a batch of n (a view, nothing copied)."""
-        mask = None if self.mask is None else self.mask.expand(n, -1)
-        return Text(self.embeds.expand(n, -1, -1), mask)
+        """One prompt's conditioning (1, ...) as a batch of n (a view, nothing copied)."""
+        return self.map(lambda k, v: v.expand(n, *v.shape[1:]))
 
     def cat(self, other):
-        """This batch, then `other` (same L): (B + B', L, D)."""
-        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
-        return Text(torch.cat([self.embeds, other.embeds]), mask)
+        """This batch, then `other` (same L): (B + B', ...)."""
+        return self.map(lambda k, v, w: torch.cat([v, w]), other)
 
     def where(self, condition, other):
         """Per sample, this batch's row where `condition` (B,) is True, else `other`'s."""
-        mask = None if self.mask is None else torch.where(condition[:, None], self.mask, other.mask)
-        return Text(torch.where(condition[:, None, None], self.embeds, other.embeds), mask)
+        return self.map(lambda k, v, w: torch.where(condition.view(-1, *[1] * (v.dim() - 1)), v, w),
+                        other)
 
 
 def predict(net, x, t, text: Text):
     """The denoiser's prediction (B, C, H, W) for x (B, C, H, W) at timesteps t (scalar or (B,))
     under `text`: the first C output channels of net(x, t, embeds, mask) (PixArt's learned-variance
     channels follow them and are dropped here, as diffusers' PixArtAlphaPipeline keeps
-    `chunk(2)[0]`)."""
-    return net(x, t, text.embeds, text.mask)[:, :x.shape[1]]
+    `chunk(2)[0]`), SDXL's pooled text and time ids passed as `text_embeds=` and `time_ids=`."""
+    extra = {} if text.pooled is None else {"text_embeds": text.pooled, "time_ids": text.time_ids}
+    return net(x, t, text.embeds, text.mask, **extra)[:, :x.shape[1]]
 
 
 def to_eps(pred, x_t, a, prediction_type):

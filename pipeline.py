@@ -16,10 +16,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import embeddings
+import sdxl
 import textcache
 from redilate import Plan, Redilated
 from bpe import CLIPTokenizer
-from clip import CLIPTextModel, convert_text_state_dict
+from clip import CLIPTextModel, CLIPTextModelWithProjection, convert_text_state_dict
 from controlnet import ControlledUNet
 from diffusion import A_T, NoiseSchedule, Text, ddim_sample, one_step
 from dit import PixArt
@@ -39,6 +40,7 @@ class Backbone:
     configs: str       # built-in copies of the repo's configs: models build with no download
     denoiser: str = "unet"  # the denoiser's folder in the repo: unet/ (unet.UNet) or transformer/ (dit.PixArt)
     guidance: float = 7.5   # the teacher's CFG scale for DDIM sampling (diffusers' pipeline default)
+    text_encoders: tuple = ("text_encoder",)  # their folders; SDXL's two: sdxl.TEXT_ENCODERS
 
 
 def _pixart(repo, resolution):
@@ -51,6 +53,8 @@ PIXART = {256: _pixart("PixArt-alpha/PixArt-XL-2-256x256", 256), 512: _pixart("P
 BACKBONES = {
     "sd15": Backbone("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, os.path.join(HERE, "configs", "sd15")),
     "sd21": Backbone("stabilityai/stable-diffusion-2-1-base", 512, os.path.join(HERE, "configs", "sd21")),
+    "sdxl": Backbone("stabilityai/stable-diffusion-xl-base-1.0", 1024, os.path.join(HERE, "configs", "sdxl"),
+                     guidance=5.0, text_encoders=sdxl.TEXT_ENCODERS),  # docs/sdxl.md
     "pixart": PIXART[256],
     # pixel-space toys, shipped with the project (`python wadi.py pretrain --backbone toy` / `toy-dit` rebuilds them):
     # SD's layout (U-Net, CLIP) and PixArt's (DiT, T5)
@@ -65,11 +69,12 @@ VARIANTS = {"pixart": PIXART}  # backbones with a model per resolution
 COMPANIONS = {"PixArt-alpha/PixArt-XL-2-256x256": "PixArt-alpha/PixArt-XL-2-512x512"}
 DENOISERS = {"unet": UNet, "transformer": PixArt}  # by folder
 # a key only that family's files hold, and what to call it in messages
-FAMILIES = {"unet": ("conv_in.weight", "U-Net", "sd15 or sd21"),
+FAMILIES = {"unet": ("conv_in.weight", "U-Net", "sd15, sd21 or sdxl"),
             "transformer": ("adaln_single.linear.weight", "PixArt transformer", "pixart")}
 # text encoders by kind: class and state-dict rename; CACHED ones are too large to keep beside the
 # denoiser (T5 XXL: 4.76B parameters) and only ever fill the prompt cache
-TEXT_ENCODERS = {"clip": (CLIPTextModel, convert_text_state_dict), "t5": (T5Encoder, convert_t5_state_dict)}
+TEXT_ENCODERS = {"clip": (CLIPTextModel, convert_text_state_dict), "t5": (T5Encoder, convert_t5_state_dict),
+                 "clip-projection": (CLIPTextModelWithProjection, convert_text_state_dict)}
 CACHED = ("t5",)
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(os.path.join("~", ".cache"))), "wadi")
 
@@ -97,8 +102,12 @@ def parts_of(model):
 
 
 def text_encoder_kind(cfg):
-    """"t5" for a transformers T5 config (model_type t5, or a T5EncoderModel), else "clip"."""
-    return "t5" if cfg.get("model_type") == "t5" or "T5EncoderModel" in cfg.get("architectures", ()) else "clip"
+    """"t5" for a transformers T5 config (model_type t5, or a T5EncoderModel), "clip-projection" for
+    a CLIPTextModelWithProjection (SDXL's text_encoder_2), else "clip"."""
+    architectures = cfg.get("architectures") or ()
+    if cfg.get("model_type") == "t5" or "T5EncoderModel" in architectures:
+        return "t5"
+    return "clip-projection" if "CLIPTextModelWithProjection" in architectures else "clip"
 
 
 def encode_text(encoder, tokenizer, prompts, clip_mask=False):
@@ -107,8 +116,11 @@ def encode_text(encoder, tokenizer, prompts, clip_mask=False):
     them off). CLIP: ids -> last hidden state, without a mask as Stable Diffusion encodes (with
     `clip_mask`, CLIP attends to the prompt's tokens only, as the official training code encodes its
     training prompts; the denoiser gets no mask either way);
-    T5: (ids, mask) -> last hidden state (B, 120, D) and the mask ("" has one valid token, eos)."""
+    T5: (ids, mask) -> last hidden state (B, 120, D) and the mask ("" has one valid token, eos);
+    SDXL's pair (sdxl.TextEncoders): the two penultimate states and the pooled text, no mask."""
     device = next(encoder.parameters()).device
+    if isinstance(encoder, sdxl.TextEncoders):
+        return encoder(*(t.to(device) for t in tokenizer(prompts)))
     if isinstance(tokenizer, CLIPTokenizer) and clip_mask:
         ids, mask = (t.to(device) for t in tokenizer(prompts, return_mask=True))
         return Text(encoder(ids, mask))
@@ -124,7 +136,7 @@ class Pipeline:
     denoiser: torch.nn.Module     # unet.UNet or dit.PixArt
     vae: torch.nn.Module          # None in pixel space
     text_encoder: torch.nn.Module  # None for a CACHED one (T5), built only by prepare_prompts
-    tokenizer: object             # CLIPTokenizer, or T5Tokenizer (ids and mask)
+    tokenizer: object             # CLIPTokenizer, T5Tokenizer (ids and mask) or SDXL's sdxl.Tokenizers
     schedule: NoiseSchedule
     resolution: int               # native image resolution in pixels
     text_model: str = None        # the repo or directory of text_encoder/ and tokenizer/
@@ -134,7 +146,8 @@ class Pipeline:
         """Add the learned tokens of embedding `files` (embeddings.read_embeddings) to the CLIP text
         encoder and tokenizer, for every prompt after; returns the tokens."""
         if files and not isinstance(self.tokenizer, CLIPTokenizer):
-            raise LoadError("--embedding: learned tokens are for CLIP text encoders (sd15, sd21, toy), not T5")
+            raise LoadError("--embedding: learned tokens are for one CLIP text encoder (sd15, sd21, toy), not "
+                            "PixArt's T5 or SDXL's two")
         tokens = []
         for file in files:
             learned = embeddings.read_embeddings(file)
@@ -146,25 +159,36 @@ class Pipeline:
         """Pixels per latent pixel along each side (`vae_downsampling`), 1 in pixel space."""
         return vae_downsampling(self.vae.config.block_out_channels) if self.vae is not None else 1
 
+    def image_size(self, resolution=None):
+        """(height, width) in pixels of `resolution`, a side or (height, width) (default: native)."""
+        return resolution if isinstance(resolution, tuple) else (resolution or self.resolution,) * 2
+
     def latent_shape(self, resolution=None):
-        """(C, h, w) of the denoiser's input for images of `resolution` pixels, a side or (height,
-        width) (default: native)."""
-        height, width = resolution if isinstance(resolution, tuple) else (resolution or self.resolution,) * 2
+        """(C, h, w) of the denoiser's input for images of `resolution` pixels (`image_size`)."""
+        height, width = self.image_size(resolution)
         return (self.denoiser.config.in_channels, height // self.downsampling(), width // self.downsampling())
 
     @torch.no_grad()
-    def encode_prompts(self, prompts, clip_mask=False):
+    def encode_prompts(self, prompts, clip_mask=False, resolution=None):
         """Text of a list of prompts: embeddings (B, L, D) and mask (None for CLIP), from the resident text
         encoder (`clip_mask`: see `encode_text`), else from the prompt cache (on the denoiser's device and
-        dtype), which must hold them: `prepare_prompts` first."""
+        dtype), which must hold them: `prepare_prompts` first. SDXL's also carries the pooled text and the
+        time ids of images of `resolution` (`image_size`; sdxl.with_time_ids)."""
         if self.text_encoder is not None:
-            return encode_text(self.text_encoder, self.tokenizer, prompts, clip_mask)
+            text = encode_text(self.text_encoder, self.tokenizer, prompts, clip_mask)
+            return text if text.pooled is None else sdxl.with_time_ids(text, *self.image_size(resolution))
         missing = [p for p in prompts if self.prompt_cache is None or p not in self.prompt_cache]
         if missing:
             raise KeyError(f"{len(missing)} prompts (e.g. {missing[0]!r}) are not in the prompt cache; "
                            f"Pipeline.prepare_prompts encodes them first")
         param = next(self.denoiser.parameters())
         return self.prompt_cache.lookup(prompts).to(param.device, param.dtype)
+
+    def null_text(self, resolution=None):
+        """The unconditional text (1, ...) of CFG and of the fake score's dropped prompts: "" encoded,
+        or SDXL's zeros (sdxl.null_text) with the time ids of `resolution`."""
+        text = self.encode_prompts([""], resolution=resolution)
+        return text if text.pooled is None else sdxl.null_text(text)
 
     @torch.no_grad()
     def prepare_prompts(self, prompts, cache_dir=None, rank=0, world=1, batch_size=64):
@@ -206,7 +230,7 @@ class Pipeline:
         training resolution)."""
         param = next(self.denoiser.parameters())
         z = seeded_noise(self.latent_shape(resolution), seeds).to(param.device, param.dtype)  # (B, C, h, w)
-        text = self.encode_prompts(prompts)
+        text = self.encode_prompts(prompts, resolution=resolution)
         net = self.denoiser if controlnet is None else ControlledUNet(self.denoiser, controlnet, control_image, control_scale)
         timesteps = self.schedule.ddim_timesteps(steps) if steps > 1 else [999]
         damped = None
@@ -216,7 +240,7 @@ class Pipeline:
         if steps == 1:
             x0 = one_step(net, z, text, self.schedule.prediction_type, a_T)
         else:
-            null = self.encode_prompts([""]).expand(len(prompts))
+            null = self.null_text(resolution).expand(len(prompts))
             x0 = ddim_sample(net, self.schedule, z, text, null, steps, guidance, damped=damped,
                              damped_steps=redilate.damped_steps if redilate else 0)
         return self.decode(x0)
@@ -258,18 +282,23 @@ def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, dev
     """Load a backbone's parts from `model` (repo id or directory; default: the backbone's repo for images
     of `resolution` pixels, `pick_backbone`): the denoiser from its unet/ or transformer/ folder, the rest
     from `parts_of(model)`. `unet_file` replaces the denoiser's weights (a one-step student in diffusers
-    keys). A CACHED text encoder (T5) is not loaded here: `Pipeline.prepare_prompts` builds it when needed."""
+    keys). A CACHED text encoder (T5) is not loaded here: `Pipeline.prepare_prompts` builds it when needed.
+    SDXL's two text encoders and tokenizers come as one (sdxl.TextEncoders, sdxl.Tokenizers)."""
     spec = pick_backbone(backbone, resolution, model)
     model = model or spec.repo
     parts = parts_of(model)
     cls = DENOISERS[spec.denoiser]
-    if unet_file is None:
-        unet = load_component(cls, model, spec.denoiser, dtype, device)
-    else:
-        unet = load_unet_file(unet_file, read_json(fetch(model, f"{spec.denoiser}/config.json")), dtype, device, cls)
+    config = read_json(fetch(model, f"{spec.denoiser}/config.json"))
+    sdxl.check_family(config, spec.text_encoders == sdxl.TEXT_ENCODERS, f"{model}/{spec.denoiser}/config.json")
+    unet = load_component(cls, model, spec.denoiser, dtype, device) if unet_file is None \
+        else load_unet_file(unet_file, config, dtype, device, cls)
     kind = text_encoder_kind(read_json(fetch(parts, "text_encoder/config.json")))
-    text_encoder = None if kind in CACHED else load_text_encoder(parts, dtype, device)
-    tokenizer = load_tokenizer(parts, kind)
+    if spec.text_encoders == sdxl.TEXT_ENCODERS:
+        text_encoder = sdxl.TextEncoders(*(load_text_encoder(parts, dtype, device, f) for f in sdxl.TEXT_ENCODERS))
+        tokenizer = sdxl.Tokenizers(*(load_tokenizer(parts, kind, f) for f in sdxl.TOKENIZERS))
+    else:
+        text_encoder = None if kind in CACHED else load_text_encoder(parts, dtype, device)
+        tokenizer = load_tokenizer(parts, kind)
     schedule = load_schedule(parts)
     autoencoder = None
     if vae and has_vae(parts):
@@ -277,10 +306,11 @@ def load_pipeline(backbone, model=None, unet_file=None, dtype=torch.float32, dev
     return Pipeline(unet, autoencoder, text_encoder, tokenizer, schedule, spec.resolution, parts)
 
 
-def load_text_encoder(model, dtype=torch.float32, device="cpu"):
-    """The text encoder of a repo's text_encoder/ (CLIP or T5, by its config), frozen."""
-    cls, rename = TEXT_ENCODERS[text_encoder_kind(read_json(fetch(model, "text_encoder/config.json")))]
-    return load_component(cls, model, "text_encoder", dtype, device, rename=rename)
+def load_text_encoder(model, dtype=torch.float32, device="cpu", folder="text_encoder"):
+    """The text encoder of a repo's text_encoder/ (or `folder`: CLIP, CLIP with projection or T5, by
+    its config), frozen."""
+    cls, rename = TEXT_ENCODERS[text_encoder_kind(read_json(fetch(model, f"{folder}/config.json")))]
+    return load_component(cls, model, folder, dtype, device, rename=rename)
 
 
 def load_schedule(model):
@@ -293,22 +323,22 @@ def load_schedule(model):
         raise LoadError(f"{path}: {e}") from None
 
 
-def load_tokenizer(model, kind="clip"):
-    """The tokenizer of a repo's `tokenizer/` folder: T5's `spiece.model` (kind "t5"), else CLIP's files
-    (see TOKENIZER_FILES)."""
+def load_tokenizer(model, kind="clip", folder="tokenizer"):
+    """The tokenizer of a repo's `tokenizer/` folder (or `folder`): T5's `spiece.model` (kind "t5"), else
+    CLIP's files (see TOKENIZER_FILES)."""
     if kind == "t5":
-        return T5Tokenizer(os.path.dirname(fetch(model, "tokenizer/spiece.model")))
+        return T5Tokenizer(os.path.dirname(fetch(model, f"{folder}/spiece.model")))
     for files in TOKENIZER_FILES:
         try:
-            paths = [fetch(model, f"tokenizer/{name}") for name in files]
+            paths = [fetch(model, f"{folder}/{name}") for name in files]
             break
         except MissingFile:
             continue
     else:
-        raise LoadError(f"no tokenizer in {model}: tokenizer/ needs vocab.json and merges.txt, or tokenizer.json")
+        raise LoadError(f"no tokenizer in {model}: {folder}/ needs vocab.json and merges.txt, or tokenizer.json")
     for name in TOKENIZER_SETTINGS:
         try:
-            fetch(model, f"tokenizer/{name}")
+            fetch(model, f"{folder}/{name}")
         except MissingFile:
             pass
     try:
