@@ -25,20 +25,24 @@ def dry_run(backbone, run: TrainConfig, model=None):
         student, fake = build_networks(teacher, run.rank, run.rank_fake, run.adapter, blocks)
         kinds = trainable_by_kind(teacher, run.rank, run.rank_fake, blocks)
         text_kind = text_encoder_kind(config("text_encoder"))
-        text = TEXT_ENCODERS[text_kind][0].from_config(config("text_encoder"))
+        texts = [TEXT_ENCODERS[text_encoder_kind(config(f))][0].from_config(config(f)) for f in spec.text_encoders]
         has_vae = os.path.isfile(os.path.join(spec.configs, "vae", "config.json"))
         vae = AutoencoderKL.from_config(config("vae")) if has_vae else None
     count = lambda net: sum(p.numel() for p in net.parameters()) if net else 0  # noqa: E731
     nbytes, gib, cached = WEIGHT_DTYPES[run.mixed_precision].itemsize, 2 ** 30, text_kind in CACHED
+    text = sum(map(count, texts))  # SDXL: both encoders
     trainable = count_trainable(student) + count_trainable(fake)
     print(f"backbone {backbone}: adapter {run.adapter}, ranks {run.rank} / {run.rank_fake}")
     for name, net in (("teacher", teacher), ("student", student), ("fake score", fake)):
-        print(f"  {name:<10} total {count(net) / 1e6:8.2f}M   trainable {count_trainable(net) / 1e6:.2f}M")
-    weights = (count(teacher) + (0 if cached else count(text))) * nbytes + count(vae) * 4
+        share = f" ({count_trainable(net):,}, {100 * count_trainable(net) / count(teacher):.1f}% of the teacher)"
+        print(f"  {name:<10} total {count(net) / 1e6:8.2f}M   trainable {count_trainable(net) / 1e6:.2f}M"
+              + share * (name != "teacher"))
+    weights = (count(teacher) + (0 if cached else text)) * nbytes + count(vae) * 4
     states = trainable * 16 + (count_trainable(student) * 4 if run.ema else 0)  # fp32 param, grad, 2 AdamW
-    freed = (f" ({count(text) * nbytes / gib:.2f} GiB: encodes the prompts once into the cache, freed "
+    freed = (f" ({text * nbytes / gib:.2f} GiB: encodes the prompts once into the cache, freed "
              f"before training, not counted below)") if cached else ""
-    print(f"  text encoder {count(text) / 1e6:.2f}M{freed}, VAE {count(vae) / 1e6:.2f}M")
+    both = " (both)" if len(texts) > 1 else ""
+    print(f"  text encoder{both} {text / 1e6:.2f}M{freed}, VAE {count(vae) / 1e6:.2f}M")
     print(f"memory per GPU: frozen weights {weights / gib:.2f} GiB (one denoiser copy shared by the three "
           f"networks), adapters + grads + AdamW {states / gib:.2f} GiB, total {(weights + states) / gib:.2f} "
           f"GiB before activations (batch {run.batch_size} at {run.resolution or spec.resolution}px; "

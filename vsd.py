@@ -206,6 +206,9 @@ BACKBONE_DEFAULTS = {
     # paper Sec. 4.1; orthogonal blocks: 59.28M / 19.35M stored against LoRaD's 81.22M / 20.13M (the
     # student's input widths, 1152 and 4096 among them, leave powers of two: 8 blocks 118.55M)
     "pixart": dict(rank=128, orth_blocks=16, orth_blocks_fake=48),
+    # SDXL: the student near the paper's share of the U-Net (SD1.5 9.7%): rank 128, 265.30M of
+    # 2567.46M (10.3%; rank 256: 20.7%); the fake score at the paper's rank 32 (docs/sdxl.md)
+    "sdxl": dict(rank=128),
     # the toy: what distills its teacher on 2 CPU cores within minutes (docs/toy.md); orthogonal
     # blocks: 163,904 / 71,264 stored against LoRaD's 188,800 / 78,272
     "toy": dict(batch_size=4, max_steps=1200, lr=1e-3, rank=16, rank_fake=8, guidance=3.0,
@@ -220,8 +223,8 @@ BACKBONE_DEFAULTS["toy-dit"] = {**BACKBONE_DEFAULTS["toy"], "max_steps": 2400,
 def run_config(backbone, **given):
     """(TrainConfig, VSDConfig) of a run on `backbone`: the defaults, the backbone's departures
     (BACKBONE_DEFAULTS), then the `given` values (None: not given); `out` defaults to
-    runs/BACKBONE. A --log the environment cannot write is a UsageError here, before anything
-    loads."""
+    runs/BACKBONE. A --log the environment cannot write, or --official-prompts on SDXL, is a
+    LoadError here, before anything loads."""
     chosen = {"out": os.path.join("runs", backbone), **BACKBONE_DEFAULTS.get(backbone, {}),
               **{k: v for k, v in given.items() if v is not None}}
     names = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, VSDConfig)}
@@ -229,6 +232,9 @@ def run_config(backbone, **given):
     if unknown:
         raise TypeError(f"not a training option: {', '.join(sorted(unknown))}")
     run, method = (cls(**{k: v for k, v in chosen.items() if k in names[cls]}) for cls in names)
+    if method.official_prompts and backbone == "sdxl":
+        raise LoadError("--official-prompts is the official SD code's CLIP mask; SDXL's text is "
+                        "encoded as diffusers' StableDiffusionXLPipeline encodes it, with no mask")
     check_log(run.log_to)
     return run, method
 
@@ -306,7 +312,7 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
     step, seen, last_ckpt = resume(run, nets, per_step, log if rank == 0 else lambda _: None)
     failed = None  # rank 0's write to a full disk
     max_steps = run.max_steps or step + math.ceil((run.epochs * len(prompts) - seen) / per_step)
-    c_null = pipe.encode_prompts([""]).to(device, dtype)
+    c_null = pipe.null_text(run.resolution).to(device, dtype)
     shape, n_timesteps = pipe.latent_shape(run.resolution), len(pipe.schedule.alphas_cumprod)
     meta = {**(meta or {}), "a_T": method.a_T, "prediction_type": pipe.schedule.prediction_type}
     if rank == 0:
@@ -325,7 +331,8 @@ def train(pipe, prompts, run: TrainConfig, method: VSDConfig, device, meta=None,
                 batch, seed = micro_batch(prompts, run, seen, step, micro, rank, world)
                 generator = torch.Generator(device).manual_seed(seed)
                 draws = draw(generator, run.batch_size, shape, method, n_timesteps)
-                c = pipe.encode_prompts(batch, method.official_prompts).to(device, dtype)
+                c = pipe.encode_prompts(batch, method.official_prompts, run.resolution)
+                c = c.to(device, dtype)
                 sync = world == 1 or micro == run.grad_accum - 1
                 totals[:2] += micro_step(nets, pipe.schedule, c, c_null.expand(len(batch)), draws,
                                          method, autocast, sync, run.grad_accum) / run.grad_accum
