@@ -3,7 +3,8 @@ Models"): a trainable copy of the U-Net's encoder half that reads a conditioning
 pose, a mask) and adds one residual to every skip connection and to the mid block of the frozen
 U-Net, through zero-initialised 1x1 convolutions. WaDi plugs existing SD1.5 ControlNets into its
 one-step student (paper Fig. 5; docs/controlnet.md): the student runs at t = 999 only, so the
-ControlNet sees t = 999 too.
+ControlNet sees t = 999 too. SDXL's ControlNets also take its pooled text and time ids
+(docs/sdxl.md).
 
 `ControlNet` is built from unet.py's `UNetEncoder` (the same conv_in, time embedding, down and mid
 blocks as the U-Net, so `lllyasviel/sd-controlnet-*` files load with strict=True in diffusers'
@@ -79,7 +80,8 @@ class ControlNet(UNetEncoder):
         cfg = ControlNetConfig.for_unet(unet.config, conditioning_channels,
                                         conditioning_embedding_out_channels)
         net = cls(cfg).to(next(unet.parameters()).device)
-        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        shared = ("conv_in", "time_embedding", "down_blocks", "mid_block")
+        for name in shared + ("add_embedding",) * hasattr(unet, "add_embedding"):
             getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
         for zero in (net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks,
                      net.controlnet_mid_block):
@@ -88,10 +90,12 @@ class ControlNet(UNetEncoder):
         return net
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
-                conditioning_scale=1.0, encoder_attention_mask=None):
+                conditioning_scale=1.0, encoder_attention_mask=None, *, text_embeds=None,
+                time_ids=None):
         # sample: (B, C, h, w), controlnet_cond: (B, C_cond, h * downscale, w * downscale) in
-        # [0, 1], encoder_attention_mask: (B, L) or None, as the U-Net's
-        emb = self.embed_time(sample, timestep)
+        # [0, 1], encoder_attention_mask: (B, L) or None, SDXL's text_embeds and time_ids: as the
+        # U-Net's (an SDXL ControlNet embeds them as SDXL's U-Net does)
+        emb = self.embed_time(sample, timestep, text_embeds, time_ids)
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)  # (B, C0, h, w)
         bias = (None if encoder_attention_mask is None
                 else mask_bias(encoder_attention_mask, sample.dtype))
@@ -101,8 +105,9 @@ class ControlNet(UNetEncoder):
 
 
 class ControlledUNet(nn.Module):
-    """`net(sample, timestep, encoder_hidden_states, encoder_attention_mask=None)` for
-    diffusion.predict: the ControlNet on the control image, then the U-Net with its residuals.
+    """`net(sample, timestep, encoder_hidden_states, encoder_attention_mask=None, **sdxl)` for
+    diffusion.predict: the ControlNet on the control image, then the U-Net with its residuals, both
+    given SDXL's `text_embeds` and `time_ids` when the text has them.
     `image` (N, C_cond, H, W) in [0, 1] is repeated to the batch: one image for every sample, or one
     per sample, repeated once more for CFG's batch of [unconditional; conditional] (diffusers'
     StableDiffusionControlNetPipeline: both halves see the image)."""
@@ -112,15 +117,16 @@ class ControlledUNet(nn.Module):
         self.unet, self.controlnet, self.scale = unet, controlnet, scale
         self.image = image
 
-    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None):
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None, **sdxl):
         image = self.image.to(sample.device, sample.dtype)
         if sample.shape[0] % image.shape[0]:
             raise ValueError(f"{image.shape[0]} control images for a batch of {sample.shape[0]}")
         image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)  # (B, C_cond, H, W)
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states, image, self.scale,
-                                    encoder_attention_mask)
+                                    encoder_attention_mask, **sdxl)
         return self.unet(sample, timestep, encoder_hidden_states, encoder_attention_mask,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         **sdxl)
 
 
 # ControlNet config keys whose value must be the one given here (what the lllyasviel SD1.5
@@ -169,6 +175,7 @@ def check_fits(controlnet, unet, downscale, what="the ControlNet"):
     VAE's factor)."""
     a, b = controlnet.config, unet.config
     pairs = {"cross_attention_dim": (a.cross_attention_dim, b.cross_attention_dim),
+             "addition_time_embed_dim (SDXL's)": (a.addition_time_embed_dim, b.addition_time_embed_dim),
              "in_channels": (a.in_channels, b.in_channels),
              "block_out_channels / layers_per_block (skip widths)":
                  (skip_channels(a), skip_channels(b)),

@@ -4,7 +4,8 @@
 - `diffusers` (default): the denoiser alone, one safetensors file in diffusers keys with the run's
   metadata (backbone, base model, a_T), which `wadi.py sample --unet` and diffusers
   (`load_state_dict(strict=True)`) read.
-- `pipeline`: a complete diffusers pipeline folder (StableDiffusionPipeline or PixArtAlphaPipeline):
+- `pipeline`: a complete diffusers pipeline folder (StableDiffusionPipeline, StableDiffusionXLPipeline
+  or PixArtAlphaPipeline):
   the merged denoiser, the base model's VAE, text encoder and tokenizer, and a scheduler chosen so
   that `pipe(prompt, num_inference_steps=1, guidance_scale=0)` computes exactly our one-step image:
   DDIM with "trailing" spacing (its one timestep is 999), `set_alpha_to_one` (the step's previous
@@ -12,7 +13,7 @@
   so that alphas_cumprod[999] is the student's a_T (0.0047, the official constant, where SD's own
   schedule has 0.00466).
 - `single-file`: one safetensors in the original Stable Diffusion (LDM) layout that ComfyUI's
-  CheckpointLoaderSimple and AUTOMATIC1111 load (ldm.py), SD1.5 and SD2.1.
+  CheckpointLoaderSimple and AUTOMATIC1111 load (ldm.py), SD1.5, SD2.1 and SDXL.
 - `lora`: the difference of the merged student from its base as a kohya-layout LoRA (kohya.py) of
   `--rank`, for ComfyUI's and A1111's LoRA loaders; a rotation is not exactly low-rank, so the
   relative weight error it leaves is printed.
@@ -50,7 +51,12 @@ PIPELINES = {  # model_index.json of each layout
                     "transformer": ["diffusers", "PixArtTransformer2DModel"],
                     "text_encoder": ["transformers", "T5EncoderModel"],
                     "tokenizer": ["transformers", "T5Tokenizer"]},
+    "sdxl": {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True},
 }
+SINGLE_FILE = ("sd15", "sd21", "sdxl")  # the backbones of ldm.py's layouts
 
 
 def one_step_scheduler(schedule_config, a_T):
@@ -75,10 +81,11 @@ def link_or_copy(src, dst):
 
 def copy_component(model, component, out):
     """The config, weights (with a shard index) and tokenizer files of `component` in `model`."""
-    names = ["config.json", *TOKENIZER_FILES] if component == "tokenizer" else ["config.json"]
+    tokenizer = component.startswith("tokenizer")  # SDXL: tokenizer_2 too
+    names = ["config.json", *TOKENIZER_FILES] if tokenizer else ["config.json"]
     names += [f"{s}.safetensors.index.json" for s in ("diffusion_pytorch_model", "model")]
     found = [fetch(model, f"{component}/{n}") for n in names if has_file(model, f"{component}/{n}")]
-    if component != "tokenizer":
+    if not tokenizer:
         found += weight_files(model, component)
     for path in found:
         link_or_copy(path, os.path.join(out, component, os.path.basename(path)))
@@ -98,11 +105,12 @@ def write_pipeline(out, run, pipe, merged, a_T):
     parts = parts_of(run["base_model"])
     if not has_vae(parts):
         raise UsageError(f"--format pipeline: {run['backbone']} has no VAE; diffusers' pipelines need one")
+    layout = PIPELINES.get(run["backbone"], PIPELINES[folder])
     write_json(os.path.join(out, "model_index.json"),
-               {**PIPELINES[folder], "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]})
+               {**layout, "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]})
     link_or_copy(fetch(run["base_model"], f"{folder}/config.json"), os.path.join(out, folder, "config.json"))
     save_tensors(merged, os.path.join(out, folder, "diffusion_pytorch_model.safetensors"))
-    for component in ("vae", "text_encoder", "tokenizer"):
+    for component in ("vae", *(k for k in layout if k.startswith(("text_encoder", "tokenizer")))):
         copy_component(parts, component, out)
     config = read_json(fetch(parts, "scheduler/scheduler_config.json"))
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), one_step_scheduler(config, a_T))
@@ -127,8 +135,9 @@ def command(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it")
     run, checkpoint, pipe, student, _ = cli.load_run(args.run, args.checkpoint or "latest", ema=not args.raw)
-    if args.format == "single-file" and run["backbone"] not in ("sd15", "sd21"):
-        raise UsageError(f"--format single-file is Stable Diffusion's layout (sd15, sd21), not {run['backbone']}'s")
+    if args.format == "single-file" and run["backbone"] not in SINGLE_FILE:
+        raise UsageError(f"--format single-file is Stable Diffusion's layout ({', '.join(SINGLE_FILE)}), not "
+                         f"{run['backbone']}'s")
     if args.format == "lora" and "pixart" in run["backbone"]:
         raise UsageError("--format lora: kohya's layout is for U-Nets (sd15, sd21, toy), not PixArt")
     base = pipe.denoiser.state_dict()
@@ -159,8 +168,9 @@ def command(args):
         else:
             parts = parts_of(run["base_model"])
             vae = read_weights(parts, "vae")
-            text = read_weights(parts, "text_encoder")
-            save_tensors(ldm.to_single_file(merged, config, vae, text, run["backbone"]),
+            text, text_2 = (read_weights(parts, folder) if has_file(parts, f"{folder}/config.json") else None
+                            for folder in ("text_encoder", "text_encoder_2"))
+            save_tensors(ldm.to_single_file(merged, config, vae, text, run["backbone"], text_2),
                          args.out, meta)
     weights = "raw adapters" if args.raw or not run.get("ema") else "EMA adapters"
     unfinished = "" if os.path.isfile(os.path.join(args.run, "student.safetensors")) else (

@@ -194,7 +194,8 @@ def add_parser(sub):
     p = sub.add_parser("invert", help="learn a relation token (ReVersion) or a textual-inversion token on the "
                                       "teacher, for the one-step student (sample --embedding)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", choices=[b for b in sorted(BACKBONES) if "pixart" not in b and b != "toy-dit"],
+    one_clip = [b for b in sorted(BACKBONES) if "pixart" not in b and b not in ("toy-dit", "sdxl")]
+    p.add_argument("--backbone", choices=one_clip,
                    default="sd15", help="the model family (CLIP text encoders only; default: %(default)s)")
     p.add_argument("--model", help="base model repo or directory (default: the backbone's)")
     p.add_argument("--exemplars", required=True, help="a folder of images with ReVersion's text.json ({image: "

@@ -27,6 +27,11 @@ CLIPTextModel keys; the functions here rename between the two (tables: `_unet_ro
   (diffusers skips `resblocks.23`). Writing, we add the 24th block as zeros (a pre-norm residual
   block with zero LayerNorm scales and biases adds nothing: the 24-layer output equals ours),
   text_projection = identity and logit_scale = ln 100 (SD uses neither); reading, we drop them.
+- SDXL (sgm's layout): the U-Net's add_embedding.linear_1/2 = label_emb.0.0/0.2; text_encoder/
+  (CLIP ViT-L) as SD1.5's under `conditioner.embedders.0.transformer.`, text_encoder_2/ (OpenCLIP
+  bigG, every block: SDXL reads its penultimate state itself) as SD2.1's under
+  `conditioner.embedders.1.model.`, its text_projection the transpose of transformers'
+  `text_projection.weight` (OpenCLIP computes x @ P), logit_scale ln 100 (unused).
 Tensors pass unchanged (not copied) but for the VAE attention reshape and the in_proj concat /
 split.
 A state dict that does not fit is a one-line `loading.LoadError` naming the keys.
@@ -36,13 +41,16 @@ import re
 
 import torch
 
-from clip import CLIPTextModel, convert_text_state_dict
+from clip import CLIPTextModel, CLIPTextModelWithProjection, convert_text_state_dict
 from loading import LoadError, key_listing
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, rename_legacy_keys
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-TEXT = {"sd15": "cond_stage_model.transformer.", "sd21": "cond_stage_model.model."}
+# the text encoders' prefixes; "sdxl" is SDXL's text_encoder/, "sdxl_2" its text_encoder_2/
+TEXT = {"sd15": "cond_stage_model.transformer.", "sd21": "cond_stage_model.model.",
+        "sdxl": "conditioner.embedders.0.transformer.", "sdxl_2": "conditioner.embedders.1.model."}
+CLIP_LAYOUT = ("sd15", "sdxl")  # transformers' keys under the prefix; the others OpenCLIP's
 
 # leaf renames inside one module, ours -> LDM (a table row with None keeps the rest as it is)
 UNET_RESNET = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.",
@@ -66,6 +74,8 @@ def _unet_rows(config):
             ("time_embedding.linear_1.", "time_embed.0.", None),
             ("time_embedding.linear_2.", "time_embed.2.", None), ("conv_norm_out.", "out.0.", None),
             ("conv_out.", "out.2.", None), ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
+            ("add_embedding.linear_1.", "label_emb.0.0.", None),
+            ("add_embedding.linear_2.", "label_emb.0.2.", None),
             ("mid_block.attentions.0.", "middle_block.1.", None),
             ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]
     for i in range(n):
@@ -226,22 +236,30 @@ def _backbone(backbone):
     return TEXT[backbone]
 
 
+def _text_class(backbone):
+    return CLIPTextModelWithProjection if backbone == "sdxl_2" else CLIPTextModel
+
+
 def text_to_ldm(state, backbone, config=None):
-    """Our (transformers') CLIP text-encoder state dict -> the LDM layout of `backbone` ("sd15":
-    CLIP under cond_stage_model.transformer.; "sd21": OpenCLIP under cond_stage_model.model., one
-    zero block, text_projection and logit_scale added). With a config dict, keys are checked."""
+    """Our (transformers') CLIP text-encoder state dict -> the LDM layout of `backbone` ("sd15",
+    "sdxl": CLIP under its prefix, TEXT; "sd21": OpenCLIP under cond_stage_model.model., one zero
+    block, text_projection and logit_scale added; "sdxl_2": OpenCLIP, its projection transposed,
+    logit_scale added). With a config dict, keys are checked."""
     prefix, state = _backbone(backbone), convert_text_state_dict(state)
     if config is not None:
-        _check(state, _keys(CLIPTextModel, config), "text-encoder state dict")
+        _check(state, _keys(_text_class(backbone), config), "text-encoder state dict")
     positions = state.get("text_model.embeddings.position_embedding.weight")
     if positions is None:
         raise LoadError("not a CLIP text-encoder state dict: "
                         "no embeddings.position_embedding.weight")
-    if backbone == "sd15":
+    if backbone in CLIP_LAYOUT:
         out = {prefix + k: v for k, v in state.items()}
         out[prefix + "text_model.embeddings.position_ids"] = torch.arange(positions.shape[0])[None]
         return out
     layers = _top(state, r"^text_model\.encoder\.layers\.(\d+)\.")
+    projection = state.pop("text_projection.weight", None)
+    if (projection is None) != (backbone == "sd21"):
+        raise LoadError("SDXL's text_encoder_2 needs its text_projection.weight; SD2.1's has none")
     out = _rename(state, _openclip_rows(layers), "CLIP")
     for key in [k for k in out if k.endswith(("attn.q_proj.weight", "attn.q_proj.bias"))]:
         base, kind = key.rsplit(".q_proj.", 1)
@@ -249,11 +267,13 @@ def text_to_ldm(state, backbone, config=None):
         if any(p is None for p in parts):
             raise LoadError(f"CLIP: {base}: q_proj, k_proj and v_proj {kind} must all be given")
         out[f"{base}.in_proj_{kind}"] = torch.cat(parts)
-    last = f"transformer.resblocks.{layers - 1}."
-    out.update({k.replace(last, f"transformer.resblocks.{layers}."): torch.zeros_like(v)
-                for k, v in list(out.items()) if k.startswith(last)})
     like = {"dtype": positions.dtype, "device": positions.device}
-    out["text_projection"] = torch.eye(positions.shape[1], **like)
+    if projection is None:  # SD2.1
+        last = f"transformer.resblocks.{layers - 1}."
+        out.update({k.replace(last, f"transformer.resblocks.{layers}."): torch.zeros_like(v)
+                    for k, v in list(out.items()) if k.startswith(last)})
+    out["text_projection"] = (torch.eye(positions.shape[1], **like) if projection is None
+                              else projection.T.contiguous())
     out["logit_scale"] = torch.tensor(math.log(100.0), **like)
     return {prefix + k: v for k, v in out.items()}
 
@@ -261,14 +281,16 @@ def text_to_ldm(state, backbone, config=None):
 def text_from_ldm(state, backbone, config=None):
     """The text encoder of an LDM single-file dict -> our keys. SD2.1: the encoder keeps the first
     `config["num_hidden_layers"]` OpenCLIP blocks, or all but the last without a config; the
-    position_ids buffer, text_projection, logit_scale and attn_mask are dropped."""
+    position_ids buffer, text_projection, logit_scale and attn_mask are dropped. SDXL's
+    text_encoder_2 ("sdxl_2") keeps every block and its projection."""
     state = _part(state, _backbone(backbone))
-    if backbone == "sd15":
+    if backbone in CLIP_LAYOUT:
         state.pop("text_model.embeddings.position_ids", None)
         out = _rename(state, [("text_model.", "text_model.", None)], "LDM CLIP", reverse=True)
     else:
         blocks = _top(state, r"^transformer\.resblocks\.(\d+)\.")
-        layers = config["num_hidden_layers"] if config is not None else blocks - 1
+        layers = config["num_hidden_layers"] if config is not None else blocks - (backbone == "sd21")
+        projection = state.get("text_projection") if backbone == "sdxl_2" else None
         drop = [k for k in state if k in OPENCLIP_UNUSED
                 or _top([k], r"^transformer\.resblocks\.(\d+)\.") > layers]
         state = {k: v for k, v in state.items() if k not in drop}
@@ -277,12 +299,16 @@ def text_from_ldm(state, backbone, config=None):
             for p, part in zip("qkv", state.pop(key).chunk(3)):
                 state[f"{base}.{p}_proj.{kind}"] = part.clone()  # own storage: saveable
         out = _rename(state, _openclip_rows(layers), "LDM OpenCLIP", reverse=True)
+        if projection is not None:
+            out["text_projection.weight"] = projection.T.contiguous()
     if config is not None:
-        _check(out, _keys(CLIPTextModel, config), "LDM text encoder")
+        _check(out, _keys(_text_class(backbone), config), "LDM text encoder")
     return out
 
 
-def to_single_file(unet_state, unet_config, vae_state, text_state, backbone):
-    """One dict in the LDM single-file layout (U-Net, VAE, text encoder, all prefixed)."""
+def to_single_file(unet_state, unet_config, vae_state, text_state, backbone, text_state_2=None):
+    """One dict in the LDM single-file layout (U-Net, VAE, text encoder, all prefixed); SDXL's
+    second text encoder `text_state_2` too."""
+    second = text_to_ldm(text_state_2, "sdxl_2") if backbone == "sdxl" else {}
     return {**unet_to_ldm(unet_state, unet_config), **vae_to_ldm(vae_state),
-            **text_to_ldm(text_state, backbone)}
+            **text_to_ldm(text_state, backbone), **second}

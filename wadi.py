@@ -204,7 +204,7 @@ def build_parser():
     g.add_argument("--steps", type=cli.POSITIVE, default=1,
                    help="1: one-step generation; 2 up to the schedule's 1000: DDIM with CFG")
     g.add_argument("--guidance", type=cli.SCALE, help="CFG scale for DDIM (default: the backbone's: sd15 and "
-                   "sd21 7.5, pixart 4.5, toy and toy-dit 3)")
+                   "sd21 7.5, sdxl 5, pixart 4.5, toy and toy-dit 3)")
     g.add_argument("--resolution", type=cli.POSITIVE, help="pixels (default: the backbone's native resolution; "
                                                           "pixart: 256, 512 or 1024 picks that model)")
     g.add_argument("--height", type=cli.POSITIVE, help="pixels (default: --resolution's)")

@@ -67,7 +67,7 @@ def test_pixart_pipeline_format(pixart_run, tmp_path, capsys):
     expected = ours(pixart_run / "run", 2, tmp_path, "--cache-dir", str(pixart_run / "cache"))
     assert np.abs(np.round(image * 255) - expected).max() <= 1 and expected.std() > 5
 
-    for fmt, message in (("single-file", "is Stable Diffusion's layout (sd15, sd21), not pixart's"),
+    for fmt, message in (("single-file", "is Stable Diffusion's layout (sd15, sd21, sdxl), not pixart's"),
                          ("lora", "kohya's layout is for U-Nets")):
         assert wadi.main(["export", "--run", str(pixart_run / "run"), "--format", fmt,
                           "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -261,4 +261,4 @@ def test_errors_name_the_keys():
     with pytest.raises(LoadError, match=r"VAE: 1 unexpected keys: encoder\.mid_block\.attentions\.0\.bogus"):
         ldm.vae_to_ldm({"encoder.mid_block.attentions.0.bogus.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="backbone"):
-        ldm.text_to_ldm({}, "sdxl")
+        ldm.text_to_ldm({}, "pixart")

@@ -226,7 +226,7 @@ def test_errors_are_one_line(repo, tmp_path, capsys):
            "with --backbone pixart" in one_line(capsys)
     assert wadi.main(["sample", "--backbone", "pixart", "--model", repo, "--transformer", toy_unet, *common]) == 2
     assert "is a U-Net (it has conv_in.weight), not the PixArt transformer this backbone needs: it goes with " \
-           "--backbone sd15 or sd21" in one_line(capsys)
+           "--backbone sd15, sd21 or sdxl" in one_line(capsys)
     assert wadi.main(["sample", "--backbone", "pixart", "--model", repo, "--resolution", "18", *common]) == 2
     assert one_line(capsys) == "error: --resolution 18 is not a multiple of 4 (the autoencoder's downsampling x the " \
                                "denoiser's patch size 2)"
