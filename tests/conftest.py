@@ -53,6 +53,17 @@ SD21_STYLE = dict(attention_head_dim=[1, 2, 4], use_linear_projection=True, upca
                   cross_attention_dim=48)
 
 
+# every SDXL feature, small: no attention at the first level, per-level head counts and transformer
+# depths (mid block: the last), linear projections, the "text_time" embedding of a pooled text (24)
+# and 6 time ids (8 each)
+SDXL_STYLE = dict(block_out_channels=[32, 64, 96], attention_head_dim=[1, 2, 4],
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 3], use_linear_projection=True,
+                  cross_attention_dim=40, addition_embed_type="text_time",
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
+
+
 # the toy teacher's kind of layout: text-only attention (no self-attention) at the full-resolution level
 ONLY_CROSS = dict(only_cross_attention=[True, False, False], use_linear_projection=True)
 

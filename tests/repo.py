@@ -1,4 +1,4 @@
-"""Writes complete tiny Stable Diffusion and PixArt-alpha repositories on disk, in the real Hugging Face
+"""Writes complete tiny Stable Diffusion, SDXL and PixArt-alpha repositories on disk, in the real Hugging Face
 layout, with random weights saved by the reference libraries themselves (diffusers / transformers), so our
 loader is tested on genuine files. The SD VAE attention keys are renamed to the legacy names (`query`, `key`,
 `value`, `proj_attn`) that the real SD1.5 / SD2.1 VAE files still carry."""
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bpe import bytes_to_unicode
-from tests.conftest import small_dit_config, small_unet_config
+from tests.conftest import SDXL_STYLE, small_dit_config, small_unet_config
 
 TEXT_DIM = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +36,12 @@ def write_byte_tokenizer(directory, pad="<|endoftext|>", max_length=16):
     return len(vocab)
 
 
-def write_vae(root):
+def write_vae(root, **config):
     """A two-level SD-style VAE (x2 downsampling, 4 latent channels) in root/vae/."""
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
-                        sample_size=16)
+                        sample_size=16, **config)
     vae.save_pretrained(os.path.join(root, "vae"))
 
 
@@ -71,6 +71,37 @@ def write_tiny_sd_repo(root, seed=0, prediction_type="epsilon"):
     with open("configs/sd15/scheduler/scheduler_config.json") as f:
         write_json(os.path.join(root, "scheduler", "scheduler_config.json"),
                    {**json.load(f), "prediction_type": prediction_type})
+    return root
+
+
+def write_tiny_sdxl_repo(root, seed=0):
+    """An SDXL repo: a U-Net with every SDXL feature (conftest.SDXL_STYLE: no attention at the first level,
+    transformer depths 1 / 2 / 3, the text_time embedding of a pooled text of 24 and 6 time ids; 8 x 8
+    latents, 16 px images with the x2 VAE), text_encoder/ (CLIPTextModel, 16 wide) and text_encoder_2/
+    (CLIPTextModelWithProjection, 24 wide, projection 24, SDXL's legacy eos_token_id 2), their 16 + 24 = 40
+    wide states the U-Net's cross-attention width; byte tokenizers, tokenizer/ padding with EOS and
+    tokenizer_2/ with "!" as SDXL's; the VAE at SDXL's scaling factor with force_upcast; SDXL's scheduler
+    config and model_index.json (diffusers' StableDiffusionXLPipeline loads the folder)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**small_unet_config(**SDXL_STYLE, sample_size=8)).save_pretrained(os.path.join(root, "unet"))
+    write_vae(root, scaling_factor=0.13025, force_upcast=True)
+    vocab = write_byte_tokenizer(os.path.join(root, "tokenizer"))
+    write_byte_tokenizer(os.path.join(root, "tokenizer_2"), pad="!")
+    shared = dict(vocab_size=vocab, intermediate_size=64, num_attention_heads=2, max_position_embeddings=16,
+                  bos_token_id=vocab - 2, pad_token_id=vocab - 1)
+    CLIPTextModel(CLIPTextConfig(hidden_size=16, num_hidden_layers=2, eos_token_id=vocab - 1, **shared)
+                  ).save_pretrained(os.path.join(root, "text_encoder"))
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, num_hidden_layers=3, projection_dim=24, eos_token_id=2,
+                                               hidden_act="gelu", **shared)).save_pretrained(os.path.join(root, "text_encoder_2"))
+    shutil.copytree(os.path.join(ROOT, "configs", "sdxl", "scheduler"), os.path.join(root, "scheduler"))
+    parts = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": "EulerDiscreteScheduler"}
+    write_json(os.path.join(root, "model_index.json"), {
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        **{k: ["diffusers", v] for k, v in parts.items()},
+        **{f"text_encoder{s}": ["transformers", "CLIPTextModel" + "WithProjection" * bool(s)] for s in ("", "_2")},
+        **{f"tokenizer{s}": ["transformers", "CLIPTokenizer"] for s in ("", "_2")}})
     return root
 
 

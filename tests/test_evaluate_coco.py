@@ -20,7 +20,7 @@ import metrics
 import wadi
 from loading import LoadError
 from openclip import load_open_clip, load_open_clip_tokenizer
-from tests.repo import write_tiny_pixart_repo, write_tiny_sd_repo
+from tests.repo import write_tiny_pixart_repo, write_tiny_sd_repo, write_tiny_sdxl_repo
 from tests.conftest import (OPENCLIP_SMALL, openclip_reference, random_fid_inception_state,
                             run_evaluate, write_clip_vocab, write_openclip_repo)
 
@@ -170,6 +170,23 @@ def test_pixart_generates_with_t5_from_the_prompt_cache(env, first, tmp_path):
     assert wadi.main(["sample", "--backbone", "pixart", "--model", repo, "--resolution", "16", "--prompt",
                       env.captions[2], "--seed", "2", "--out", sample, "--cache-dir", str(tmp_path / "c")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(sample)), np.asarray(Image.open(out / "images" / "00002.png")))
+
+
+def test_sdxl_generates_what_sample_draws(env, first, tmp_path):
+    """--backbone sdxl: image i is what `wadi.py sample --backbone sdxl` draws for caption i and seed i (both
+    text encoders, the pooled text and time ids), and the metrics follow."""
+    repo = write_tiny_sdxl_repo(str(tmp_path / "sdxl"))
+    out = tmp_path / "run"
+    assert evaluate.main(coco_args(env, out, "--backbone", "sdxl", "--model", repo, "--resolution", "16")) == 0
+    m = read_metrics(out)
+    assert (m["generator"]["backbone"], m["generator"]["model"], m["generator"]["a_T"]) == ("sdxl", repo, 0.0047)
+    assert m["generated_now"] == NUM and m["reference"]["statistics_cached"] and np.isfinite(m["fid"])
+    sample = str(tmp_path / "sample.png")
+    assert wadi.main(["sample", "--backbone", "sdxl", "--model", repo, "--resolution", "16", "--prompt",
+                      env.captions[1], "--seed", "1", "--out", sample]) == 0
+    image = np.asarray(Image.open(sample))
+    np.testing.assert_array_equal(image, np.asarray(Image.open(out / "images" / "00001.png")))
+    assert image.shape == (16, 16, 3) and image.std() > 5
 
 
 def test_rerun_resumes_and_reuses_the_reference_cache(env, first, tmp_path, capsys):

@@ -6,20 +6,10 @@ from safetensors.torch import save_file
 
 from loading import LoadError, load_weights, read_safetensors
 from unet import UNet
-from tests.conftest import ONLY_CROSS, SD21_STYLE, relative_error, small_unet_config, unet_reference
+from tests.conftest import ONLY_CROSS, SD21_STYLE, SDXL_STYLE, relative_error, small_unet_config, unet_reference
 
 
 ONLY_CROSS_MID = dict(only_cross_attention=True, cross_attention_dim=48)
-
-# every SDXL feature, small: no attention at the first level, per-level head counts and transformer
-# depths (mid block: the last), linear projections, the "text_time" embedding of a pooled text (24)
-# and 6 time ids (8 each)
-SDXL_STYLE = dict(block_out_channels=[32, 64, 96], attention_head_dim=[1, 2, 4],
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                  transformer_layers_per_block=[1, 2, 3], use_linear_projection=True,
-                  cross_attention_dim=40, addition_embed_type="text_time",
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
 
 
 def sdxl_inputs(batch, seed):
