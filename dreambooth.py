@@ -126,8 +126,9 @@ def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, ad
     x_inst = encode_once(pipe, instances)
     x_class = x_inst[:0] if classes is None else encode_once(pipe, classes)  # (M, C, h, w)
     n_class = batch_size if len(x_class) and prior_weight else 0  # class rows per step
-    c_inst = pipe.encode_prompts([instance_prompt])
-    c_class = [pipe.encode_prompts([p]) for p in class_prompts]
+    size = instances.shape[-1]  # SDXL's time ids are those of this image size
+    c_inst = pipe.encode_prompts([instance_prompt], resolution=size)
+    c_class = [pipe.encode_prompts([p], resolution=size) for p in class_prompts]
     opt = torch.optim.AdamW(params, lr=lr or LR.get(adapter, 1e-4), weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
     start = 0

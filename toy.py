@@ -40,7 +40,10 @@ PALETTE = torch.tensor([[0.85, -0.75, -0.75],  # red
                         [-0.75, -0.55, 0.85],  # blue
                         [0.85, 0.75, -0.75]])  # yellow, RGB in [-1, 1]
 RADII = torch.tensor([4.0, 7.0])  # object radius in pixels, small and large, +- 0.5
-STRIPE_PERIOD = 4.0  # the toy subject's stripes (render's `striped`), in pixels
+# DreamBooth's toy subjects (render's `subject`, docs/dreambooth.md): where the object is darkened, from
+# the pixels' offsets dx, dy (B, H, W) to its centre: diagonal stripes 2 px wide every 4 px (fine
+# texture), or the lower half (a coarse two-tone look)
+PATTERNS = {"striped": lambda dx, dy: (dx + dy) % 4 < 2, "two-tone": lambda dx, dy: dy > 0}
 CENTRES = torch.tensor([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0], [24.0, 24.0]])  # (x, y) of each position, +- 1.5
 
 
@@ -122,13 +125,13 @@ def _shape_distance(shape, dx, dy, r):
     return distance  # (B, H, W)
 
 
-def render(attributes, generator, mask=False, striped=None):
+def render(attributes, generator, mask=False, subject=None, pattern="striped"):
     """Images (B, 3, 32, 32) in [-1, 1] showing the given attributes (B, 4); everything else is
     drawn from `generator` (the same generator state gives the same images). With `mask`, also the
-    object's coverage (B, 1, 32, 32) in [0, 1]: its silhouette, anti-aliased at the edge. `striped`
-    (B,) bool: those objects are DreamBooth's toy subject (docs/dreambooth.md), dark diagonal
-    stripes across their colour, which the toy data never shows (the same draws from `generator`
-    either way)."""
+    object's coverage (B, 1, 32, 32) in [0, 1]: its silhouette, anti-aliased at the edge. `subject`
+    (B,) bool: those objects are DreamBooth's toy subject, darkened where PATTERNS[pattern] says
+    (to 0.3 of their colour, towards black), a look the toy data never shows; the draws from
+    `generator` are the same either way."""
     size, colour, shape, position = attributes.T
     b, n = len(attributes), RESOLUTION
 
@@ -154,9 +157,9 @@ def render(attributes, generator, mask=False, striped=None):
     dy = (pixel[None, :, None] - centre[:, 1, None, None]).expand(b, n, n)  # (B, H, W)
     coverage = (0.5 - _shape_distance(shape, dx, dy, r)).clamp_(0, 1)[:, None]  # (B, 1, H, W), anti-aliased edge
     obj = rgb[:, :, None, None] + ((light[:, 0] * dx + light[:, 1] * dy) / r)[:, None]  # (B, 3, H, W)
-    if striped is not None:  # bands 2 px wide every 4 px along x + y, at 0.3 of the colour, darkened
-        band = ((dx + dy) % STRIPE_PERIOD < STRIPE_PERIOD / 2) & striped[:, None, None]  # (B, H, W)
-        obj = torch.where(band[:, None], 0.3 * obj - 0.6, obj)
+    if subject is not None:
+        dark = PATTERNS[pattern](dx, dy) & subject[:, None, None]  # (B, H, W)
+        obj = torch.where(dark[:, None], 0.3 * obj - 0.6, obj)
     image = UPSAMPLE @ (grey + ramp[:, None] + blotches) @ UPSAMPLE.T  # (B, 3, H, W), the background
     image.lerp_(obj, coverage)  # the object over it; in place, as below: batches of thousands are common
     image = image.add_(noise).clamp_(-1, 1)  # (B, 3, 32, 32)

@@ -38,13 +38,13 @@ from toy import (ATTRIBUTES, all_attributes, balanced_attributes, control_image,
 class ToyClassifier(nn.Module):
     """A small CNN: four 3x3 convolutions (32x32 -> 4x4), each followed by a GroupNorm with one
     group (per-image statistics, so train and eval behave the same) and SiLU; a linear layer to the
-    `features`-d penultimate vector; one linear head per attribute, and with `subject` a fifth that
-    tells DreamBooth's toy subject (toy.render's striped objects) from ordinary ones."""
+    `features`-d penultimate vector; one linear head per attribute, and with a `subject` pattern
+    (toy.PATTERNS) a fifth that tells DreamBooth's toy subject from ordinary objects."""
 
-    def __init__(self, width=16, features=64, subject=False):
+    def __init__(self, width=16, features=64, subject=None):
         super().__init__()
         self.config = {"width": width, "features": features, "attributes": [list(v) for v in ATTRIBUTES],
-                       **({"subject": True} if subject else {})}
+                       **({"subject": subject} if subject else {})}
         w = width
         self.convs = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(1, w), nn.SiLU(),  # (B, w, 32, 32)
@@ -54,7 +54,7 @@ class ToyClassifier(nn.Module):
         )
         self.project = nn.Linear(4 * w * 16, features)
         self.heads = nn.ModuleList([nn.Linear(features, len(values))
-                                    for values in (*ATTRIBUTES, *[(False, True)] * subject)])
+                                    for values in (*ATTRIBUTES, *[(False, True)] * bool(subject))])
 
     def features(self, x):  # (B, 3, 32, 32) in [-1, 1] -> (B, features)
         return F.silu(self.project(self.convs(x).flatten(1)))
@@ -64,10 +64,10 @@ class ToyClassifier(nn.Module):
         return [head(h) for head in self.heads]
 
 
-def train_classifier(steps=500, batch_size=64, seed=0, lr=2e-3, progress=True, subject=False):
+def train_classifier(steps=500, batch_size=64, seed=0, lr=2e-3, progress=True, subject=None):
     """A ToyClassifier trained on fresh samples (a new batch every step, from a generator seeded
     with `seed`, as are the initial weights) with AdamW and a linearly decaying learning rate; with
-    `subject`, half of each batch shows the DreamBooth subject and the fifth head learns which.
+    a `subject` pattern, half of each batch shows that subject and the fifth head learns which.
     Returns it in eval mode, on the CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,9 +79,9 @@ def train_classifier(steps=500, batch_size=64, seed=0, lr=2e-3, progress=True, s
     for _ in bar:
         images, _, attributes = sample(batch_size, generator)
         if subject:
-            striped = torch.arange(batch_size) % 2 == 1
-            images = render(attributes, generator, striped=striped)
-            attributes = torch.cat([attributes, striped[:, None].long()], 1)
+            shown = torch.arange(batch_size) % 2 == 1
+            images = render(attributes, generator, subject=shown, pattern=subject)
+            attributes = torch.cat([attributes, shown[:, None].long()], 1)
         loss = sum(F.cross_entropy(logits, target) for logits, target in zip(model(images), attributes.T))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,7 +108,7 @@ def load_classifier(directory):
         raise LoadError(f"{directory}/config.json lacks {', '.join(missing)}: not a toy classifier config")
     if config["attributes"] != [list(v) for v in ATTRIBUTES]:
         raise LoadError(f"the toy classifier in {directory} was trained on other attributes than toy.py's")
-    model = ToyClassifier(config["width"], config["features"], config.get("subject", False))
+    model = ToyClassifier(config["width"], config["features"], config.get("subject"))
     state = read_safetensors(os.path.join(directory, "model.safetensors"))
     load_weights(model, state, what=f"toy classifier {directory}")
     return model.eval().requires_grad_(False)

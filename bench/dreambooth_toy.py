@@ -1,18 +1,19 @@
 """DreamBooth on the toy (dreambooth.py, paper Fig. 7) measured as OFT's Table 1 is laid out, and the
 subject carried to the one-step student by adding the DreamBooth angles: docs/dreambooth.md.
 
-The subject is a striped square (toy.render's `striped`), which the toy data never shows: --instances
-images of a large blue one at the top left, under the instance prompt "v large blue square at the top
+The subject is a square darkened in a --pattern the toy data never shows (toy.PATTERNS: fine diagonal
+stripes, or a coarse two-tone look with its lower half dark): --instances images of a large blue one at the
+top left, under the instance prompt "v large blue square at the top
 left" ("v" is a byte token the toy never trained on; it takes the article's slot because the toy's text
 encoder reads each attribute from its word slot, docs/reversion.md). Class prompts: the 32 "a SIZE COLOUR
 square at the POSITION" prompts, --class-images teacher images among them. For each adapter and seed,
 `wadi.py dreambooth` fine-tunes the teacher; then on the 32 prompts "v SIZE COLOUR square at the
-POSITION" x --n seeds, a subject classifier (toyeval.train_classifier(subject=True)) reads:
+POSITION" x --n seeds, a subject classifier (toyeval.train_classifier(subject=PATTERN)) reads:
 
-- subject fidelity: the share of images showing the striped subject;
+- subject fidelity: the share of images showing the subject;
 - prompt adherence: the share with size, colour and position as prompted;
 - and on the 32 class prompts x --n seeds, prior preservation: the share that still show an ordinary
-  (not striped) object with all four attributes as prompted, and the Frechet distance (toy classifier
+  (not the subject's) object with all four attributes as prompted, and the Frechet distance (toy classifier
   features) to the same prompts and seeds drawn by the undisturbed generator (the base teacher, or for
   a student the plain student).
 
@@ -57,9 +58,10 @@ def prompts_of(identifier):
     return [" ".join([identifier, *toy.prompt(a).split()[1:]]) for a in rows], torch.stack(rows)
 
 
-def write_instances(directory, count, seed):
+def write_instances(directory, count, seed, pattern):
     gen = torch.Generator().manual_seed(seed)
-    images = toy.render(torch.tensor([SUBJECT] * count), gen, striped=torch.ones(count, dtype=torch.bool))
+    images = toy.render(torch.tensor([SUBJECT] * count), gen, subject=torch.ones(count, dtype=torch.bool),
+                        pattern=pattern)
     images = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     os.makedirs(directory, exist_ok=True)
     for i, image in enumerate(images):
@@ -98,6 +100,7 @@ def main(argv=None):
     p.add_argument("--model", default=BACKBONES["toy"].repo)
     p.add_argument("--adapters", nargs="+", default=["full", "lora", "lorad"], choices=sorted(SETTINGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pattern", default="two-tone", choices=sorted(toy.PATTERNS), help="the subject's look")
     p.add_argument("--instances", type=int, default=5, help="subject images (DreamBooth: 3 to 5)")
     p.add_argument("--class-images", type=int, default=256)
     p.add_argument("--steps", type=int, default=400, help="dreambooth --steps")
@@ -112,8 +115,8 @@ def main(argv=None):
     config = read_json(fetch(args.model, "unet/config.json"))
     student = load_unet_file(student_file, config)
     classifier = toyeval.load_classifier(os.path.join(args.model, "classifier"))
-    subject_classifier = toyeval.train_classifier(subject=True, progress=False)
-    instances = write_instances(os.path.join(args.out, "instances"), args.instances, 100)
+    subject_classifier = toyeval.train_classifier(subject=args.pattern, progress=False)
+    instances = write_instances(os.path.join(args.out, "instances"), args.instances, 100, args.pattern)
     pipe.prepare_prompts(prompts_of(IDENTIFIER)[0] + prompts_of("a")[0] + [""])
     results = {}
     base, base_images, base_classes = measure(pipe, pipe.denoiser, 25, args.n, subject_classifier, classifier)

@@ -98,10 +98,10 @@ def test_angles_add_exactly(tmp_path):
 
 
 def subject(directory, count=4):
-    """`count` toy images of the striped subject."""
+    """`count` toy images of a subject: a large blue square, striped."""
     os.makedirs(directory, exist_ok=True)
     images = toy.render(torch.tensor([[1, 2, 1, 0]] * count), torch.Generator().manual_seed(0),
-                        striped=torch.ones(count, dtype=torch.bool))
+                        subject=torch.ones(count, dtype=torch.bool))
     for i, image in enumerate(((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()):
         Image.fromarray(image).save(os.path.join(directory, f"{i}.png"))
     return directory
@@ -216,3 +216,16 @@ def test_the_pixart_path_on_toy_dit(tmp_path):
     assert adapter and not any(k.startswith("adaln_single.") for k in adapter)  # the DiT student's rule
     assert wadi.main(["sample", "--backbone", "toy-dit", "--adapter-add", str(run), "--prompt",
                       "v large blue square at the top left", "--out", str(tmp_path / "x.png")]) == 0
+
+
+def test_sdxl(tmp_path):
+    """SDXL's two text encoders, pooled text and time ids reach the denoiser in training and sampling."""
+    from tests.repo import write_tiny_sdxl_repo
+    repo = write_tiny_sdxl_repo(str(tmp_path / "sdxl"))
+    out = tmp_path / "run"
+    assert wadi.main(["dreambooth", "--backbone", "sdxl", "--model", repo, "--instance-dir", CAT, "--instance-prompt",
+                      "a photo of sks cat", "--class-prompt", "a photo of a cat", "--num-class-images", "2",
+                      "--class-steps", "2", "--resolution", "16", "--steps", "2", "--out", str(out), "--cache-dir",
+                      str(tmp_path)]) == 0
+    assert wadi.main(["sample", "--backbone", "sdxl", "--model", repo, "--adapter-add", str(out), "--prompt",
+                      "a photo of sks cat", "--resolution", "16", "--out", str(tmp_path / "x.png")]) == 0
