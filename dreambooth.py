@@ -38,7 +38,7 @@ from loading import LoadError, file_metadata, read_tensors, save_tensors, write_
 from lorad import (ADAPTERS, adapter_state_dict, add_adapters, count_trainable, load_adapters,
                    merge_adapters, shared_copy)
 from metrics import read_image_folder, weights_hash
-from pipeline import BACKBONES, DTYPES, load_pipeline, pick_backbone
+from pipeline import BACKBONES, CACHE_DIR, DTYPES, load_pipeline, pick_backbone
 
 RUN_FILES = ("dreambooth.json", "dreambooth.log", "adapter.safetensors", "unet.safetensors",
              "tensorboard")  # besides checkpoints
@@ -105,11 +105,30 @@ def encode_once(pipe, images, batch_size=16):
                           for b in images.split(batch_size)])
 
 
+def instance_prompts(directory, names, prompt):
+    """Each instance image's prompt: its caption in the folder's metadata.jsonl (Hugging Face's
+    imagefolder layout, {"file_name": ..., "text": ...} per line, as diffusers' advanced DreamBooth
+    scripts read it) when there is one, else `prompt` for all."""
+    path = os.path.join(directory, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return [prompt] * len(names)
+    try:
+        captions = {row["file_name"]: row["text"] for row in map(json.loads, filter(str.strip, open(path)))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"{path}: not imagefolder metadata ({{\"file_name\": ..., \"text\": ...}} per line): "
+                        f"{type(e).__name__}: {e}") from None
+    missing = [n for n in names if n not in captions]
+    if missing:
+        raise LoadError(f"{path} has no caption for {', '.join(missing[:3])}")
+    return [captions[n] for n in names]
+
+
 def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, adapter="lorad",
                rank=4, steps=800, batch_size=1, lr=None, prior_weight=1.0, seed=0,
                checkpoint_every=200, keep_checkpoints=2, resume=None, metadata=None, log=print,
                log_to="file"):
-    """Fine-tune `pipe`'s teacher on `instances` (N, 3, S, S) under `instance_prompt` with prior
+    """Fine-tune `pipe`'s teacher on `instances` (N, 3, S, S) under `instance_prompt` (one prompt,
+    or a list with one per image) with prior
     preservation on `classes` (M, 3, S, S; image i from class_prompts[i % len]; None or a zero
     `prior_weight`: none, DreamBooth without it), the adapter
     `adapter` of rank `rank` (module docstring). Each step takes `batch_size` instance and as many
@@ -127,7 +146,8 @@ def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, ad
     x_class = x_inst[:0] if classes is None else encode_once(pipe, classes)  # (M, C, h, w)
     n_class = batch_size if len(x_class) and prior_weight else 0  # class rows per step
     size = instances.shape[-1]  # SDXL's time ids are those of this image size
-    c_inst = pipe.encode_prompts([instance_prompt], resolution=size)
+    prompts = [instance_prompt] * len(instances) if isinstance(instance_prompt, str) else instance_prompt
+    c_inst = [pipe.encode_prompts([p], resolution=size) for p in prompts]
     c_class = [pipe.encode_prompts([p], resolution=size) for p in class_prompts]
     opt = torch.optim.AdamW(params, lr=lr or LR.get(adapter, 1e-4), weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
@@ -153,8 +173,9 @@ def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, ad
             eps = torch.randn((len(pick), *x_inst.shape[1:]), generator=gen)
             mine = torch.arange(len(pick))[rank_id::world]  # this process's rows of [instance, class]
             x0 = torch.cat([x_inst[pick[:batch_size]], x_class[pick[batch_size:]]])[mine]
-            text = functools.reduce(Text.cat, [c_inst if i < batch_size else c_class[int(pick[i]) % len(c_class)]
-                                               for i in mine.tolist()])
+            rows = [c_inst[int(pick[i])] if i < batch_size else c_class[int(pick[i]) % len(c_class)]
+                    for i in mine.tolist()]  # each image's prompt
+            text = functools.reduce(Text.cat, rows)
             e, tt = eps[mine].to(x0), t[mine].to(x0.device)
             xt = pipe.schedule.add_noise(x0, e, tt)
             loss, inst, prior = prior_preservation_loss(predict(net, xt, tt, text), pipe.schedule.target(
@@ -219,7 +240,8 @@ def add_parser(sub):
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="sd15", help="default: %(default)s")
     p.add_argument("--model", help="base model repo or directory (default: the backbone's)")
     p.add_argument("--instance-dir", required=True, help="a folder of 3-5 images of the subject")
-    p.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks cat"')
+    p.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks cat" (an image captioned in '
+                   'the folder\'s metadata.jsonl, Hugging Face\'s imagefolder layout, takes its caption)')
     p.add_argument("--class-prompt", action="append", required=True,
                    help='e.g. "a photo of a cat" (repeatable: the class images are split among them)')
     p.add_argument("--num-class-images", type=cli.POSITIVE, default=200, help="default: 200 (DreamBooth's "
@@ -244,8 +266,7 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--log", dest="log_to", choices=trainlog.LOGS, default="file",
                    help="file: dreambooth.log; tensorboard: also event files in --out/tensorboard")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "wadi"),
-                   help="where the class images are kept")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="where the class images are kept (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the frozen weights' dtype (the "
                                                                           "adapter trains in fp32)")
     p.set_defaults(func=command)
@@ -261,9 +282,10 @@ def command(args):
     pipe = load_pipeline(args.backbone, args.model, dtype=DTYPES[args.dtype], device=device,
                          resolution=resolution)
     size = resolution or pipe.resolution
-    instances = read_image_folder(args.instance_dir, size, "--instance-dir", at_least=2,
-                                  hint="DreamBooth: 3 to 5 images of the subject")[0]
-    pipe.prepare_prompts([args.instance_prompt, *args.class_prompt, ""])
+    instances, names = read_image_folder(args.instance_dir, size, "--instance-dir", at_least=2,
+                                         hint="DreamBooth: 3 to 5 images of the subject")
+    prompts = instance_prompts(args.instance_dir, names, args.instance_prompt)
+    pipe.prepare_prompts([*dict.fromkeys(prompts), *args.class_prompt, ""])
     guidance = args.class_guidance
     guidance = pick_backbone(args.backbone, resolution, args.model).guidance if guidance is None else guidance
     classes = ddp.from_first_rank(class_images, pipe, args.class_prompt, args.num_class_images, args.seed,
@@ -274,13 +296,13 @@ def command(args):
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "dreambooth.json"), {
             "backbone": args.backbone, "model": args.model, "instance_dir": args.instance_dir,
-            "instance_prompt": args.instance_prompt, "class_prompts": args.class_prompt,
+            "instance_prompt": args.instance_prompt, "instance_prompts": prompts, "class_prompts": args.class_prompt,
             "num_class_images": args.num_class_images, "class_steps": args.class_steps,
             "class_guidance": guidance, "adapter": args.adapter, "rank": args.rank, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr or LR.get(args.adapter, 1e-4),
             "prior_weight": args.prior_weight, "resolution": size, "seed": args.seed, "processes": world})
     start = time.perf_counter()
-    dreambooth(pipe, instances, args.instance_prompt, classes, args.class_prompt, args.out, args.adapter,
+    dreambooth(pipe, instances, prompts, classes, args.class_prompt, args.out, args.adapter,
                args.rank, args.steps, args.batch_size, args.lr, args.prior_weight, args.seed,
                args.checkpoint_every, args.keep_checkpoints, resume, log_to=args.log_to,
                metadata={"backbone": args.backbone, "base_model": args.model or pick_backbone(

@@ -229,3 +229,22 @@ def test_sdxl(tmp_path):
                       str(tmp_path)]) == 0
     assert wadi.main(["sample", "--backbone", "sdxl", "--model", repo, "--adapter-add", str(out), "--prompt",
                       "a photo of sks cat", "--resolution", "16", "--out", str(tmp_path / "x.png")]) == 0
+
+
+def test_captions_from_metadata_jsonl(tmp_path, capsys):
+    """Each instance image takes its caption from the folder's metadata.jsonl (imagefolder's layout)."""
+    folder = subject(str(tmp_path / "subject"), count=2)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        f.write('{"file_name": "0.png", "text": "v large blue square at the top left"}\n'
+                '{"file_name": "1.png", "text": "v large blue square at the top right"}\n')
+    assert dreambooth.instance_prompts(folder, ["0.png", "1.png"], "x") == [
+        "v large blue square at the top left", "v large blue square at the top right"]
+    assert dreambooth.instance_prompts(str(tmp_path), ["0.png"], "x") == ["x"]
+    with open(os.path.join(folder, "metadata.jsonl"), "a") as f:
+        f.write("not json\n")
+    with pytest.raises(dreambooth.LoadError, match="not imagefolder metadata"):
+        dreambooth.instance_prompts(folder, ["0.png", "1.png"], "x")
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        f.write('{"file_name": "0.png", "text": "v large blue square at the top left"}\n')
+    with pytest.raises(dreambooth.LoadError, match="no caption for 1.png"):
+        dreambooth.instance_prompts(folder, ["0.png", "1.png"], "x")
