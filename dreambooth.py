@@ -15,7 +15,8 @@ student without distilling again (docs/dreambooth.md).
   R(a) R(b) = R(a + b). A LoRaD student W_s = R(W, a) with the DreamBooth angles b is exactly the
   teacher rotated by a + b. Any student works (the angles rotate its merged weights); for a LoRA run
   the low-rank difference B A is added instead, the usual LoRA arithmetic, which is exact only as a
-  sum of weights. Full fine-tuning has no low-rank form and is refused there.
+  sum of weights. Full fine-tuning, DoRA (whose learned norms belong to the teacher's rows) and the
+  orthogonal maps are refused there.
 """
 import functools
 import hashlib
@@ -40,6 +41,7 @@ from lorad import (ADAPTERS, adapter_state_dict, add_adapters, count_trainable, 
 from metrics import read_image_folder, weights_hash
 from pipeline import BACKBONES, CACHE_DIR, DTYPES, load_pipeline, pick_backbone
 
+ADDABLE = ("lorad", "lora")  # the runs `add_run` adds: angles, or B A (DoRA's norms, full weights: not)
 RUN_FILES = ("dreambooth.json", "dreambooth.log", "adapter.safetensors", "unet.safetensors",
              "tensorboard")  # besides checkpoints
 LR = {"full": 5e-6, "lora": 1e-4}  # diffusers' DreamBooth examples; every other adapter 1e-4
@@ -218,9 +220,9 @@ def add_run(denoiser, run_dir, backbone=None):
     meta, options = file_metadata(path), read_run(run_dir)
     if backbone and options.get("backbone") not in (None, backbone):
         raise LoadError(f"--adapter-add {run_dir} was trained on {options['backbone']}, not {backbone}")
-    if meta.get("adapter") == "full":
-        raise LoadError(f"--adapter-add {run_dir}: a full fine-tuning run has no angles or low-rank "
-                        f"difference to add; sample its unet.safetensors with --unet instead")
+    if meta.get("adapter") not in ADDABLE:
+        raise LoadError(f"--adapter-add {run_dir}: a {meta.get('adapter')} run has no angles or low-rank "
+                        f"difference to add (lorad and lora runs have); sample its unet.safetensors with --unet")
     add_adapters(denoiser, meta.get("role", "student"), int(meta["rank"]), meta["adapter"])
     load_adapters(denoiser, read_tensors(path), f"--adapter-add {run_dir}")
     return merge_adapters(denoiser)

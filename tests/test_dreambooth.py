@@ -154,7 +154,7 @@ def test_lora_and_full_runs(tmp_path, capsys):
     assert wadi.main([*sample, "--adapter-add", str(tmp_path / "lora"), "--out", str(tmp_path / "l.png")]) == 0
     capsys.readouterr()
     assert wadi.main([*sample, "--adapter-add", str(tmp_path / "full"), "--out", str(tmp_path / "f.png")]) == 2
-    assert "full fine-tuning run has no angles" in capsys.readouterr().err
+    assert "a full run has no angles or low-rank difference to add" in capsys.readouterr().err
 
 
 def test_dreambooth_on_a_tiny_sd_repo_with_real_images(repo, tmp_path):
