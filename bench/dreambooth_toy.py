@@ -168,7 +168,7 @@ def main(argv=None):
                            os.path.join(args.out, "cache"), "--threads", "1", "--lr", lr or str(LR[adapter])])
             tuned = load_unet_file(os.path.join(run, "unet.safetensors"), config)
             measured(f"teacher+{name}-{seed}", run, tuned, 25, base_classes)
-            if adapter != "full":
+            if adapter in dreambooth.ADDABLE:
                 added = dreambooth.add_run(shared_copy(student), run, "toy")
                 measured(f"student+{name}-{seed}", run, added, 1, plain_classes)
             print(json.dumps({k: v for k, v in results.items() if k.endswith(f"{name}-{seed}")}), flush=True)
@@ -187,7 +187,7 @@ def table(results, adapters):
     lines = ["| generator | subject fidelity: seen size and colour | new size or colour | prompt adherence | "
              "prior preservation | FD to undisturbed |", "|---|---|---|---|---|---|"]
     names = ["teacher", *[f"teacher+{a}" for a in adapters], "student",
-             *[f"student+{a}" for a in adapters if not a.startswith("full")]]
+             *[f"student+{a}" for a in adapters if a.partition("@")[0] in dreambooth.ADDABLE]]
     for name in names:
         runs = [v for k, v in results.items() if k == name or k.startswith(name + "-")]
         cells = []
