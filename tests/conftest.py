@@ -188,12 +188,10 @@ TRAIN = ["train", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--r
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A tiny SD repository (tests/repo.py) with five training prompts in prompts.txt."""
-    from tests.repo import write_tiny_sd_repo
+    from tests.repo import write_prompts, write_tiny_sd_repo
     root = str(tmp_path_factory.mktemp("tiny-sd"))
     write_tiny_sd_repo(root)
-    with open(os.path.join(root, "prompts.txt"), "w") as f:
-        f.write("a red cat\na blue dog\na green tree\nthe sea at night\na small house\n")
-    return root
+    return write_prompts(root, ["a red cat", "a blue dog", "a green tree", "the sea at night", "a small house"])
 
 
 def train_cli(repo, out, *extra):

@@ -22,6 +22,13 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
+def write_prompts(root, prompts):
+    """A training prompt file, root/prompts.txt (one per line); returns root."""
+    with open(os.path.join(root, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    return root
+
+
 def write_byte_tokenizer(directory, pad="<|endoftext|>", max_length=16):
     """A CLIP tokenizer with no merges: every byte is a token (514 ids in all)."""
     chars = list(bytes_to_unicode().values())

@@ -194,7 +194,9 @@ def test_one_line_errors(tmp_path, repo, capsys):
 
 def test_two_processes_train_what_one_does(tmp_path):
     """torchrun with 2 processes (gloo): each takes half of every batch's rows and the gradients are
-    summed, so the adapter equals the one-process run's (to float rounding)."""
+    summed, so the losses equal the one-process run's and so does the adapter, to float rounding
+    (measured: 8e-7 at most, 2e-10 on average; AdamW divides by the gradient's size, so a rounding
+    difference in a near-zero gradient can move an entry by up to lr = 1e-4 a step: bounded at 1e-5)."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert wadi.main(command(tmp_path, one, "--steps", "3")) == 0
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
@@ -203,9 +205,12 @@ def test_two_processes_train_what_one_does(tmp_path):
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (read_tensors(str(d / "adapter.safetensors")) for d in (one, two))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys()
+    differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert differences.max() < 1e-5 and differences.mean() < 1e-8
     assert any(a[k].abs().max() > 1e-4 for k in a if k.endswith("theta_a"))
-    assert [line.split()[0] for line in open(two / "dreambooth.log")] == ["1", "2", "3"]  # rank 0 alone logs
+    logs = [np.loadtxt(d / "dreambooth.log") for d in (one, two)]  # step, loss, instance, prior; rank 0 alone logs
+    assert logs[1].shape == (3, 4) and np.allclose(logs[0], logs[1], rtol=0, atol=1e-5)
 
 
 def test_the_pixart_path_on_toy_dit(tmp_path):

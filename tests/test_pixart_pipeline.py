@@ -21,7 +21,7 @@ import wadi
 from diffusion import A_T
 from loading import file_metadata
 from pipeline import encode_text, load_pipeline, load_text_encoder, seeded_noise
-from tests.repo import write_tiny_pixart_repo
+from tests.repo import write_prompts, write_tiny_pixart_repo
 
 PROMPTS = ["a red cat", "a blue dog on a sofa", "a green tree", "the sea at night", "a small house"]
 TRAIN = ["train", "--backbone", "pixart", "--batch-size", "2", "--resolution", "16", "--rank", "4", "--rank-fake", "2",
@@ -30,10 +30,7 @@ TRAIN = ["train", "--backbone", "pixart", "--batch-size", "2", "--resolution", "
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = write_tiny_pixart_repo(str(tmp_path_factory.mktemp("tiny-pixart")))
-    with open(os.path.join(root, "prompts.txt"), "w") as f:
-        f.write("\n".join(PROMPTS) + "\n")
-    return root
+    return write_prompts(write_tiny_pixart_repo(str(tmp_path_factory.mktemp("tiny-pixart"))), PROMPTS)
 
 
 def train_cli(repo, out, cache, *extra, prompts=None):

@@ -17,7 +17,7 @@ from diffusion import A_T, Text
 from lorad import add_adapters, count_trainable, shared_copy
 from pipeline import BACKBONES, load_pipeline, seeded_noise
 from tests.conftest import randomize
-from tests.repo import write_tiny_sdxl_repo
+from tests.repo import write_prompts, write_tiny_sdxl_repo
 from unet import UNet
 
 PROMPTS = ["a red cat", "a blue dog on the grass", "the sea at night"]
@@ -25,10 +25,7 @@ PROMPTS = ["a red cat", "a blue dog on the grass", "the sea at night"]
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = write_tiny_sdxl_repo(str(tmp_path_factory.mktemp("tiny-sdxl")))
-    with open(os.path.join(root, "prompts.txt"), "w") as f:
-        f.write("\n".join(PROMPTS) + "\n")
-    return root
+    return write_prompts(write_tiny_sdxl_repo(str(tmp_path_factory.mktemp("tiny-sdxl"))), PROMPTS)
 
 
 @pytest.fixture(scope="module")
