@@ -18,6 +18,7 @@ student without distilling again (docs/dreambooth.md).
   sum of weights. Full fine-tuning, DoRA (whose learned norms belong to the teacher's rows) and the
   orthogonal maps are refused there.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -130,15 +131,14 @@ def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, ad
                checkpoint_every=200, keep_checkpoints=2, resume=None, metadata=None, log=print,
                log_to="file"):
     """Fine-tune `pipe`'s teacher on `instances` (N, 3, S, S) under `instance_prompt` (one prompt,
-    or a list with one per image) with prior
-    preservation on `classes` (M, 3, S, S; image i from class_prompts[i % len]; None or a zero
-    `prior_weight`: none, DreamBooth without it), the adapter
+    or a list with one per image) with prior preservation on `classes` (M, 3, S, S; image i from
+    class_prompts[i % len]; None or a zero `prior_weight`: DreamBooth without it), the adapter
     `adapter` of rank `rank` (module docstring). Each step takes `batch_size` instance and as many
-    class images (with replacement); under torchrun every process draws the same picks and takes
-    its share, and the gradients are averaged. Writes `out`/adapter.safetensors (the adapter, with
-    its kind and rank), unet.safetensors (the merged denoiser, diffusers keys, with `metadata`:
-    backbone and base model, which `sample --unet` reads), dreambooth.log and checkpoints; returns
-    the adapted denoiser."""
+    class images (with replacement); under torchrun every process draws the same picks, takes its
+    share of the rows, and the gradients are summed. Rank 0 writes `out`/adapter.safetensors (the
+    adapter, with its kind and rank), unet.safetensors (the merged denoiser, diffusers keys, with
+    `metadata`: backbone and base model, which `sample --unet` reads), dreambooth.log and
+    checkpoints. Returns the adapted denoiser."""
     rank_id, world = ddp.ranks()
     with torch.random.fork_rng(devices=[]):  # the adapter's initial weights from `seed` too
         torch.manual_seed(seed)
@@ -162,11 +162,13 @@ def dreambooth(pipe, instances, instance_prompt, classes, class_prompts, out, ad
         gen.set_state(tensors["rng"])
         log(f"resumed {resume} at step {start}")
     log(f"{adapter} rank {rank}: {count_trainable(net):,} trainable parameters")
-    trainlog.keep_log(os.path.join(out, "dreambooth.log"), start)
+    log_path = os.path.join(out, "dreambooth.log")
+    if rank_id == 0:
+        trainlog.keep_log(log_path, start)
     n_t = len(pipe.schedule.alphas_cumprod)
     bar = tqdm(range(start, steps), desc="dreambooth", initial=start, total=steps, dynamic_ncols=True,
                disable=rank_id > 0)
-    with interruptible() as stop, open(os.path.join(out, "dreambooth.log"), "a") as logfile, \
+    with interruptible() as stop, open(log_path, "a") if rank_id == 0 else contextlib.nullcontext() as logfile, \
             trainlog.open_writer(out, log_to if rank_id == 0 else "file", start) as writer:
         for step in bar:
             pick = torch.cat([torch.randint(len(x_inst), (batch_size,), generator=gen),
