@@ -26,7 +26,7 @@ from PIL import Image
 
 from dino import DINO_REPO, dino_embed, load_dino, mean_cosine
 from loading import LoadError, read_json
-from metrics import IMAGE_SUFFIXES, check_images
+from metrics import check_images, image_files
 from openclip import (OPENAI_CLIP_REPO, load_open_clip_tokenizer, load_transformers_clip, open_clip_tokenize,
                       preprocess_image)
 from protocol import Generation, generate_folders, image_path
@@ -61,8 +61,7 @@ def subject_prompts(templates, class_noun, identifier, keep_identifier=False):
 
 def real_images(dataset, subject):
     folder = os.path.join(dataset, subject)
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES)) \
-        if os.path.isdir(folder) else []
+    names = image_files(folder) if os.path.isdir(folder) else []
     if not names:
         raise LoadError(f"no images of subject {subject} in {folder}")
     paths = [os.path.join(folder, n) for n in names]

@@ -61,12 +61,11 @@ from ddp import all_gather, interleave, process_device
 from hps import HPS_FILES, HPS_REPO, evaluate_hps
 from inception import FID_WEIGHTS_URL, inception_features, load_inception
 from loading import LoadError, fetch, fetch_file, read_json, write_json
-from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, load_statistics,
-                     precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
+from metrics import (PREPROCESSING, check_images, clip_score, feature_statistics, frechet_distance, image_files,
+                     load_statistics, precision_recall, preprocessing_hash, read_image, save_statistics, weights_hash)
 from openclip import OPEN_CLIP_REPO, load_open_clip, load_open_clip_tokenizer
 from pipeline import BACKBONES, CACHE_DIR, DTYPES, image_grid, load_pipeline, load_unet_file
-from protocol import (IMAGE_EXTENSIONS, Generation, caption_hash, exact_fp32, generate_folders,
-                      indexed_images)
+from protocol import Generation, caption_hash, exact_fp32, generate_folders, indexed_images
 
 # -----------------------------------------------------------------------------------------------
 # The COCO protocol: captions and reference images
@@ -120,7 +119,7 @@ def coco_protocol(year, coco_dir, captions_file=None, num=None):
     if len(captions) < num:
         raise LoadError(f"{source} has {len(captions)} captions, fewer than the {num} to evaluate (--num)")
     if year == "2014":  # every val2014 image, whatever --num
-        names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = image_files(image_dir)
     else:  # the images of the captions
         names = names[:num]
     references = [os.path.join(image_dir, name) for name in names]

@@ -61,7 +61,12 @@ def read_image(path, transform=center_crop_resize):
         raise LoadError(f"cannot read the image {path}: {image_problem(path, e)}") from None
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(directory):
+    """The names of the image files in `directory` (by extension, any case), sorted."""
+    return sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def read_image_folder(directory, resolution, option, at_least=1, hint=""):
@@ -71,7 +76,7 @@ def read_image_folder(directory, resolution, option, at_least=1, hint=""):
     wants) or an image cannot be read."""
     if not os.path.isdir(directory):
         raise LoadError(f"{option} {directory}: no such directory")
-    names = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_SUFFIXES))
+    names = image_files(directory)
     if len(names) < at_least:
         raise LoadError(f"{option} {directory} holds {len(names)} image(s); it needs {at_least} or more"
                         f"{f' ({hint})' if hint else ''}")

@@ -25,10 +25,9 @@ from cli import check_steps, pick_dtype, student_backbone
 from ddp import all_gather
 from dreambooth import add_run
 from loading import LoadError, fetch_file, read_json
-from metrics import check_images
+from metrics import IMAGE_EXTENSIONS, check_images
 from pipeline import CACHE_DIR, DTYPES, load_pipeline, pick_backbone, student_a_T
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
